@@ -1,0 +1,36 @@
+"""The extension's own exception types.
+
+Every message says what was found, what was expected and what the user can do about it.
+The A1111 glue turns a :class:`NegIPError` into an HTTP 422 answer / a UI error; it never
+swallows one and makes an image without the requested image prompts.
+"""
+
+from __future__ import annotations
+
+
+class NegIPError(Exception):
+    """Base class: a request that cannot be honoured, with a message meant for the user."""
+
+
+class ModelFileError(NegIPError):
+    """A model file cannot be read: missing, empty, truncated, corrupt or of an unknown layout."""
+
+
+class UnsupportedModelError(NegIPError):
+    """A readable model of a kind this extension does not run (FaceID, unknown projections)."""
+
+
+class IncompatibleModelError(NegIPError):
+    """Two models that do not fit together (adapter vs encoder, adapter vs checkpoint)."""
+
+
+class ImageError(NegIPError):
+    """An image prompt that cannot be decoded or is unreasonable (empty, bomb-sized, ...)."""
+
+
+class ArgumentError(NegIPError):
+    """An argument value (UI, API or infotext) that is missing, of the wrong type or out of range."""
+
+
+class ConditioningError(NegIPError):
+    """The image tokens appended to the conditioning were changed before they reached the UNet."""
