@@ -1,0 +1,303 @@
+"""Decoupled cross-attention on an ldm/sgm UNet, installed as removable module hooks.
+
+For every ``attn2`` module the hijack adds ``weight * attention(q, to_k_ip(img), to_v_ip(img))``
+to the text attention, before the output projection, exactly as IP-Adapter defines it. It does
+not replace any ``forward``: A1111 swaps ``CrossAttention.forward`` on the class for the chosen
+optimisation (sdp, xformers, InvokeAI, sub-quadratic, ...) and other extensions replace it per
+instance; hooks run around whatever forward is current, so
+
+- the text part is computed by the host's own attention, untouched (weight 0 is bit-exact);
+- the query is the host's own ``to_q`` output (a forward hook captures it) and the image term
+  is added to the input of the host's ``to_out[0]`` (a forward pre-hook), so there is no second
+  query or output projection; where an implementation does not call those submodules, the
+  post-hook computes the term itself;
+- removal is removing our hook handles, which restores the modules exactly whatever other
+  extensions did before or after us.
+
+A context without our appended block (see :mod:`lib_negip.conditioning`) passes through
+untouched; recognising it needs only its length, a host-side integer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lib_negip import logger
+from lib_negip.conditioning import SplitContext, TokenLayout, split_context, verify_blocks
+from lib_negip.errors import IncompatibleModelError
+from lib_negip.unet_layers import CrossAttentionLayer, adapter_key, cross_attention_layers
+
+
+def _context_of(args: tuple[Any, ...], kwargs: dict[str, Any], position: int) -> Any:
+    if "context" in kwargs:
+        return kwargs["context"]
+    return args[position] if len(args) > position else None
+
+
+def _with_context(
+    args: tuple[Any, ...], kwargs: dict[str, Any], position: int, context: torch.Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if "context" in kwargs or len(args) <= position:
+        return args, {**kwargs, "context": context}
+    return (*args[:position], context, *args[position + 1 :]), kwargs
+
+
+class _KeyValue:
+    """One layer's ``to_k_ip``/``to_v_ip`` as one fused weight, cached per device and dtype."""
+
+    def __init__(self, to_k_ip: torch.Tensor, to_v_ip: torch.Tensor) -> None:
+        self.inner_dim = to_k_ip.shape[0]
+        self._weight = torch.cat([to_k_ip, to_v_ip])  # [2*inner, C]
+        self._cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def project(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image: [B, N, C] -> keys, values [B, N, inner]."""
+        key = (image.device, image.dtype)
+        weight = self._cast.get(key)
+        if weight is None:
+            weight = self._cast[key] = self._weight.to(device=image.device, dtype=image.dtype)
+        return F.linear(image, weight).split(self.inner_dim, dim=-1)
+
+
+@dataclass
+class _Call:
+    """State of one in-flight ``attn2`` call that carries image tokens."""
+
+    split: SplitContext
+    x: torch.Tensor
+    q: torch.Tensor | None = None
+    added: bool = False
+
+
+class _LayerHooks:
+    """The hooks of one ``attn2`` module; they share the call state through ``self.call``."""
+
+    def __init__(self, hijack: AttentionHijack, layer: CrossAttentionLayer, kv: _KeyValue) -> None:
+        self.hijack = hijack
+        self.module = layer.module
+        self.kv = kv
+        self.call: _Call | None = None
+        self.handles: list[RemovableHandle] = []
+
+    def install(self) -> None:
+        module = self.module
+        self.handles = [
+            module.register_forward_pre_hook(self.before_attention, with_kwargs=True),
+            module.register_forward_hook(self.after_attention, with_kwargs=True),
+            module.to_q.register_forward_hook(self.capture_query),
+            module.to_out[0].register_forward_pre_hook(self.add_image_term),
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.call = None
+
+    # attn2(x, context=..., mask=None, **kwargs)
+    def before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        self.call = None
+        context = _context_of(args, kwargs, 1)
+        split = self.hijack.split(context)
+        if split is None:
+            return None
+        self.call = _Call(split=split, x=args[0] if args else kwargs["x"])
+        return _with_context(args, kwargs, 1, split.text)
+
+    def capture_query(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.call is not None and self.call.q is None:
+            self.call.q = output
+
+    def add_image_term(self, module: nn.Module, args: tuple) -> Any:
+        call = self.call
+        if call is None or call.added:
+            return None
+        hidden = args[0]  # [B, Tq, inner], heads already merged
+        if call.q is None or call.q.shape[:2] != hidden.shape[:2]:
+            return None  # not the query we expect: the post-hook computes the term instead
+        call.added = True
+        return (hidden + self.image_term(call, call.q), *args[1:])
+
+    def after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        call, self.call = self.call, None
+        if call is None or call.added:
+            return None
+        # The installed attention did not go through to_q / to_out[0] as modules: add the term
+        # after the output projection instead (to_out[0] is linear, its bias already applied).
+        q = call.q if call.q is not None else module.to_q(call.x)
+        term = self.image_term(call, q)
+        return output + F.linear(term, module.to_out[0].weight.to(term.dtype))
+
+    def image_term(self, call: _Call, q: torch.Tensor) -> torch.Tensor:
+        """weight * softmax(q k_ip^T / sqrt(d)) v_ip, heads merged: [B, Tq, inner]."""
+        split = call.split
+        image = split.image
+        if self.hijack.upcast:
+            q, image = q.float(), image.float()
+        else:
+            image = image.to(q.dtype)
+        keys, values = self.kv.project(image)  # [B, N, inner]
+        batch, length, inner = q.shape
+        heads = self.module.heads
+        head_dim = inner // heads
+
+        def by_head(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, -1, heads, head_dim).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(
+            by_head(q), by_head(keys), by_head(values), attn_mask=split.key_mask
+        )  # [B, H, Tq, d]
+        attended = attended.transpose(1, 2).reshape(batch, length, inner)
+        return (attended * split.weight.to(attended.dtype)).to(call.x.dtype)
+
+
+class AttentionHijack:
+    """IP-Adapter's decoupled cross-attention on every ``attn2`` module of one UNet.
+
+    unet: the ldm/sgm ``UNetModel`` (A1111's ``sd_model.model.diffusion_model``).
+    layers: the adapter's per-layer ``(to_k_ip, to_v_ip)`` weights [inner, C], in adapter order.
+    layout: how the image tokens are appended to the conditioning of this generation.
+    masked: whether rows may fill fewer than ``layout.n_tokens`` slots (sides of different
+    lengths); without it no mask is built.
+    upcast: compute the image attention in float32 (A1111's "upcast cross attention" option).
+    verify: check the appended meta tokens once per UNet call (one synchronisation), where the
+    first ``attn2`` splits the context; the check sees the context after every other
+    extension's changes, the ControlNet extension's marker stripping included.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        layers: list[tuple[torch.Tensor, torch.Tensor]],
+        layout: TokenLayout,
+        *,
+        masked: bool = False,
+        upcast: bool = False,
+        verify: bool = True,
+    ) -> None:
+        self.unet = unet
+        self.layout = layout
+        self.masked = masked
+        self.upcast = upcast
+        self.verify = verify
+        targets = cross_attention_layers(unet)
+        check_layers_fit(targets, layers)
+        self.context_dim = targets[0].context_dim
+        self._layers = [
+            _LayerHooks(self, target, _KeyValue(k, v))
+            for target, (k, v) in zip(targets, layers, strict=True)
+        ]
+        self._unet_handle: RemovableHandle | None = None
+        self._last_context: torch.Tensor | None = None
+        self._last_split: SplitContext | None = None
+
+    @property
+    def installed(self) -> bool:
+        return self._unet_handle is not None
+
+    def install(self) -> None:
+        """Add the hooks; a second call is a no-op."""
+        if self.installed:
+            return
+        for layer in self._layers:
+            layer.install()
+        self._unet_handle = self.unet.register_forward_pre_hook(self._before_unet)
+        logger.debug("hijacked %d cross-attention layers", len(self._layers))
+
+    def remove(self) -> None:
+        """Remove every hook; the modules are exactly as before :meth:`install`. Idempotent."""
+        for layer in self._layers:
+            layer.remove()
+        if self._unet_handle is not None:
+            self._unet_handle.remove()
+            self._unet_handle = None
+        self._forget_context()
+
+    def split(self, context: Any) -> SplitContext | None:
+        """The parts of a context carrying our block, or None; computed once per UNet call."""
+        if context is self._last_context:
+            return self._last_split
+        split = None
+        if (
+            isinstance(context, torch.Tensor)
+            and context.dim() == 3
+            and context.shape[2] == self.context_dim
+            and self.layout.carries_block(context.shape[1])
+        ):
+            if self.verify:
+                verify_blocks(context, self.layout)
+            split = split_context(context, self.layout, masked=self.masked)
+        # Every attn2 of one UNet call receives the same context object.
+        self._last_context, self._last_split = context, split
+        return split
+
+    def _forget_context(self) -> None:
+        self._last_context = self._last_split = None
+
+    def _before_unet(self, module: nn.Module, args: tuple) -> None:
+        # A new UNet call: never reuse a split of a tensor that may have been changed in place.
+        self._forget_context()
+
+
+def check_layers_fit(
+    targets: list[CrossAttentionLayer], layers: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Raise :class:`IncompatibleModelError` unless each adapter layer fits its ``attn2``."""
+    if len(targets) != len(layers):
+        msg = (
+            f"The IP-Adapter has {len(layers)} cross-attention layers but the loaded checkpoint's "
+            f"UNet has {len(targets)}: the adapter is for another model family (SD1.x UNets have "
+            "16, SDXL UNets 70). Choose an IP-Adapter made for the loaded checkpoint."
+        )
+        raise IncompatibleModelError(msg)
+    for index, (target, (to_k_ip, to_v_ip)) in enumerate(zip(targets, layers, strict=True)):
+        expected = tuple(target.module.to_k.weight.shape)  # [inner, C]
+        for name, weight in (("to_k_ip", to_k_ip), ("to_v_ip", to_v_ip)):
+            if tuple(weight.shape) != expected:
+                msg = (
+                    f"IP-Adapter layer {adapter_key(index)}.{name} has shape "
+                    f"{list(weight.shape)} but the checkpoint's {target.name} needs {list(expected)} "
+                    "([inner dim, context width]): the adapter is for another model family. "
+                    "Choose an IP-Adapter made for the loaded checkpoint."
+                )
+                raise IncompatibleModelError(msg)
+
+
+class FailureTrap:
+    """Raises a stored error from the UNet's first call, then removes itself.
+
+    A1111 catches and only logs exceptions from Script hooks and callbacks, so an error found
+    in ``process`` would still give an image without the requested image prompts. Exceptions
+    raised inside the UNet forward do reach the user (the UI shows them, the API answers with
+    them), so the error is kept and raised from there. ``cleanup`` runs first, because after
+    the raise A1111 does not call ``postprocess``.
+    """
+
+    def __init__(
+        self, unet: nn.Module, error: BaseException, cleanup: Callable[[], None] | None = None
+    ) -> None:
+        self.error = error
+        self._cleanup = cleanup
+        self._handle: RemovableHandle | None = unet.register_forward_pre_hook(self._raise)
+
+    @property
+    def armed(self) -> bool:
+        return self._handle is not None
+
+    def disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _raise(self, module: nn.Module, args: tuple) -> None:
+        self.disarm()
+        if self._cleanup is not None:
+            self._cleanup()
+        raise self.error

@@ -1,0 +1,23 @@
+"""Test setup: one thread (2 busy cores make torch's OpenMP crawl), no hub, repo on sys.path."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+for path in (ROOT, ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+#: True in the second run of the suite against A1111 1.10's pins (tests/run.sh).
+A1111_PINS = os.environ.get("NEGIP_A1111_PINS") == "1"

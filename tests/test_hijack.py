@@ -1,0 +1,511 @@
+"""The attention hijack against diffusers' IP-Adapter attention, and its invariants.
+
+The same random weights run through an ldm UNet hijacked by us (positive tokens appended to the
+cond rows, negative tokens to the uncond rows) and through diffusers' ``UNet2DConditionModel``
+with ``IPAdapterAttnProcessor2_0`` and per-row image embeds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_unets import (
+    SD15,
+    SDXL,
+    TinyUNetConfig,
+    latents,
+    make_diffusers_twin,
+    make_ldm_unet,
+    text_context,
+)
+from torch import nn
+
+from lib_negip.conditioning import TokenLayout, append_blocks, make_block
+from lib_negip.errors import ConditioningError, IncompatibleModelError
+from lib_negip.hijack import AttentionHijack, FailureTrap
+from lib_negip.unet_layers import cross_attention_layers
+
+TIMESTEPS = torch.tensor([700.0, 700.0])
+FLOAT32_NOISE = 2e-5
+
+
+@functools.cache
+def unet_pair(family: str) -> tuple[nn.Module, nn.Module]:
+    config = SD15 if family == "sd15" else SDXL
+    ldm = make_ldm_unet(config)
+    return ldm, make_diffusers_twin(ldm, config)
+
+
+def config_of(family: str) -> TinyUNetConfig:
+    return SD15 if family == "sd15" else SDXL
+
+
+def adapter_layers(unet: nn.Module, seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random ``(to_k_ip, to_v_ip)`` [inner, C] for every attn2, in adapter order."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = []
+    for layer in cross_attention_layers(unet):
+        shape = tuple(layer.module.to_k.weight.shape)
+        scale = shape[1] ** -0.5
+        layers.append(
+            (
+                torch.randn(shape, generator=generator) * scale,
+                torch.randn(shape, generator=generator) * scale,
+            )
+        )
+    return layers
+
+
+def tokens(n: int, width: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
+
+
+def load_into_diffusers(twin: nn.Module, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Give the diffusers twin the same adapter layers; its image projection is the identity,
+    so both sides receive the same ready-made image tokens."""
+    from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+    width = layers[0][0].shape[1]
+    ip_adapter = {}
+    for index, (k, v) in enumerate(layers):
+        ip_adapter[f"{2 * index + 1}.to_k_ip.weight"] = k
+        ip_adapter[f"{2 * index + 1}.to_v_ip.weight"] = v
+    image_proj = {
+        "proj.weight": torch.zeros(4 * width, 8),
+        "proj.bias": torch.zeros(4 * width),
+        "norm.weight": torch.ones(width),
+        "norm.bias": torch.zeros(width),
+    }
+    twin._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip_adapter}])
+    twin.encoder_hid_proj = MultiIPAdapterImageProjection([nn.Identity()])
+
+
+def set_diffusers_scale(twin: nn.Module, scale: float) -> None:
+    for processor in twin.attn_processors.values():
+        if hasattr(processor, "scale"):
+            processor.scale = [scale]
+
+
+def diffusers_rows(
+    twin: nn.Module,
+    x: torch.Tensor,
+    text: torch.Tensor,
+    images: list[torch.Tensor],
+    scales: list[float],
+) -> torch.Tensor:
+    """diffusers, one row at a time (its IP scale is per processor, not per row).
+
+    images[i]: [num_images, N, C] of row i; diffusers concatenates the images' tokens.
+    """
+    rows = []
+    for row, (image, scale) in enumerate(zip(images, scales, strict=True)):
+        set_diffusers_scale(twin, scale)
+        out = twin(
+            x[row : row + 1],
+            TIMESTEPS[:1],
+            encoder_hidden_states=text[row : row + 1],
+            added_cond_kwargs={"image_embeds": [image[None]]},
+        ).sample
+        rows.append(out)
+    return torch.cat(rows)
+
+
+def ours(
+    unet: nn.Module,
+    layers: list[tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    text_cond: torch.Tensor,
+    text_uncond: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    weights: tuple[float, float],
+) -> torch.Tensor:
+    layout = TokenLayout.for_tokens(max(positive.shape[0], negative.shape[0]))
+    cond, uncond = append_blocks(
+        text_cond,
+        text_uncond,
+        make_block(positive, weights[0], layout),
+        make_block(negative, weights[1], layout),
+    )
+    hijack = AttentionHijack(unet, layers, layout, masked=positive.shape[0] != negative.shape[0])
+    hijack.install()
+    try:
+        return unet(x, TIMESTEPS[: x.shape[0]], context=torch.cat([cond, uncond]))
+    finally:
+        hijack.remove()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("n_tokens", [4, 16])
+def test_matches_diffusers_ip_adapter(family: str, n_tokens: int) -> None:
+    unet, twin = unet_pair(family)
+    width = config_of(family).context_dim
+    layers = adapter_layers(unet)
+    load_into_diffusers(twin, layers)
+    x = latents(1).repeat(2, 1, 1, 1)
+    text = text_context(2, width)
+    positive, negative = tokens(n_tokens, width, 10), tokens(n_tokens, width, 11)
+
+    got = ours(unet, layers, x, text[:1], text[1:], positive, negative, (0.8, 0.8))
+    expected = diffusers_rows(twin, x, text, [positive[None], negative[None]], [0.8, 0.8])
+
+    assert (got - expected).abs().max().item() < FLOAT32_NOISE
+    # The image term is not negligible: the comparison would catch a missing or wrong one.
+    plain = unet(x, TIMESTEPS, context=text)
+    assert (got - plain).abs().max().item() > 100 * FLOAT32_NOISE
+
+
+def test_per_side_weights_and_unequal_token_counts() -> None:
+    """Cond rows at weight 1.3 with two concatenated images, uncond rows at -0.5 with one."""
+    unet, twin = unet_pair("sd15")
+    width = SD15.context_dim
+    layers = adapter_layers(unet, seed=5)
+    load_into_diffusers(twin, layers)
+    x = latents(1).repeat(2, 1, 1, 1)
+    text = text_context(2, width, seed=4)
+    first, second, negative = (tokens(4, width, s) for s in (20, 21, 22))
+
+    got = ours(
+        unet, layers, x, text[:1], text[1:], torch.cat([first, second]), negative, (1.3, -0.5)
+    )
+    expected = diffusers_rows(
+        twin, x, text, [torch.stack([first, second]), negative[None]], [1.3, -0.5]
+    )
+    assert (got - expected).abs().max().item() < FLOAT32_NOISE
+
+
+def sdp_attention_forward(self: nn.Module, x, context=None, mask=None, **kwargs):
+    """An SDPA cross-attention in the shape of A1111's "sdp" optimisation (our own code)."""
+    context = x if context is None else context
+    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+    batch, _, inner = q.shape
+    heads = self.heads
+
+    def by_head(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, -1, heads, inner // heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(by_head(q), by_head(k), by_head(v))
+    return self.to_out(out.transpose(1, 2).reshape(batch, -1, inner))
+
+
+def functional_attention_forward(self: nn.Module, x, context=None, mask=None, **kwargs):
+    """An attention that uses the weights directly, never calling to_q / to_out as modules."""
+    context = x if context is None else context
+    q = F.linear(x, self.to_q.weight)
+    k, v = F.linear(context, self.to_k.weight), F.linear(context, self.to_v.weight)
+    batch, _, inner = q.shape
+    heads = self.heads
+
+    def by_head(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, -1, heads, inner // heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(by_head(q), by_head(k), by_head(v))
+    out = out.transpose(1, 2).reshape(batch, -1, inner)
+    return F.linear(out, self.to_out[0].weight, self.to_out[0].bias)
+
+
+@pytest.fixture(params=["ldm", "sdp", "functional"])
+def attention_forward(request: pytest.FixtureRequest):
+    """Swap ``CrossAttention.forward`` on the class, the way A1111 applies an optimisation."""
+    from ldm.modules.attention import CrossAttention
+
+    original = CrossAttention.forward
+    if request.param == "sdp":
+        CrossAttention.forward = sdp_attention_forward
+    elif request.param == "functional":
+        CrossAttention.forward = functional_attention_forward
+    yield request.param
+    CrossAttention.forward = original
+
+
+def test_every_attention_implementation_matches_diffusers(attention_forward: str) -> None:
+    unet, twin = unet_pair("sd15")
+    width = SD15.context_dim
+    layers = adapter_layers(unet, seed=7)
+    load_into_diffusers(twin, layers)
+    x = latents(1, seed=8).repeat(2, 1, 1, 1)
+    text = text_context(2, width, seed=9)
+    positive, negative = tokens(16, width, 30), tokens(16, width, 31)
+    got = ours(unet, layers, x, text[:1], text[1:], positive, negative, (0.6, 0.9))
+    expected = diffusers_rows(twin, x, text, [positive[None], negative[None]], [0.6, 0.9])
+    assert (got - expected).abs().max().item() < FLOAT32_NOISE
+
+
+def test_weight_zero_is_bit_exact(attention_forward: str) -> None:
+    unet, _ = unet_pair("sd15")
+    width = SD15.context_dim
+    x = latents(2, seed=12)
+    text = text_context(2, width, seed=13)
+    plain = unet(x, TIMESTEPS, context=text)
+    got = ours(
+        unet,
+        adapter_layers(unet),
+        x,
+        text[:1],
+        text[1:],
+        tokens(4, width, 1),
+        tokens(4, width, 2),
+        (0.0, 0.0),
+    )
+    assert torch.equal(got, plain)
+
+
+def hook_state(unet: nn.Module) -> list:
+    """Everything a hijack could leave behind on the attn2 modules and the UNet."""
+    state = [len(unet._forward_pre_hooks), len(unet._forward_hooks), "forward" in vars(unet)]
+    for layer in cross_attention_layers(unet):
+        module = layer.module
+        for m in (module, module.to_q, module.to_out[0]):
+            state += [
+                len(m._forward_pre_hooks),
+                len(m._forward_hooks),
+                "forward" in vars(m),
+            ]
+    return state
+
+
+def test_context_without_block_passes_through_and_remove_restores() -> None:
+    unet, _ = unet_pair("sd15")
+    width = SD15.context_dim
+    x = latents(2, seed=14)
+    text = text_context(2, width, seed=15)
+    before_state = hook_state(unet)
+    before = unet(x, TIMESTEPS, context=text)
+    weights = [p.clone() for p in unet.parameters()]
+
+    hijack = AttentionHijack(unet, adapter_layers(unet), TokenLayout.for_tokens(4))
+    hijack.install()
+    hijack.install()  # idempotent
+    assert hook_state(unet) != before_state
+    assert len(cross_attention_layers(unet)[0].module._forward_pre_hooks) == 1
+    # A step outside both windows appends nothing: the hijacked UNet is exact.
+    assert torch.equal(unet(x, TIMESTEPS, context=text), before)
+    hijack.remove()
+    hijack.remove()
+
+    assert hook_state(unet) == before_state
+    assert all(torch.equal(a, b) for a, b in zip(weights, unet.parameters(), strict=True))
+    assert torch.equal(unet(x, TIMESTEPS, context=text), before)
+
+
+def add_one_wrapper(module: nn.Module) -> callable:
+    """Another extension's per-instance forward replacement (as the ControlNet extension's
+    IP-Adapter does): keeps the previous forward and restores it later."""
+    previous = module.forward
+
+    def forward(*args, **kwargs):
+        return previous(*args, **kwargs) + 1.0
+
+    module.forward = forward
+
+    def restore() -> None:
+        if vars(module).get("forward") is forward:
+            if previous == type(module).forward.__get__(module):
+                del module.forward
+            else:
+                module.forward = previous
+
+    return restore
+
+
+@pytest.mark.parametrize("order", ["ours_first", "theirs_first"])
+@pytest.mark.parametrize("removal", ["ours_first", "theirs_first"])
+def test_coexists_with_another_wrapper(order: str, removal: str) -> None:
+    unet, _ = unet_pair("sd15")
+    width = SD15.context_dim
+    layers = adapter_layers(unet, seed=16)
+    x = latents(1, seed=17).repeat(2, 1, 1, 1)
+    text = text_context(2, width, seed=18)
+    positive, negative = tokens(4, width, 40), tokens(4, width, 41)
+    layout = TokenLayout.for_tokens(4)
+    context = torch.cat(
+        append_blocks(
+            text[:1], text[1:], make_block(positive, 1.0, layout), make_block(negative, 1.0, layout)
+        )
+    )
+    modules = [layer.module for layer in cross_attention_layers(unet)]
+    before_state = hook_state(unet)
+    plain = unet(x, TIMESTEPS, context=text)
+
+    hijack = AttentionHijack(unet, layers, layout)
+    restores = []
+    if order == "ours_first":
+        hijack.install()
+        restores = [add_one_wrapper(m) for m in modules]
+    else:
+        restores = [add_one_wrapper(m) for m in modules]
+        hijack.install()
+    both = unet(x, TIMESTEPS, context=context)
+    if removal == "ours_first":
+        hijack.remove()
+        theirs_only = unet(x, TIMESTEPS, context=text)
+        for restore in restores:
+            restore()
+    else:
+        for restore in restores:
+            restore()
+        ours_only = unet(x, TIMESTEPS, context=context)
+        hijack.remove()
+    assert hook_state(unet) == before_state
+    assert torch.equal(unet(x, TIMESTEPS, context=text), plain)
+
+    # Both effects were present together.
+    with_theirs = [add_one_wrapper(m) for m in modules]
+    theirs_reference = unet(x, TIMESTEPS, context=text)
+    for restore in with_theirs:
+        restore()
+    assert not torch.allclose(both, theirs_reference)
+    if removal == "ours_first":
+        assert torch.equal(theirs_only, theirs_reference)
+    else:
+        reference = ours(unet, layers, x, text[:1], text[1:], positive, negative, (1.0, 1.0))
+        assert (ours_only - reference).abs().max().item() < FLOAT32_NOISE
+
+
+def strip_first_token(unet: nn.Module) -> callable:
+    """A stand-in for the ControlNet extension: its UNet forward strips a one-token marker that
+    it prepended to every conditioning row at process time."""
+    original = unet.forward
+
+    def forward(x, timesteps=None, context=None, **kwargs):
+        return original(x, timesteps, context=context[:, 1:], **kwargs)
+
+    unet.forward = forward
+    return lambda: delattr(unet, "forward")
+
+
+def test_recognises_block_after_controlnet_marker_is_stripped() -> None:
+    unet, _ = unet_pair("sd15")
+    width = SD15.context_dim
+    layers = adapter_layers(unet, seed=19)
+    x = latents(1, seed=20).repeat(2, 1, 1, 1)
+    text = text_context(2, width, seed=21)
+    positive, negative = tokens(4, width, 50), tokens(4, width, 51)
+    expected = ours(unet, layers, x, text[:1], text[1:], positive, negative, (1.0, 0.7))
+
+    marker = torch.full((1, 1, width), 1024.0)
+    marked = torch.cat([marker.expand(2, -1, -1), text], dim=1)  # [2, 78, C]
+    layout = TokenLayout.for_tokens(4)
+    cond, uncond = append_blocks(
+        marked[:1], marked[1:], make_block(positive, 1.0, layout), make_block(negative, 0.7, layout)
+    )
+    restore = strip_first_token(unet)
+    hijack = AttentionHijack(unet, layers, layout)
+    hijack.install()
+    try:
+        got = unet(x, TIMESTEPS, context=torch.cat([cond, uncond]))
+    finally:
+        hijack.remove()
+        restore()
+    assert torch.equal(got, expected)
+
+
+def test_transformed_block_is_reported() -> None:
+    unet, _ = unet_pair("sd15")
+    width = SD15.context_dim
+    layout = TokenLayout.for_tokens(4)
+    cond, uncond = append_blocks(
+        text_context(1, width),
+        text_context(1, width, seed=3),
+        make_block(tokens(4, width, 1), 1.0, layout),
+        make_block(tokens(4, width, 2), 1.0, layout),
+    )
+    rescaled = torch.cat([cond, uncond]) * 1.1  # another callback rescaling the conditioning
+    hijack = AttentionHijack(unet, adapter_layers(unet), layout)
+    hijack.install()
+    try:
+        with pytest.raises(ConditioningError, match="changed before they reached the UNet"):
+            unet(latents(2), TIMESTEPS, context=rescaled)
+    finally:
+        hijack.remove()
+
+
+def test_failure_trap_raises_from_the_unet_once_and_cleans_up() -> None:
+    unet, _ = unet_pair("sd15")
+    cleaned = []
+    error = IncompatibleModelError("adapter does not fit")
+    trap = FailureTrap(unet, error, cleanup=lambda: cleaned.append(True))
+    with pytest.raises(IncompatibleModelError, match="does not fit"):
+        unet(latents(2), TIMESTEPS, context=text_context(2, SD15.context_dim))
+    assert cleaned == [True]
+    assert not trap.armed
+    assert len(unet._forward_pre_hooks) == 0
+    unet(latents(2), TIMESTEPS, context=text_context(2, SD15.context_dim))
+
+
+def test_adapter_for_another_family_is_refused() -> None:
+    sd15, _ = unet_pair("sd15")
+    sdxl, _ = unet_pair("sdxl")
+    with pytest.raises(IncompatibleModelError, match=r"16 cross-attention layers but .* has 70"):
+        AttentionHijack(sdxl, adapter_layers(sd15), TokenLayout.for_tokens(4))
+    wrong_width = [(k[:, :-1], v[:, :-1]) for k, v in adapter_layers(sd15)]
+    with pytest.raises(IncompatibleModelError, match=r"1.to_k_ip has shape \[32, 63\]"):
+        AttentionHijack(sd15, wrong_width, TokenLayout.for_tokens(4))
+
+
+@pytest.mark.parametrize("attention_forward", ["sdp"], indirect=True)
+def test_half_precision_close_to_float32(attention_forward: str) -> None:
+    """bfloat16 on the CPU (ldm's stock attention mixes dtypes there; A1111 replaces it)."""
+    unet, _ = unet_pair("sd15")
+    width = SD15.context_dim
+    layers = adapter_layers(unet, seed=23)
+    x = latents(1, seed=24).repeat(2, 1, 1, 1)
+    text = text_context(2, width, seed=25)
+    positive, negative = tokens(4, width, 60), tokens(4, width, 61)
+    reference = ours(unet, layers, x, text[:1], text[1:], positive, negative, (1.0, 1.0))
+    half = make_ldm_unet(SD15).to(torch.bfloat16)
+    # ldm computes the timestep embedding in float32; A1111 casts it (sd_hijack_unet), so do we.
+    half.time_embed.register_forward_pre_hook(lambda module, args: (args[0].bfloat16(),))
+    half.dtype = torch.bfloat16  # ldm casts the input latents to this
+    for module in half.modules():
+        if isinstance(module, nn.GroupNorm):  # ldm's GroupNorm32 runs in float32
+            module.float()
+    got = ours(
+        half,
+        layers,
+        x.bfloat16(),
+        text[:1].bfloat16(),
+        text[1:].bfloat16(),
+        positive.bfloat16(),
+        negative.bfloat16(),
+        (1.0, 1.0),
+    )
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - reference).abs().max().item() < 0.1 * reference.abs().max().item()
+
+
+def test_image_term_goes_through_the_hosts_projections(
+    attention_forward: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With attentions that call to_q / to_out[0] as modules the term is added before to_out[0]
+    (no second projection); otherwise the post-hook fallback adds it."""
+    from lib_negip import hijack as hijack_module
+
+    added_before_out = []
+    original = hijack_module._LayerHooks.add_image_term
+
+    def counting(self, module, args):
+        result = original(self, module, args)
+        added_before_out.append(result is not None)
+        return result
+
+    monkeypatch.setattr(hijack_module._LayerHooks, "add_image_term", counting)
+    unet, _ = unet_pair("sd15")
+    width = SD15.context_dim
+    x = latents(2, seed=26)
+    text = text_context(2, width, seed=27)
+    ours(
+        unet,
+        adapter_layers(unet),
+        x,
+        text[:1],
+        text[1:],
+        tokens(4, width, 1),
+        tokens(4, width, 2),
+        (1.0, 1.0),
+    )
+    expected = attention_forward != "functional"
+    assert added_before_out == [expected] * (16 if expected else 0)
