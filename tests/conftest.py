@@ -21,3 +21,28 @@ torch.set_num_threads(1)
 
 #: True in the second run of the suite against A1111 1.10's pins (tests/run.sh).
 A1111_PINS = os.environ.get("NEGIP_A1111_PINS") == "1"
+
+
+def reference_library(name: str, attribute: str | None = None):
+    """Import a reference library (diffusers, transformers) for an equivalence test.
+
+    In the A1111-pins run some references cannot import beside the old pins (diffusers needs a
+    newer safetensors): there the test is skipped with the reason. In the normal run a missing
+    reference is an error, never a skip.
+    """
+    import importlib
+
+    def load():
+        module = importlib.import_module(name)
+        if attribute is not None:
+            getattr(module, attribute)  # lazy packages fail only here
+        return module
+
+    if not A1111_PINS:
+        return load()
+    import pytest
+
+    try:
+        return load()
+    except Exception as error:
+        pytest.skip(f"{name} does not import beside A1111's pins: {error}")

@@ -12,6 +12,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import reference_library
 from tiny_unets import (
     SD15,
     SDXL,
@@ -33,10 +34,19 @@ FLOAT32_NOISE = 2e-5
 
 
 @functools.cache
+def ldm_unet(family: str) -> nn.Module:
+    return make_ldm_unet(config_of(family))
+
+
+@functools.cache
+def _twin(family: str) -> nn.Module:
+    return make_diffusers_twin(ldm_unet(family), config_of(family))
+
+
 def unet_pair(family: str) -> tuple[nn.Module, nn.Module]:
-    config = SD15 if family == "sd15" else SDXL
-    ldm = make_ldm_unet(config)
-    return ldm, make_diffusers_twin(ldm, config)
+    """The ldm UNet and its diffusers twin with the same weights."""
+    reference_library("diffusers", "UNet2DConditionModel")
+    return ldm_unet(family), _twin(family)
 
 
 def config_of(family: str) -> TinyUNetConfig:
@@ -235,7 +245,7 @@ def test_every_attention_implementation_matches_diffusers(attention_forward: str
 
 
 def test_weight_zero_is_bit_exact(attention_forward: str) -> None:
-    unet, _ = unet_pair("sd15")
+    unet = ldm_unet("sd15")
     width = SD15.context_dim
     x = latents(2, seed=12)
     text = text_context(2, width, seed=13)
@@ -268,7 +278,7 @@ def hook_state(unet: nn.Module) -> list:
 
 
 def test_context_without_block_passes_through_and_remove_restores() -> None:
-    unet, _ = unet_pair("sd15")
+    unet = ldm_unet("sd15")
     width = SD15.context_dim
     x = latents(2, seed=14)
     text = text_context(2, width, seed=15)
@@ -314,7 +324,7 @@ def add_one_wrapper(module: nn.Module) -> callable:
 @pytest.mark.parametrize("order", ["ours_first", "theirs_first"])
 @pytest.mark.parametrize("removal", ["ours_first", "theirs_first"])
 def test_coexists_with_another_wrapper(order: str, removal: str) -> None:
-    unet, _ = unet_pair("sd15")
+    unet = ldm_unet("sd15")
     width = SD15.context_dim
     layers = adapter_layers(unet, seed=16)
     x = latents(1, seed=17).repeat(2, 1, 1, 1)
@@ -378,7 +388,7 @@ def strip_first_token(unet: nn.Module) -> callable:
 
 
 def test_recognises_block_after_controlnet_marker_is_stripped() -> None:
-    unet, _ = unet_pair("sd15")
+    unet = ldm_unet("sd15")
     width = SD15.context_dim
     layers = adapter_layers(unet, seed=19)
     x = latents(1, seed=20).repeat(2, 1, 1, 1)
@@ -404,7 +414,7 @@ def test_recognises_block_after_controlnet_marker_is_stripped() -> None:
 
 
 def test_transformed_block_is_reported() -> None:
-    unet, _ = unet_pair("sd15")
+    unet = ldm_unet("sd15")
     width = SD15.context_dim
     layout = TokenLayout.for_tokens(4)
     cond, uncond = append_blocks(
@@ -424,7 +434,7 @@ def test_transformed_block_is_reported() -> None:
 
 
 def test_failure_trap_raises_from_the_unet_once_and_cleans_up() -> None:
-    unet, _ = unet_pair("sd15")
+    unet = ldm_unet("sd15")
     cleaned = []
     error = IncompatibleModelError("adapter does not fit")
     trap = FailureTrap(unet, error, cleanup=lambda: cleaned.append(True))
@@ -437,8 +447,7 @@ def test_failure_trap_raises_from_the_unet_once_and_cleans_up() -> None:
 
 
 def test_adapter_for_another_family_is_refused() -> None:
-    sd15, _ = unet_pair("sd15")
-    sdxl, _ = unet_pair("sdxl")
+    sd15, sdxl = ldm_unet("sd15"), ldm_unet("sdxl")
     with pytest.raises(IncompatibleModelError, match=r"16 cross-attention layers but .* has 70"):
         AttentionHijack(sdxl, adapter_layers(sd15), TokenLayout.for_tokens(4))
     wrong_width = [(k[:, :-1], v[:, :-1]) for k, v in adapter_layers(sd15)]
@@ -449,7 +458,7 @@ def test_adapter_for_another_family_is_refused() -> None:
 @pytest.mark.parametrize("attention_forward", ["sdp"], indirect=True)
 def test_half_precision_close_to_float32(attention_forward: str) -> None:
     """bfloat16 on the CPU (ldm's stock attention mixes dtypes there; A1111 replaces it)."""
-    unet, _ = unet_pair("sd15")
+    unet = ldm_unet("sd15")
     width = SD15.context_dim
     layers = adapter_layers(unet, seed=23)
     x = latents(1, seed=24).repeat(2, 1, 1, 1)
@@ -493,7 +502,7 @@ def test_image_term_goes_through_the_hosts_projections(
         return result
 
     monkeypatch.setattr(hijack_module._LayerHooks, "add_image_term", counting)
-    unet, _ = unet_pair("sd15")
+    unet = ldm_unet("sd15")
     width = SD15.context_dim
     x = latents(2, seed=26)
     text = text_context(2, width, seed=27)
