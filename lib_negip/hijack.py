@@ -20,7 +20,7 @@ untouched; recognising it needs only its length, a host-side integer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lib_negip import logger
 from lib_negip.conditioning import SplitContext, TokenLayout, split_context, verify_blocks
-from lib_negip.errors import IncompatibleModelError
+from lib_negip.errors import ConditioningError, IncompatibleModelError
 from lib_negip.unet_layers import CrossAttentionLayer, adapter_key, cross_attention_layers
 
 
@@ -49,13 +49,24 @@ def _with_context(
     return (*args[:position], context, *args[position + 1 :]), kwargs
 
 
-class _KeyValue:
-    """One layer's ``to_k_ip``/``to_v_ip`` as one fused weight, cached per device and dtype."""
+class KeyValueWeights:
+    """One adapter layer's ``to_k_ip``/``to_v_ip`` fused into one weight [2*inner, C].
+
+    The copies cast to a device and dtype are kept, so a cached adapter is moved to the GPU
+    once, not per generation, and lowvram/medvram block moves cost nothing here.
+    """
 
     def __init__(self, to_k_ip: torch.Tensor, to_v_ip: torch.Tensor) -> None:
+        if to_k_ip.shape != to_v_ip.shape:
+            msg = f"to_k_ip {list(to_k_ip.shape)} and to_v_ip {list(to_v_ip.shape)} differ"
+            raise ValueError(msg)
+        self.shape = tuple(to_k_ip.shape)  # [inner, C]
         self.inner_dim = to_k_ip.shape[0]
-        self._weight = torch.cat([to_k_ip, to_v_ip])  # [2*inner, C]
+        self._weight = torch.cat([to_k_ip.detach(), to_v_ip.detach()])
         self._cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def release_device_copies(self) -> None:
+        self._cast.clear()
 
     def project(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image: [B, N, C] -> keys, values [B, N, inner]."""
@@ -79,7 +90,9 @@ class _Call:
 class _LayerHooks:
     """The hooks of one ``attn2`` module; they share the call state through ``self.call``."""
 
-    def __init__(self, hijack: AttentionHijack, layer: CrossAttentionLayer, kv: _KeyValue) -> None:
+    def __init__(
+        self, hijack: AttentionHijack, layer: CrossAttentionLayer, kv: KeyValueWeights
+    ) -> None:
         self.hijack = hijack
         self.module = layer.module
         self.kv = kv
@@ -162,7 +175,8 @@ class AttentionHijack:
     """IP-Adapter's decoupled cross-attention on every ``attn2`` module of one UNet.
 
     unet: the ldm/sgm ``UNetModel`` (A1111's ``sd_model.model.diffusion_model``).
-    layers: the adapter's per-layer ``(to_k_ip, to_v_ip)`` weights [inner, C], in adapter order.
+    layers: the adapter's per-layer weights in adapter order, as :class:`KeyValueWeights` or
+    ``(to_k_ip, to_v_ip)`` pairs [inner, C].
     layout: how the image tokens are appended to the conditioning of this generation.
     masked: whether rows may fill fewer than ``layout.n_tokens`` slots (sides of different
     lengths); without it no mask is built.
@@ -175,7 +189,7 @@ class AttentionHijack:
     def __init__(
         self,
         unet: nn.Module,
-        layers: list[tuple[torch.Tensor, torch.Tensor]],
+        layers: Sequence[KeyValueWeights | tuple[torch.Tensor, torch.Tensor]],
         layout: TokenLayout,
         *,
         masked: bool = False,
@@ -187,12 +201,12 @@ class AttentionHijack:
         self.masked = masked
         self.upcast = upcast
         self.verify = verify
+        weights = [w if isinstance(w, KeyValueWeights) else KeyValueWeights(*w) for w in layers]
         targets = cross_attention_layers(unet)
-        check_layers_fit(targets, layers)
+        check_layers_fit(targets, weights)
         self.context_dim = targets[0].context_dim
         self._layers = [
-            _LayerHooks(self, target, _KeyValue(k, v))
-            for target, (k, v) in zip(targets, layers, strict=True)
+            _LayerHooks(self, target, kv) for target, kv in zip(targets, weights, strict=True)
         ]
         self._unet_handle: RemovableHandle | None = None
         self._last_context: torch.Tensor | None = None
@@ -232,7 +246,12 @@ class AttentionHijack:
             and self.layout.carries_block(context.shape[1])
         ):
             if self.verify:
-                verify_blocks(context, self.layout)
+                try:
+                    verify_blocks(context, self.layout)
+                except ConditioningError:
+                    # The generation fails here and A1111 skips postprocess: leave nothing behind.
+                    self.remove()
+                    raise
             split = split_context(context, self.layout, masked=self.masked)
         # Every attn2 of one UNet call receives the same context object.
         self._last_context, self._last_split = context, split
@@ -246,9 +265,7 @@ class AttentionHijack:
         self._forget_context()
 
 
-def check_layers_fit(
-    targets: list[CrossAttentionLayer], layers: list[tuple[torch.Tensor, torch.Tensor]]
-) -> None:
+def check_layers_fit(targets: list[CrossAttentionLayer], layers: Sequence[KeyValueWeights]) -> None:
     """Raise :class:`IncompatibleModelError` unless each adapter layer fits its ``attn2``."""
     if len(targets) != len(layers):
         msg = (
@@ -257,17 +274,16 @@ def check_layers_fit(
             "16, SDXL UNets 70). Choose an IP-Adapter made for the loaded checkpoint."
         )
         raise IncompatibleModelError(msg)
-    for index, (target, (to_k_ip, to_v_ip)) in enumerate(zip(targets, layers, strict=True)):
+    for index, (target, kv) in enumerate(zip(targets, layers, strict=True)):
         expected = tuple(target.module.to_k.weight.shape)  # [inner, C]
-        for name, weight in (("to_k_ip", to_k_ip), ("to_v_ip", to_v_ip)):
-            if tuple(weight.shape) != expected:
-                msg = (
-                    f"IP-Adapter layer {adapter_key(index)}.{name} has shape "
-                    f"{list(weight.shape)} but the checkpoint's {target.name} needs {list(expected)} "
-                    "([inner dim, context width]): the adapter is for another model family. "
-                    "Choose an IP-Adapter made for the loaded checkpoint."
-                )
-                raise IncompatibleModelError(msg)
+        if kv.shape != expected:
+            msg = (
+                f"IP-Adapter layer {adapter_key(index)}.to_k_ip has shape {list(kv.shape)} but "
+                f"the checkpoint's {target.name} needs {list(expected)} ([inner dim, context "
+                "width]): the adapter is for another model family. Choose an IP-Adapter made "
+                "for the loaded checkpoint."
+            )
+            raise IncompatibleModelError(msg)
 
 
 class FailureTrap:

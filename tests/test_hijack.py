@@ -424,11 +424,14 @@ def test_transformed_block_is_reported() -> None:
         make_block(tokens(4, width, 2), 1.0, layout),
     )
     rescaled = torch.cat([cond, uncond]) * 1.1  # another callback rescaling the conditioning
+    before_state = hook_state(unet)
     hijack = AttentionHijack(unet, adapter_layers(unet), layout)
     hijack.install()
     try:
         with pytest.raises(ConditioningError, match="changed before they reached the UNet"):
             unet(latents(2), TIMESTEPS, context=rescaled)
+        assert not hijack.installed  # removed itself: A1111 skips postprocess after a raise
+        assert hook_state(unet) == before_state
     finally:
         hijack.remove()
 
