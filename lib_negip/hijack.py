@@ -20,6 +20,7 @@ untouched; recognising it needs only its length, a host-side integer.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -171,6 +172,10 @@ class _LayerHooks:
         return (attended * split.weight.to(attended.dtype)).to(call.x.dtype)
 
 
+# The hijack currently installed on each UNet: never two at once.
+_INSTALLED: weakref.WeakKeyDictionary[nn.Module, AttentionHijack] = weakref.WeakKeyDictionary()
+
+
 class AttentionHijack:
     """IP-Adapter's decoupled cross-attention on every ``attn2`` module of one UNet.
 
@@ -217,9 +222,15 @@ class AttentionHijack:
         return self._unet_handle is not None
 
     def install(self) -> None:
-        """Add the hooks; a second call is a no-op."""
+        """Add the hooks; a second call is a no-op. Replaces another hijack of the same UNet
+        (one left over by a generation that failed before removing it)."""
         if self.installed:
             return
+        previous = _INSTALLED.get(self.unet)
+        if previous is not None and previous is not self:
+            logger.warning("removing a leftover image-prompt hijack from the UNet")
+            previous.remove()
+        _INSTALLED[self.unet] = self
         for layer in self._layers:
             layer.install()
         self._unet_handle = self.unet.register_forward_pre_hook(self._before_unet)
@@ -232,6 +243,8 @@ class AttentionHijack:
         if self._unet_handle is not None:
             self._unet_handle.remove()
             self._unet_handle = None
+        if _INSTALLED.get(self.unet) is self:
+            del _INSTALLED[self.unet]
         self._forget_context()
 
     def split(self, context: Any) -> SplitContext | None:
@@ -299,6 +312,7 @@ class FailureTrap:
     def __init__(
         self, unet: nn.Module, error: BaseException, cleanup: Callable[[], None] | None = None
     ) -> None:
+        self.unet = unet
         self.error = error
         self._cleanup = cleanup
         self._handle: RemovableHandle | None = unet.register_forward_pre_hook(self._raise)

@@ -1,0 +1,268 @@
+"""One generation's image prompt, from A1111's ``process`` to ``postprocess``, without A1111.
+
+``host.py`` maps A1111's objects onto these plain calls:
+
+- :class:`FeatureCache` encodes each distinct image once per encoder (keyed by content), so
+  batch count, X/Y/Z grids and repeated generations do not run the encoder again;
+- :func:`build_image_prompt` turns the two sides' images into an :class:`ImagePrompt`;
+- :class:`ImagePromptSession` keeps the current UNet hijacked and appends the image blocks to
+  the conditioning of every denoiser call; :func:`pass_progress` places a denoiser call in its
+  sampling pass for the step windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+from torch import nn
+
+from lib_negip import logger
+from lib_negip.cache import LRUCache, image_digest
+from lib_negip.conditioning import PadMode, append_blocks
+from lib_negip.errors import IncompatibleModelError
+from lib_negip.hijack import AttentionHijack, KeyValueWeights
+from lib_negip.prompt import Combine, ImagePrompt, SidePrompt, StepWindow, side_tokens
+from lib_negip.unet_layers import cross_attention_layers
+
+HIRES_PASSES = ("both", "first", "second")
+
+
+class Encoder(Protocol):
+    """The part of :class:`lib_negip.encoder.ImageEncoder` used here."""
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
+
+    def encode(self, pixel_values: torch.Tensor, output: str) -> torch.Tensor: ...
+
+
+class FeatureCache:
+    """Encoder outputs per (encoder, output kind, image content), float32 on the CPU."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self._features: LRUCache[tuple, torch.Tensor] = LRUCache(limit)
+        self.encoder_calls = 0  # counted, so tests and the benchmark can prove cache hits
+
+    def set_limit(self, limit: int) -> None:
+        self._features.set_limit(limit)
+
+    def clear(self) -> None:
+        self._features.clear()
+
+    def features(
+        self,
+        encoder: Encoder,
+        encoder_key: Hashable,
+        output: str,
+        images: Sequence[Image.Image],
+    ) -> torch.Tensor:
+        """[I, ...] features of ``images``; only images not seen before reach the encoder."""
+        keys = [(encoder_key, output, image_digest(image)) for image in images]
+        rows = {key: self._features.get(key) for key in keys}
+        missing = {key: image for key, image in zip(keys, images, strict=True) if rows[key] is None}
+        if missing:
+            self.encoder_calls += 1
+            encoded = encoder.encode(encoder.preprocess(list(missing.values())), output)
+            for key, row in zip(missing, encoded.float().cpu(), strict=True):
+                rows[key] = row
+                self._features.put(key, row)
+        return torch.stack([rows[key] for key in keys])
+
+    def unconditional(
+        self, encoder: Encoder, encoder_key: Hashable, output: str, image_size: int
+    ) -> torch.Tensor:
+        """[1, ...] encoder output for an all-zero normalised pixel tensor (the reference's
+        "no image" input for hidden-state adapters)."""
+        key = (encoder_key, output, "unconditional")
+        cached = self._features.get(key)
+        if cached is None:
+            self.encoder_calls += 1
+            pixels = torch.zeros(1, 3, image_size, image_size)
+            cached = encoder.encode(pixels, output).float().cpu()[0]
+            self._features.put(key, cached)
+        return cached[None]
+
+
+class Projector(Protocol):
+    """The part of :class:`lib_negip.adapter.IPAdapter` used here."""
+
+    def project(self, embeds: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SideImages:
+    """What the user asked for one CFG side."""
+
+    images: Sequence[Image.Image]
+    weight: float
+    window: StepWindow
+
+
+def build_image_prompt(
+    *,
+    adapter: Projector,
+    encoder_output: str,
+    positive: SideImages,
+    negative: SideImages,
+    combine: Combine,
+    features: Any,
+    unconditional: Any,
+) -> ImagePrompt:
+    """The :class:`ImagePrompt` of one generation.
+
+    features(images) -> [I, ...] encoder outputs; unconditional() -> [1, ...] the reference's
+    "no image" features. A side without images takes the unconditional tokens with the other
+    side's weight and window, as plain IP-Adapter does for its uncond rows.
+    """
+    if not positive.images and not negative.images:
+        msg = "An image prompt needs at least one positive or negative image."
+        raise ValueError(msg)
+    with torch.inference_mode():
+        none_tokens = None
+        sides = []
+        for side, other in ((positive, negative), (negative, positive)):
+            if side.images:
+                tokens = side_tokens(adapter, features(side.images), combine)
+                sides.append(SidePrompt(tokens, side.weight, side.window))
+            else:
+                if none_tokens is None:
+                    none_tokens = adapter.project(unconditional())[0]
+                sides.append(SidePrompt(none_tokens, other.weight, other.window))
+    logger.debug(
+        "image prompt: %s positive tokens, %s negative tokens (%s)",
+        sides[0].tokens.shape[0],
+        sides[1].tokens.shape[0],
+        encoder_output,
+    )
+    return ImagePrompt(positive=sides[0], negative=sides[1])
+
+
+def pass_progress(call: int, steps: int, total_calls: int) -> float:
+    """Where a denoiser call lies in its sampling pass, as the start of its sampling step.
+
+    A1111 counts denoiser calls (``denoiser.step``) against an estimate of the pass's calls
+    (``denoiser.total_steps``: ``2 * steps`` for second-order samplers such as Heun, which really
+    make ``2 * steps - 1``). Mapping a call to its sampling step (call * steps // total_calls)
+    gives both calls of a Heun step the same progress, ``step / steps``, as a first-order
+    sampler's single call, so a window selects the same steps whatever the sampler. Samplers that
+    make more calls than estimated stay in the last step.
+    """
+    if steps <= 0:
+        return 0.0
+    total_calls = max(total_calls, steps)
+    step = min(call * steps // total_calls, steps - 1)
+    return step / steps
+
+
+@dataclass(frozen=True)
+class Appended:
+    """What one denoiser call's conditioning became."""
+
+    cond: Any
+    uncond: Any
+    padded: bool  # cond and uncond text lengths differed and were padded here
+
+
+class ImagePromptSession:
+    """Keeps the sampling UNet hijacked and appends the image blocks in every denoiser call."""
+
+    def __init__(
+        self,
+        prompt: ImagePrompt,
+        weights: Sequence[KeyValueWeights],
+        *,
+        hires_pass: str = "both",
+        upcast: bool = False,
+        verify: bool = True,
+    ) -> None:
+        if hires_pass not in HIRES_PASSES:
+            msg = f"hires_pass must be one of {HIRES_PASSES}, got {hires_pass!r}"
+            raise ValueError(msg)
+        self.prompt = prompt
+        self.weights = list(weights)
+        self.hires_pass = hires_pass
+        self.upcast = upcast
+        self.verify = verify
+        self.context_dim = self.weights[0].shape[1]
+        self._unet: nn.Module | None = None
+        self._hijack: AttentionHijack | None = None
+
+    def check_fits(self, unet: nn.Module) -> None:
+        """Raise :class:`IncompatibleModelError` unless the adapter fits this UNet."""
+        AttentionHijack(unet, self.weights, self.prompt.layout)
+
+    def applies_to_pass(self, hires: bool) -> bool:
+        if self.hires_pass == "both":
+            return True
+        return hires == (self.hires_pass == "second")
+
+    def conditioning(
+        self,
+        unet: nn.Module,
+        text_cond: Any,
+        text_uncond: Any,
+        *,
+        progress: float,
+        hires: bool = False,
+        pad: PadMode | None = None,
+        empty: torch.Tensor | None = None,
+    ) -> Appended | None:
+        """The conditioning for this denoiser call, or None to leave it as it is."""
+        if not self.applies_to_pass(hires) or self._hijack_for(unet) is None:
+            return None
+        crossattn = text_cond["crossattn"] if isinstance(text_cond, dict) else text_cond
+        blocks = self.prompt.blocks_at(progress, crossattn.device, crossattn.dtype)
+        if blocks is None:
+            return None
+        uncond_crossattn = (
+            text_uncond["crossattn"] if isinstance(text_uncond, dict) else text_uncond
+        )
+        padded = pad is not None and crossattn.shape[1] != uncond_crossattn.shape[1]
+        cond, uncond = append_blocks(text_cond, text_uncond, *blocks, pad=pad, empty=empty)
+        return Appended(cond=cond, uncond=uncond, padded=padded)
+
+    def _hijack_for(self, unet: nn.Module) -> AttentionHijack | None:
+        if unet is self._unet:
+            return self._hijack
+        # A different UNet mid-generation: the refiner, or a model reload.
+        self._remove()
+        self._unet = unet
+        layers = cross_attention_layers(unet)
+        if not layers or layers[0].context_dim != self.context_dim:
+            logger.info(
+                "Negative Image Prompt: the model now sampling has context width %s, the "
+                "IP-Adapter %s; its steps run without image prompts.",
+                layers[0].context_dim if layers else None,
+                self.context_dim,
+            )
+            return None
+        try:
+            hijack = AttentionHijack(
+                unet,
+                self.weights,
+                self.prompt.layout,
+                masked=self.prompt.masked,
+                upcast=self.upcast,
+                verify=self.verify,
+            )
+        except IncompatibleModelError as error:
+            logger.info(
+                "Negative Image Prompt: skipping a model the adapter does not fit: %s", error
+            )
+            return None
+        hijack.install()
+        self._hijack = hijack
+        return hijack
+
+    def _remove(self) -> None:
+        if self._hijack is not None:
+            self._hijack.remove()
+        self._hijack = None
+        self._unet = None
+
+    def close(self) -> None:
+        """Remove the hijack; the session can not be used after this."""
+        self._remove()
