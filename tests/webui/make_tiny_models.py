@@ -991,7 +991,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: write the models and print what was written."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if not LOGGER.handlers:  # our own logger only: main() also runs inside pytest
+        LOGGER.addHandler(logging.StreamHandler())
+        LOGGER.propagate = False
+    LOGGER.setLevel(logging.WARNING if args.quiet else logging.INFO)
     root = (args.webui or args.out).resolve()
     models = root / "models"
     repositories = root / "repositories" if args.webui else None
@@ -1000,6 +1003,11 @@ def main(argv: list[str] | None = None) -> int:
     if ldm_path is None and repositories is not None:
         ldm_path = repositories / "stable-diffusion-stability-ai"
     import_from_source("ldm", ldm_path)
+    if args.sdxl:  # before writing anything
+        sgm_path = args.sgm_path
+        if sgm_path is None and repositories is not None:
+            sgm_path = repositories / "generative-models"
+        import_from_source("sgm", sgm_path)
     bpe_file = find_clip_bpe_file(args.bpe_file)
 
     torch.manual_seed(args.seed)  # ldm's own initialisation is overwritten; keep runs identical
@@ -1009,10 +1017,6 @@ def main(argv: list[str] | None = None) -> int:
     written += write_vision(models, rng, sizes)
     written += write_sd15_adapters(models, rng, sizes, unet_state)
     if args.sdxl:
-        sgm_path = args.sgm_path
-        if sgm_path is None and repositories is not None:
-            sgm_path = repositories / "generative-models"
-        import_from_source("sgm", sgm_path)
         extensions = root / "extensions" if args.webui else None
         written += write_sdxl(models, rng, sizes, bpe_file, extensions)
 
