@@ -1,0 +1,718 @@
+"""The arguments of one generation: one validated, immutable object, whichever way they arrive.
+
+Three sources, one model (:class:`NegIPArgs`):
+
+- the UI's gradio values, positional in :data:`FIELD_ORDER` (A1111 passes them to every
+  AlwaysOn script's ``process`` on every generation, enabled or not);
+- the HTTP API's ``alwayson_scripts["Negative Image Prompt"]["args"]``: that positional list
+  (A1111 fills missing positions with the UI defaults), or a list holding ONE dict of named
+  fields at position 0, merged over the positional values at positions 1.. (which A1111 may
+  have restored from the request's ``infotext`` field);
+- the infotext (PNG Info, "Send to txt2img", the API's ``infotext``): :func:`to_infotext` writes
+  the settings under keys starting with "NegIP", :func:`parse_infotext` reads them back typed.
+
+A disabled UI (``enabled`` False in the positional list) is never an error: A1111 calls us on
+every generation, and a disabled extension must not break one, so nothing else is looked at and
+no image is decoded. A dict from the API is enabled unless it says ``"enabled": false``; a
+client that writes one addresses us explicitly, so its named fields are always checked.
+
+Strings are always base64 image data (data URLs accepted), never file names: an API client must
+never make the server read a file. Only in-process upload objects (gradio's temp-file wrappers,
+which JSON cannot produce) are read from disk.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, get_args
+
+import numpy as np
+from PIL import Image
+
+from lib_negip import images as image_io
+from lib_negip.errors import ArgumentError, ImageError
+from lib_negip.prompt import Combine, StepWindow
+
+HiresPass = Literal["both", "first", "second"]
+Side = Literal["positive", "negative"]
+
+#: The UI's components in this order are the script's positional args (and the API's list form).
+FIELD_ORDER: tuple[str, ...] = (
+    "enabled",
+    "model",
+    "image_encoder",
+    "positive_images",
+    "negative_images",
+    "positive_weight",
+    "negative_weight",
+    "positive_start",
+    "positive_end",
+    "negative_start",
+    "negative_end",
+    "hires_pass",
+    "combine",
+)
+
+#: Default of every field, in :data:`FIELD_ORDER`; floats stay floats (A1111 converts restored
+#: infotext strings with ``type(component.value)``, and ``int("0.5")`` fails).
+DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "enabled": False,
+        "model": "None",
+        "image_encoder": "auto",
+        "positive_images": (),
+        "negative_images": (),
+        "positive_weight": 1.0,
+        "negative_weight": 1.0,
+        "positive_start": 0.0,
+        "positive_end": 1.0,
+        "negative_start": 0.0,
+        "negative_end": 1.0,
+        "hires_pass": "both",
+        "combine": "average",
+    }
+)
+
+MAX_IMAGES_PER_SIDE = 16
+WEIGHT_MIN, WEIGHT_MAX = -1.0, 5.0
+HIRES_PASSES: tuple[str, ...] = get_args(HiresPass)
+COMBINES: tuple[str, ...] = get_args(Combine)
+NO_MODEL = "None"
+AUTO_ENCODER = "auto"
+#: An uploaded file larger than this is refused before it is read (no image prompt needs it).
+MAX_UPLOAD_BYTES = 256 * 1024 * 1024
+
+IMAGE_FIELDS: tuple[str, ...] = ("positive_images", "negative_images")
+_SIDES: tuple[Side, ...] = ("positive", "negative")
+
+# ---------------------------------------------------------------------------------------------
+# Field checks: each names the field, shows the bad value (abbreviated) and the allowed values.
+
+
+def _show(value: Any, limit: int = 48) -> str:
+    """``repr`` of a value, cut short (base64 strings are megabytes), with its type."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    # 0/1 and "true" are refused: JSON has booleans, and bool("False") is True.
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    msg = f"{name} must be true or false; got {_show(value)}."
+    raise ArgumentError(msg)
+
+
+def _check_number(name: str, value: Any, low: float, high: float) -> float:
+    """A finite real number in [low, high] as a float; ints accepted, bools and strings not."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        hint = " (send numbers as JSON numbers, not strings)" if isinstance(value, str) else ""
+        msg = f"{name} must be a number from {low:g} to {high:g}; got {_show(value)}{hint}."
+        raise ArgumentError(msg)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range (JSON ints are unbounded)
+        number = math.inf if value > 0 else -math.inf
+    if not math.isfinite(number):
+        msg = f"{name} must be a finite number from {low:g} to {high:g}; got {number}."
+        raise ArgumentError(msg)
+    if not low <= number <= high:
+        msg = f"{name} must be from {low:g} to {high:g}; got {number}."
+        raise ArgumentError(msg)
+    return number + 0.0  # -0.0 -> 0.0, so the infotext never shows "-0.0"
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if isinstance(value, str) and value in choices:
+        return value
+    allowed = ", ".join(repr(choice) for choice in choices)
+    msg = f"{name} must be one of {allowed}; got {_show(value)}."
+    raise ArgumentError(msg)
+
+
+def _check_model(name: str, value: Any) -> str:
+    """A model name or label, stripped; None (a cleared dropdown, JSON null) means no model."""
+    if value is None:
+        return NO_MODEL
+    if not isinstance(value, str):
+        msg = (
+            f"{name} must be a model name (a string such as 'ip-adapter_sd15'); got {_show(value)}."
+        )
+        raise ArgumentError(msg)
+    text = value.strip()
+    return NO_MODEL if not text or text.lower() == NO_MODEL.lower() else text
+
+
+def _check_encoder(name: str, value: Any) -> str:
+    """'auto' or an encoder name or label, stripped; None (not chosen) means 'auto'."""
+    if value is None:
+        return AUTO_ENCODER
+    if not isinstance(value, str):
+        msg = f"{name} must be 'auto' or an image encoder name (a string); got {_show(value)}."
+        raise ArgumentError(msg)
+    text = value.strip()
+    return AUTO_ENCODER if text.lower() == AUTO_ENCODER else text
+
+
+def _weight(name: str, value: Any) -> float:
+    return _check_number(name, value, WEIGHT_MIN, WEIGHT_MAX)
+
+
+def _fraction(name: str, value: Any) -> float:
+    return _check_number(name, value, 0.0, 1.0)
+
+
+#: Check and normalise each non-image field; every checker takes (field name, value).
+_SCALAR_CHECKS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType(
+    {
+        "enabled": _check_bool,
+        "model": _check_model,
+        "image_encoder": _check_encoder,
+        "positive_weight": _weight,
+        "negative_weight": _weight,
+        "positive_start": _fraction,
+        "positive_end": _fraction,
+        "negative_start": _fraction,
+        "negative_end": _fraction,
+        "hires_pass": lambda name, value: _check_choice(name, value, HIRES_PASSES),
+        "combine": lambda name, value: _check_choice(name, value, COMBINES),
+    }
+)
+
+
+def _check_window(side: Side, start: float, end: float) -> None:
+    if start > end:
+        msg = (
+            f"{side}_start ({start}) must not be greater than {side}_end ({end}): the "
+            f"{side} image prompt acts from start to end, as fractions 0..1 of the sampling steps."
+        )
+        raise ArgumentError(msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The arguments object
+
+
+@dataclass(frozen=True)
+class NegIPArgs:
+    """The validated arguments of one generation; the fields are the API's public contract.
+
+    Valid by construction: every field is checked (and numbers turned into floats, images into
+    RGB) in ``__post_init__``, so ``dataclasses.replace`` cannot make an invalid object either.
+    An enabled object always has a model and at least one image. A disabled one carries no
+    settings that matter: parsers return the defaults for it.
+    """
+
+    enabled: bool = False
+    model: str = NO_MODEL
+    image_encoder: str = AUTO_ENCODER
+    positive_images: tuple[Image.Image, ...] = field(default=(), hash=False, repr=False)
+    negative_images: tuple[Image.Image, ...] = field(default=(), hash=False, repr=False)
+    positive_weight: float = 1.0
+    negative_weight: float = 1.0
+    positive_start: float = 0.0
+    positive_end: float = 1.0
+    negative_start: float = 0.0
+    negative_end: float = 1.0
+    hires_pass: HiresPass = "both"
+    combine: Combine = "average"
+
+    def __post_init__(self) -> None:
+        for name, check in _SCALAR_CHECKS.items():
+            object.__setattr__(self, name, check(name, getattr(self, name)))
+        for side in _SIDES:
+            _check_window(side, getattr(self, f"{side}_start"), getattr(self, f"{side}_end"))
+        for name in IMAGE_FIELDS:
+            object.__setattr__(self, name, _checked_images(name, getattr(self, name)))
+        if self.enabled:
+            _require_model(self.model, self.image_encoder)
+            _require_images(self.positive_images, self.negative_images)
+
+    def __repr__(self) -> str:
+        scalars = ", ".join(
+            f"{name}={getattr(self, name)!r}" for name in FIELD_ORDER if name not in IMAGE_FIELDS
+        )
+        counts = f"positive_images={len(self.positive_images)}, negative_images={len(self.negative_images)}"
+        return f"NegIPArgs({scalars}, {counts})"
+
+    @property
+    def positive_window(self) -> StepWindow:
+        """Where the positive side (cond rows) is active, as fractions of a sampling pass."""
+        return StepWindow(self.positive_start, self.positive_end)
+
+    @property
+    def negative_window(self) -> StepWindow:
+        """Where the negative side (uncond rows) is active, as fractions of a sampling pass."""
+        return StepWindow(self.negative_start, self.negative_end)
+
+    @property
+    def sides_present(self) -> tuple[Side, ...]:
+        """The sides that have images: ('positive',), ('negative',) or both, in that order."""
+        return tuple(side for side in _SIDES if getattr(self, f"{side}_images"))
+
+    @property
+    def image_counts(self) -> tuple[int, int]:
+        """(positive, negative) number of images."""
+        return len(self.positive_images), len(self.negative_images)
+
+    def as_fields(self) -> dict[str, Any]:
+        """Every field by name, in :data:`FIELD_ORDER` (images as tuples of PIL RGB images)."""
+        return {name: getattr(self, name) for name in FIELD_ORDER}
+
+
+def _checked_images(name: str, images: Any) -> tuple[Image.Image, ...]:
+    """A side's images as a tuple of RGB images; only PIL images (parsers decode the rest)."""
+    if not isinstance(images, (tuple, list)):
+        msg = f"{name} must be a tuple of PIL images; got {_show(images)}."
+        raise ArgumentError(msg)
+    if len(images) > MAX_IMAGES_PER_SIDE:
+        msg = (
+            f"{name} has {len(images)} images; at most {MAX_IMAGES_PER_SIDE} per side are accepted."
+        )
+        raise ArgumentError(msg)
+    checked = []
+    for index, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            msg = f"{name}[{index}] must be a PIL image; got {_show(image)}."
+            raise ArgumentError(msg)
+        # The parsers already ran to_rgb (which always copies): convert only what is not RGB.
+        if image.mode != "RGB" or "transparency" in image.info:
+            image = _rgb(f"{name}[{index}]", image)
+        checked.append(image)
+    return tuple(checked)
+
+
+def _require_model(model: str, image_encoder: str) -> None:
+    """An enabled generation needs an adapter (and an encoder choice, 'auto' by default)."""
+    if model == NO_MODEL:
+        msg = (
+            "model: image prompts are enabled but no IP-Adapter model is chosen ('None', an empty "
+            "name or null). Choose one of the adapters listed by GET /negip/v1/models, or set "
+            "enabled to false."
+        )
+        raise ArgumentError(msg)
+    if not image_encoder:
+        msg = (
+            "image_encoder is empty. Use 'auto' (an installed encoder that fits the adapter) or a "
+            "name listed by GET /negip/v1/models."
+        )
+        raise ArgumentError(msg)
+
+
+def _require_images(positive: Sequence[Any], negative: Sequence[Any]) -> None:
+    if not positive and not negative:
+        msg = (
+            "positive_images and negative_images are both empty, but image prompts are enabled: "
+            "give at least one image on either side, or set enabled to false."
+        )
+        raise ArgumentError(msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images from the outside world
+
+
+def _rgb(label: str, image: Image.Image) -> Image.Image:
+    """``images.to_rgb`` with the field and index in the message."""
+    try:
+        return image_io.to_rgb(image)
+    except ImageError as error:
+        msg = f"{label}: {error}"
+        raise ImageError(msg) from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        # A lazily opened PIL image decodes only here; a truncated file fails now.
+        msg = f"{label}: the image cannot be read ({error}). Save it again and send the new file."
+        raise ImageError(msg) from error
+
+
+def _looks_like_path(text: str) -> bool:
+    """Whether a string that failed to decode was probably meant as a file path or URL."""
+    stripped = text.strip()
+    return len(stripped) < 4096 and bool(
+        stripped.startswith(("/", "~", "./", "../", "file:"))
+        or re.match(r"^[A-Za-z]:[\\/]", stripped)
+        or "\\" in stripped
+        or re.search(r"\.(png|jpe?g|webp|gif|bmp|tiff?)$", stripped, re.IGNORECASE)
+    )
+
+
+def _decode(label: str, data: str | bytes | bytearray | memoryview) -> Image.Image:
+    try:
+        return image_io.decode_image(data if isinstance(data, str) else bytes(data))
+    except ImageError as error:
+        hint = ""
+        if isinstance(data, str) and _looks_like_path(data):
+            hint = (
+                " A string is always read as base64 image data: file paths are never opened. "
+                "Send the file's bytes base64-encoded."
+            )
+        msg = f"{label}: {error}{hint}"
+        raise ImageError(msg) from error
+
+
+def _from_array(label: str, array: np.ndarray) -> Image.Image:
+    shape = "x".join(str(size) for size in array.shape)
+    if array.dtype != np.uint8:
+        msg = f"{label}: a numpy image must have dtype uint8 (0..255); got {array.dtype} of shape {shape}."
+        raise ArgumentError(msg)
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        msg = (
+            f"{label}: a numpy image must be HxW (grey), HxWx3 (RGB) or HxWx4 (RGBA); got shape "
+            f"{shape}."
+        )
+        raise ArgumentError(msg)
+    height, width = array.shape[:2]
+    if height < 1 or width < 1:
+        msg = f"{label}: the numpy image is {shape}; an image needs at least one pixel."
+        raise ArgumentError(msg)
+    if height * width > image_io.DEFAULT_MAX_PIXELS:
+        msg = (
+            f"{label}: the numpy image has {height * width:,} pixels; at most "
+            f"{image_io.DEFAULT_MAX_PIXELS:,} are accepted."
+        )
+        raise ImageError(msg)
+    # Pillow infers L / RGB / RGBA from a uint8 array's shape (the mode argument is deprecated).
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _is_uploaded_file(item: Any) -> bool:
+    """gradio's uploaded files (``tempfile._TemporaryFileWrapper``-like): objects with a ``.name``.
+
+    Strings, bytes and dicts are excluded: those are what JSON can carry, and a client must never
+    name a file for us to read. Path objects too: their ``.name`` is only the last component.
+    """
+    if isinstance(item, (str, bytes, bytearray, memoryview, Mapping, os.PathLike)):
+        return False
+    return isinstance(getattr(item, "name", None), (str, os.PathLike))
+
+
+def _read_upload(label: str, upload: Any) -> Image.Image:
+    path = os.fspath(upload.name)
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_UPLOAD_BYTES:
+            msg = (
+                f"{label}: the uploaded file {os.path.basename(path)!r} has {size:,} bytes; at most "
+                f"{MAX_UPLOAD_BYTES:,} are accepted."
+            )
+            raise ImageError(msg)
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        msg = (
+            f"{label}: the uploaded file {os.path.basename(path)!r} cannot be read ({error}). "
+            "Upload the image again."
+        )
+        raise ImageError(msg) from error
+    return _decode(label, data)
+
+
+def _parse_image(label: str, item: Any) -> Image.Image | None:
+    """One image prompt of any accepted form as an RGB image; None for an empty gradio dict."""
+    if isinstance(item, Mapping):
+        # gradio's sketch/upload value {"image": ..., "mask": ...}; the mask is not used.
+        if "image" not in item:
+            keys = ", ".join(repr(key)[:40] for key in list(item)[:6])
+            msg = (
+                f"{label}: a dict image must be gradio's {{'image': ..., 'mask': ...}}; got a dict "
+                f"with keys {keys or 'none'}. Files named in a dict are never read: send the image "
+                "itself as a base64 string or data URL."
+            )
+            raise ArgumentError(msg)
+        inner = item["image"]
+        if inner is None:
+            return None
+        if isinstance(inner, Mapping):
+            msg = f"{label}: the 'image' entry of a gradio image dict must be an image, not a dict."
+            raise ArgumentError(msg)
+        return _parse_image(label, inner)
+    if isinstance(item, Image.Image):
+        image = item
+    elif isinstance(item, np.ndarray):
+        image = _from_array(label, item)
+    elif isinstance(item, (str, bytes, bytearray, memoryview)):
+        image = _decode(label, item)
+    elif _is_uploaded_file(item):
+        image = _read_upload(label, item)
+    else:
+        msg = (
+            f"{label}: an image must be a base64 string or data URL (API), a PIL image, a uint8 "
+            f"numpy array or a gradio image value; got {_show(item)}."
+        )
+        raise ArgumentError(msg)
+    return _rgb(label, image)
+
+
+def _parse_side(name: str, value: Any) -> tuple[Image.Image, ...]:
+    """A side's images: a list (or one image, or None) of any accepted form, as RGB images."""
+    if value is None:
+        return ()
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    present = [(index, item) for index, item in enumerate(items) if item is not None]
+    # Count before decoding, so a request with 10,000 images costs nothing.
+    if len(present) > MAX_IMAGES_PER_SIDE:
+        msg = (
+            f"{name} has {len(present)} images; at most {MAX_IMAGES_PER_SIDE} per side are "
+            "accepted (with 'average' more add nothing; with 'concat' each adds tokens)."
+        )
+        raise ArgumentError(msg)
+    images = (_parse_image(f"{name}[{index}]", item) for index, item in present)
+    return tuple(image for image in images if image is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing the script's args
+
+
+def _build(raw: Mapping[str, Any]) -> NegIPArgs:
+    """An enabled NegIPArgs from raw values of every field: cheap checks first, images last."""
+    scalars = {name: check(name, raw[name]) for name, check in _SCALAR_CHECKS.items()}
+    for side in _SIDES:
+        _check_window(side, scalars[f"{side}_start"], scalars[f"{side}_end"])
+    if scalars["enabled"]:
+        # Before decoding possibly large images: this answer does not depend on them.
+        _require_model(scalars["model"], scalars["image_encoder"])
+    images = {name: _parse_side(name, raw[name]) for name in IMAGE_FIELDS}
+    return NegIPArgs(**scalars, **images)
+
+
+def _parse_fields(fields: Mapping[str, Any], base: Mapping[str, Any]) -> NegIPArgs:
+    """The API's dict of named fields, merged over ``base`` (raw values by field name)."""
+    if not isinstance(fields, Mapping):
+        msg = (
+            "The dict form of the args must be a JSON object of named fields, e.g. "
+            f'[{{"model": "...", "positive_images": ["<base64>"]}}]; got {_show(fields)}.'
+        )
+        raise ArgumentError(msg)
+    unknown = [key for key in fields if key not in FIELD_ORDER]
+    if unknown:
+        names = ", ".join(repr(key)[:40] for key in unknown[:5])
+        msg = f"Unknown field(s) {names}; the fields are: {', '.join(FIELD_ORDER)}."
+        raise ArgumentError(msg)
+    enabled = _check_bool("enabled", fields.get("enabled", True))
+    if not enabled:
+        # The client wrote these fields to us: report its mistakes, but decode no image.
+        for name, value in fields.items():
+            if name in _SCALAR_CHECKS:
+                _SCALAR_CHECKS[name](name, value)
+        return NegIPArgs()
+    return _build({**DEFAULTS, **base, **fields, "enabled": True})
+
+
+def parse_api_dict(fields: Mapping[str, Any], base: NegIPArgs | None = None) -> NegIPArgs:
+    """Arguments from the API's dict of named fields, merged over ``base`` (or the defaults).
+
+    ``enabled`` is True unless the dict says false. Unknown fields, wrong types (a string number,
+    a bool for a number), non-finite or out-of-range values raise :class:`ArgumentError` naming
+    the field; undecodable images raise :class:`ImageError` naming ``<side>_images[<index>]``.
+    With ``"enabled": false`` the named fields are still checked but no image is decoded.
+    """
+    return _parse_fields(fields, {} if base is None else base.as_fields())
+
+
+def parse_script_args(values: Sequence[Any]) -> NegIPArgs:
+    """Arguments from the script's positional args (the UI's values, or the API's ``args``).
+
+    ``values`` follow :data:`FIELD_ORDER` and may be shorter (missing positions take
+    :data:`DEFAULTS`). If position 0 holds a dict, it is the API's named-field form, merged
+    over the positional values at positions 1.. (A1111's defaults or values it restored from
+    the request's infotext). With ``enabled`` False in the positional form nothing else is
+    checked and the defaults are returned: a disabled extension never fails a generation.
+    """
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+        msg = (
+            "The script's args must be a list: the UI's values in the order "
+            f"{', '.join(FIELD_ORDER)}, or a list holding one dict of named fields; got "
+            f"{_show(values)}."
+        )
+        raise ArgumentError(msg)
+    if len(values) > len(FIELD_ORDER):
+        msg = (
+            f"The script's args have {len(values)} values; at most {len(FIELD_ORDER)} are "
+            f"accepted, in the order {', '.join(FIELD_ORDER)} (or one dict of named fields)."
+        )
+        raise ArgumentError(msg)
+    if values and isinstance(values[0], Mapping):
+        base = dict(zip(FIELD_ORDER[1:], values[1:], strict=False))
+        return _parse_fields(values[0], base)
+    raw = dict(zip(FIELD_ORDER, values, strict=False))
+    if not _check_bool("enabled", raw.get("enabled", DEFAULTS["enabled"])):
+        return NegIPArgs()
+    return _build({**DEFAULTS, **raw})
+
+
+# ---------------------------------------------------------------------------------------------
+# Infotext
+
+#: Infotext key -> field, in the order written. One key per field, so A1111's own restore (string
+#: keys, converted with the component's value type: float() for sliders, str for dropdowns and
+#: radios) gives the right values. ``enabled`` has no key: any NegIP key means enabled, and A1111
+#: would turn "False" into True; give its checkbox :func:`infotext_enabled` as a callable target.
+INFOTEXT_FIELDS: tuple[tuple[str, str], ...] = (
+    ("NegIP model", "model"),
+    ("NegIP encoder", "image_encoder"),
+    ("NegIP positive weight", "positive_weight"),
+    ("NegIP positive start", "positive_start"),
+    ("NegIP positive end", "positive_end"),
+    ("NegIP negative weight", "negative_weight"),
+    ("NegIP negative start", "negative_start"),
+    ("NegIP negative end", "negative_end"),
+    ("NegIP hires pass", "hires_pass"),
+    ("NegIP combine", "combine"),
+)
+#: Informational: "<n> positive / <m> negative" (images are not stored in the infotext). The
+#: value must never look like "<int>x<int>": A1111 splits such values into "<key>-1"/"<key>-2".
+INFOTEXT_IMAGES = "NegIP images"
+#: Read but never written: lets a hand-written infotext (e.g. the API's) turn the prompts off.
+INFOTEXT_ENABLED = "NegIP enabled"
+INFOTEXT_PREFIX = "NegIP"
+
+_IMAGE_COUNTS = re.compile(r"^\s*(\d+) positive / (\d+) negative\s*$")
+_LABEL_HASH = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9A-Fa-f]{4,64})\]$")
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _is_ours(key: Any) -> bool:
+    return isinstance(key, str) and (
+        key == INFOTEXT_PREFIX or key.startswith(f"{INFOTEXT_PREFIX} ")
+    )
+
+
+def _infotext_float(value: float) -> float:
+    # Slider values carry binary noise (0.15000000000000002); 10 decimals keep every real value.
+    return round(value, 10) + 0.0
+
+
+def _label(name: str, label: Any) -> str:
+    if not isinstance(label, str) or not label.strip():
+        msg = f"{name} must be a non-empty string for the infotext; got {_show(label)}."
+        raise ArgumentError(msg)
+    return label.strip()
+
+
+def to_infotext(args: NegIPArgs, model_label: str, encoder_label: str) -> dict[str, str | float]:
+    """The generation parameters to add to ``p.extra_generation_params``; empty when disabled.
+
+    ``model_label``/``encoder_label`` name the files actually used (e.g. "name [hash]"; the
+    encoder that 'auto' picked). Values are raw: A1111's ``create_infotext`` quotes those with a
+    comma, colon or newline itself. Images are not stored, only their number per side.
+    """
+    if not args.enabled:
+        return {}
+    positive, negative = args.image_counts
+    return {
+        "NegIP model": _label("model_label", model_label),
+        "NegIP encoder": _label("encoder_label", encoder_label),
+        INFOTEXT_IMAGES: f"{positive} positive / {negative} negative",
+        "NegIP positive weight": _infotext_float(args.positive_weight),
+        "NegIP positive start": _infotext_float(args.positive_start),
+        "NegIP positive end": _infotext_float(args.positive_end),
+        "NegIP negative weight": _infotext_float(args.negative_weight),
+        "NegIP negative start": _infotext_float(args.negative_start),
+        "NegIP negative end": _infotext_float(args.negative_end),
+        "NegIP hires pass": args.hires_pass,
+        "NegIP combine": args.combine,
+    }
+
+
+def _infotext_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    msg = f"Infotext {key!r} must be True or False; got {_show(value)}."
+    raise ArgumentError(msg)
+
+
+def _infotext_number(key: str, name: str, value: Any) -> float:
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = value  # reported below, with the allowed range
+    try:
+        return _SCALAR_CHECKS[name](name, number)
+    except ArgumentError as error:
+        msg = f"Infotext {key!r}: {error}"
+        raise ArgumentError(msg) from error
+
+
+def restore_model_label(label: str) -> str:
+    """What the model (or encoder) dropdown accepts for a restored infotext label.
+
+    The label is kept as written ("name [hash]" stays so; the model registry resolves it, by
+    hash first); only surrounding spaces go, and an empty label means no model.
+    """
+    text = label.strip() if isinstance(label, str) else ""
+    return text or NO_MODEL
+
+
+def split_model_label(label: str) -> tuple[str, str | None]:
+    """("name", "hash") of a "name [hash]" label (hash lower-case hex); ("name", None) without one."""
+    text = label.strip()
+    match = _LABEL_HASH.match(text)
+    if match is None or not match["name"]:
+        return text, None
+    return match["name"], match["hash"].lower()
+
+
+def parse_infotext(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Typed field values from A1111's parsed infotext (``parse_generation_parameters``).
+
+    Keys that are not ours are ignored; without any "NegIP" key the result is empty. A present
+    NegIP key means ``enabled`` True (unless "NegIP enabled" says otherwise). Numbers and booleans
+    are converted here, not by ``type(value)(text)``: ``bool("False")`` is True. Fields whose key
+    is absent are left out. A malformed value raises :class:`ArgumentError` naming its key.
+    """
+    if not any(_is_ours(key) for key in params):
+        return {}
+    result: dict[str, Any] = {"enabled": True}
+    if INFOTEXT_ENABLED in params:
+        result["enabled"] = _infotext_bool(INFOTEXT_ENABLED, params[INFOTEXT_ENABLED])
+    for key, name in INFOTEXT_FIELDS:
+        if key not in params:
+            continue
+        value = params[key]
+        if name in ("model", "image_encoder"):
+            if not isinstance(value, str):
+                msg = f"Infotext {key!r} must be a name; got {_show(value)}."
+                raise ArgumentError(msg)
+            text = restore_model_label(value)
+            result[name] = AUTO_ENCODER if name == "image_encoder" and text == NO_MODEL else text
+        elif name in ("hires_pass", "combine"):
+            choice = value.strip() if isinstance(value, str) else value
+            try:
+                result[name] = _SCALAR_CHECKS[name](name, choice)
+            except ArgumentError as error:
+                msg = f"Infotext {key!r}: {error}"
+                raise ArgumentError(msg) from error
+        else:
+            result[name] = _infotext_number(key, name, value)
+    return result
+
+
+def infotext_enabled(params: Mapping[str, Any]) -> bool:
+    """Whether an infotext was made with image prompts: the target for the enabled checkbox.
+
+    A callable, not the string key, because A1111 converts a string with ``bool(text)``.
+    """
+    if INFOTEXT_ENABLED in params:
+        return _infotext_bool(INFOTEXT_ENABLED, params[INFOTEXT_ENABLED])
+    return any(_is_ours(key) for key in params)
+
+
+def infotext_image_counts(params: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(positive, negative) image counts from the infotext, or None when absent or unreadable."""
+    value = params.get(INFOTEXT_IMAGES)
+    match = _IMAGE_COUNTS.match(value) if isinstance(value, str) else None
+    return None if match is None else (int(match[1]), int(match[2]))
