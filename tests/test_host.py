@@ -1,0 +1,398 @@
+"""The A1111 glue in the stand-in host: every CFG branch routes the image tokens to their rows.
+
+For every denoiser call of a generation the UNet's outputs are compared with a direct
+computation: each cond row run alone with its text plus the POSITIVE image tokens, each uncond
+row with its text plus the NEGATIVE image tokens, at the weights the step windows give at that
+step. The image tokens of the direct computation come straight from the files (encoder ->
+projection), not from the extension's session.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from test_hijack import hook_state
+from tiny_unets import SD15, SDXL, make_ldm_unet
+from webui_harness import (
+    ENCODER_SHAPE,
+    World,
+    b64,
+    conditioning,
+    picture,
+    processing,
+    script_callbacks,
+    shared,
+)
+
+from lib_negip import host
+from lib_negip.adapter import load_adapter
+from lib_negip.conditioning import TokenLayout, make_block, pad_text_to_same_length
+from lib_negip.encoder import load_image_encoder
+from lib_negip.hijack import AttentionHijack
+from lib_negip.prompt import StepWindow
+from lib_negip.session import pass_progress
+
+TOLERANCE = 2e-5
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    world = World(tmp_path / "models")
+    yield world
+    host.shutdown()
+    script_callbacks.clear()
+
+
+def api_args(**fields) -> list:
+    """The API's form: a list holding one dict."""
+    return [fields]
+
+
+POSITIVE, NEGATIVE = picture(1), picture(2)
+
+
+def default_fields(model: str = "tiny-base_sd15", **overrides) -> dict:
+    fields = {
+        "model": model,
+        "positive_images": [b64(POSITIVE)],
+        "negative_images": [b64(NEGATIVE, data_url=True)],
+        "positive_weight": 0.9,
+        "negative_weight": 0.6,
+        "positive_start": 0.0,
+        "positive_end": 0.5,
+        "negative_start": 0.25,
+        "negative_end": 1.0,
+    }
+    fields.update(overrides)
+    return fields
+
+
+@functools.cache
+def expected_tokens(models: str, model: str, images: tuple[int, ...]) -> torch.Tensor:
+    """[N, C] tokens of ``images`` straight from the files (average of the images' embeds)."""
+    adapter = load_adapter(Path(models) / "ipadapter" / f"{model}.safetensors")
+    encoder = load_image_encoder(Path(models) / "clip_vision" / "tiny-vit" / "model.safetensors")
+    output = adapter.spec.encoder_output
+    if not images:  # the reference's "no image" input
+        if output == "image_embeds":
+            features = torch.zeros(1, ENCODER_SHAPE["projection_dim"])
+        else:
+            size = ENCODER_SHAPE["image_size"]
+            features = encoder.encode(torch.zeros(1, 3, size, size), output)
+    else:
+        features = encoder.encode(encoder.preprocess([picture(s) for s in images]), output)
+    return adapter.project(features.mean(0, keepdim=True))[0].clone()
+
+
+def crossattn(cond):
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+def check_every_call(
+    world: World,
+    p: processing.Processing,
+    fields: dict,
+    *,
+    positive: tuple[int, ...] = (1,),
+    negative: tuple[int, ...] = (2,),
+    pad: str | None = None,
+    edit: bool = False,
+) -> int:
+    """Compare each denoiser call's UNet outputs with the direct computation; returns how many
+    calls had image tokens appended."""
+    models = shared_models_path()
+    model = fields["model"]
+    pos = expected_tokens(models, model, positive)
+    neg = expected_tokens(models, model, negative)
+    pos_weight, neg_weight = pos_window_weight(fields)
+    layout = TokenLayout.for_tokens(max(len(pos), len(neg)))
+    adapter = load_adapter(Path(models) / "ipadapter" / f"{model}.safetensors")
+    appended_calls = 0
+    assert world.calls, "no denoiser call was recorded"
+    for call in world.calls:
+        denoiser = call.denoiser
+        progress = pass_progress(call.step, denoiser.steps, denoiser.total_steps)
+        weights = (pos_weight(progress), neg_weight(progress))
+        if not positive and negative:  # negative-only: cond rows take the uncond tokens
+            weights = (neg_weight(progress), neg_weight(progress))
+        active = weights != (0.0, 0.0)
+        appended_calls += active
+        text_c, text_u = crossattn(call.cond), crossattn(call.uncond)
+        if active and pad is not None:
+            empty = shared.sd_model.cond_stage_model_empty_prompt
+            text_c, text_u = pad_text_to_same_length(text_c, text_u, pad, empty)
+        rows_c = [text_c[r] for r in range(text_c.shape[0])]
+        rows_u = [text_u[r] for r in range(text_u.shape[0])]
+        if active:
+            block_c = make_block(pos, weights[0], layout)[0]
+            block_u = make_block(neg, weights[1], layout)[0]
+            rows_c = [torch.cat([row, block_c]) for row in rows_c]
+            rows_u = [torch.cat([row, block_u]) for row in rows_u]
+        contexts = rows_c + rows_u + (rows_u if edit else [])
+        skipped = denoiser.skipped[call.index]
+        computed = len(rows_c) if skipped else len(contexts)
+        hijack = AttentionHijack(
+            call.unet, adapter.layer_weights(), layout, masked=len(pos) != len(neg)
+        )
+        hijack.install()
+        try:
+            for row in range(computed):
+                t = (call.sigma[row : row + 1] * 50).clamp(0, 999)
+                expected = call.unet(call.x[row : row + 1], t, context=contexts[row][None])
+                got = denoiser.outputs[call.index][row : row + 1]
+                difference = (got - expected).abs().max().item()
+                assert difference < TOLERANCE, (call.index, row, difference)
+        finally:
+            hijack.remove()
+    return appended_calls
+
+
+def shared_models_path() -> str:
+    from modules import paths
+
+    return paths.models_path
+
+
+def pos_window_weight(fields: dict):
+    def side(prefix: str):
+        window = StepWindow(fields[f"{prefix}_start"], fields[f"{prefix}_end"])
+        weight = fields[f"{prefix}_weight"]
+        return lambda progress: weight if window.contains(progress) else 0.0
+
+    return side("positive"), side("negative")
+
+
+def generation(world: World, fields: dict, *, rows: int = 1, batch: int = 1, **kwargs):
+    """cond has ``rows`` rows per image (AND prompts), ``batch`` images."""
+    sdxl = kwargs.pop("sdxl", False)
+    config = SDXL if sdxl else SD15
+    cond_chunks = kwargs.pop("cond_chunks", 1)
+    uncond_chunks = kwargs.pop("uncond_chunks", 1)
+    conds_list = [[(i * rows + r, 1.0 / rows) for r in range(rows)] for i in range(batch)]
+    cond = (conds_list, conditioning(rows * batch, config, cond_chunks, seed=3, sdxl=sdxl))
+    uncond = conditioning(batch, config, uncond_chunks, seed=4, sdxl=sdxl)
+    latent = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    return world.generate(api_args(**fields), cond=cond, uncond=uncond, latent=latent, **kwargs)
+
+
+BRANCHES = {
+    "batched": ({}, {}),
+    "split calls (batch_cond_uncond off)": ({"batch_cond_uncond": False}, {}),
+    "different lengths, no padding": ({}, {"cond_chunks": 2}),
+    "different lengths, split calls": ({"batch_cond_uncond": False}, {"uncond_chunks": 3}),
+    "pad with empty chunks": ({"pad_cond_uncond": True}, {"cond_chunks": 2}),
+    "pad v0 (repeat last)": ({"pad_cond_uncond_v0": True}, {"cond_chunks": 3}),
+    "pad v0 (cut uncond)": ({"pad_cond_uncond_v0": True}, {"uncond_chunks": 2}),
+    "skip early CFG": ({"skip_early_cond": 0.5}, {}),
+    "NGMS": ({}, {"s_min_uncond": 100.0}),
+    "AND prompt": ({}, {"rows": 2}),
+    "batch of two": ({}, {"batch": 2}),
+    "AND prompt, batch of two, split": ({"batch_cond_uncond": False}, {"rows": 2, "batch": 2}),
+    "second-order sampler": ({}, {"sampler": "heun"}),
+}
+
+
+@pytest.mark.parametrize("branch", list(BRANCHES))
+def test_every_cfg_branch_routes_positive_to_cond_and_negative_to_uncond(
+    world: World, branch: str
+) -> None:
+    opts, kwargs = BRANCHES[branch]
+    for key, value in opts.items():
+        setattr(shared.opts, key, value)
+    fields = default_fields()
+    p = generation(world, fields, **kwargs)
+    pad = (
+        "repeat_last"
+        if opts.get("pad_cond_uncond_v0")
+        else "empty_chunks"
+        if opts.get("pad_cond_uncond")
+        else None
+    )
+    appended = check_every_call(world, p, fields, pad=pad)
+    assert 0 < appended <= len(world.calls)
+    assert script_callbacks.errors == []
+    assert hook_state(world.unet) == hook_state(make_ldm_unet(SD15))  # nothing left behind
+    if branch == "pad with empty chunks":
+        assert p.extra_generation_params.get("Pad conds") is True
+
+
+def test_edit_model_rows(world: World) -> None:
+    world.use("sd15", edit=True)
+    fields = default_fields()
+    generation(world, fields, image_cfg_scale=1.5)
+    check_every_call(world, None, fields, edit=True)
+
+
+def test_sdxl_conditioning(world: World) -> None:
+    world.use("sdxl")
+    fields = default_fields(model="tiny-base_sdxl")
+    generation(world, fields, sdxl=True)
+    assert check_every_call(world, None, fields) > 0
+
+
+def test_plus_adapter_negative_only(world: World) -> None:
+    fields = default_fields(model="tiny-plus_sd15", positive_images=[])
+    generation(world, fields)
+    assert check_every_call(world, None, fields, positive=()) > 0
+
+
+def test_hires_second_pass_only(world: World) -> None:
+    fields = default_fields(hires_pass="second", positive_end=1.0, negative_start=0.0)
+    p = generation(world, fields, enable_hr=True)
+    first = [c for c in world.calls if not c.hires]
+    second = [c for c in world.calls if c.hires]
+    assert first
+    assert second
+    assert all(c.denoiser.calls[c.index][1] == 77 for c in first)  # nothing appended
+    assert all(c.denoiser.calls[c.index][1] > 77 for c in second)
+    assert p.extra_generation_params["NegIP hires pass"] == "second"
+
+
+def test_hires_second_without_hires_fix_fails_loudly(world: World) -> None:
+    with pytest.raises(Exception, match=r"Hires\. fix is off") as raised:
+        generation(world, default_fields(hires_pass="second"))
+    assert raised.value.status_code == 422
+
+
+def test_weight_zero_and_disabled_give_the_image_without_the_extension(world: World) -> None:
+    def run(fields_or_none):
+        args = api_args(**fields_or_none) if fields_or_none else [False]
+        cond = ([[(0, 1.0)]], conditioning(1, SD15, seed=3))
+        latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+        return world.generate(
+            args, cond=cond, uncond=conditioning(1, SD15, seed=4), latent=latent
+        ).result
+
+    plain = run(None)
+    zero = run(default_fields(positive_weight=0.0, negative_weight=0.0))
+    assert torch.equal(zero, plain)
+    with_images = run(default_fields())
+    assert not torch.allclose(with_images, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (default_fields(model="no-such-model"), "no-such-model"),
+        (default_fields(model="../../etc/passwd"), "paths are not accepted"),
+        (default_fields(positive_weight=float("nan")), "positive_weight"),
+        (default_fields(positive_start=0.8, positive_end=0.2), "positive"),
+        (default_fields(positive_images=["not base64!"], negative_images=[]), "positive_images"),
+        (default_fields(model="tiny-base_sdxl"), "another model family|fit|SDXL"),
+        (default_fields(unknown_field=1), "unknown_field"),
+    ],
+    ids=[
+        "unknown model",
+        "path",
+        "nan weight",
+        "start after end",
+        "bad image",
+        "wrong family",
+        "unknown field",
+    ],
+)
+def test_bad_requests_fail_the_generation_with_422_and_leave_nothing(
+    world: World, fields: dict, message: str
+) -> None:
+    clean = hook_state(world.unet)
+    with pytest.raises(Exception, match=message) as raised:
+        generation(world, fields)
+    assert raised.value.status_code == 422
+    assert str(raised.value) == raised.value.detail  # the UI shows str(), the API the detail
+    assert hook_state(world.unet) == clean
+    # The next generation works and equals a fresh one.
+    good = generation(world, default_fields())
+    assert torch.isfinite(good.result).all()
+
+
+def test_cached_models_and_images_are_not_read_again(world: World) -> None:
+    generation(world, default_fields())
+    reads, calls = host.MODELS.file_reads, host.MODELS.features.encoder_calls
+    for _ in range(3):
+        generation(world, default_fields())
+    assert host.MODELS.file_reads == reads
+    assert host.MODELS.features.encoder_calls == calls
+
+
+def test_infotext_and_models_endpoint(world: World) -> None:
+    p = generation(world, default_fields())
+    params = p.extra_generation_params
+    assert params["NegIP model"].startswith("tiny-base_sd15")
+    assert params["NegIP positive weight"] == 0.9
+    listing = world.app.routes["/negip/v1/models"]()
+    names = {a["name"] for a in listing["adapters"]}
+    assert {"tiny-base_sd15", "tiny-plus_sd15", "tiny-base_sdxl"} <= names
+    assert [e["name"] for e in listing["encoders"]] == ["tiny-vit"]
+    assert shared_models_path() not in str(listing)  # no paths of this machine in the answer
+
+
+def test_exception_mid_sampling_leaves_nothing_and_next_generation_is_exact(world: World) -> None:
+    reference = generation(world, default_fields()).result
+    failing = {"n": 0}
+
+    def explode(module, args):
+        failing["n"] += 1
+        if failing["n"] == 3:
+            msg = "another extension failed inside the UNet"
+            raise RuntimeError(msg)
+
+    handle = world.unet.register_forward_pre_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="another extension failed"):
+            generation(world, default_fields())
+    finally:
+        handle.remove()
+    # postprocess did not run; the next process removes what was left.
+    again = generation(world, default_fields()).result
+    assert torch.equal(again, reference)
+    assert hook_state(world.unet) == hook_state(make_ldm_unet(SD15))
+
+
+def test_interrupt_runs_postprocess_and_cleans_up(world: World) -> None:
+    def interrupt(params):
+        if params.denoiser.step == 1:
+            shared.state.interrupted = True
+
+    script_callbacks.on_cfg_denoiser(interrupt)
+    try:
+        generation(world, default_fields())
+    finally:
+        shared.state.interrupted = False
+    assert hook_state(world.unet) == hook_state(make_ldm_unet(SD15))
+
+
+def test_refiner_with_another_context_width_is_left_alone(world: World) -> None:
+    def switch(params):
+        # As A1111's refiner switch from step 2 on: another model, conds remade for it.
+        if params.denoiser.step >= 2:
+            if world.unet is world.sd15:
+                world.use("sdxl")
+            params.text_cond = conditioning(params.text_cond.shape[0], SDXL, seed=8)
+            params.text_uncond = conditioning(params.text_uncond.shape[0], SDXL, seed=9)
+
+    world.calls.clear()
+    script_callbacks.callbacks["cfg_denoiser"].insert(
+        0, type("E", (), {"callback": staticmethod(switch), "name": "r"})()
+    )
+    generation(world, default_fields(positive_end=1.0))
+    widths = [c.denoiser.calls[c.index][1] for c in world.calls]
+    assert widths[:2] != [77, 77]  # image tokens on the SD1.5 steps
+    assert widths[2:] == [77, 77]  # the SDXL-width refiner steps untouched
+    assert hook_state(world.sdxl) == hook_state(make_ldm_unet(SDXL))
+
+
+def test_xyz_override_of_a_weight(world: World) -> None:
+    cond = ([[(0, 1.0)]], conditioning(1, SD15, seed=3))
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    base = {"cond": cond, "uncond": conditioning(1, SD15, seed=4), "latent": latent}
+    zero = world.generate(
+        api_args(**default_fields(positive_weight=0.0, negative_weight=0.0)), **base
+    )
+    p = processing.Processing(**base)
+    host._override("positive_weight")(p, 0.0, None)
+    host._override("negative_weight")(p, 0.0, None)
+    p.scripts = [(world.script, api_args(**default_fields()))]
+    assert torch.equal(processing.process_images(p), zero.result)

@@ -1,0 +1,4 @@
+"""Folders; the tests point them at a temporary directory."""
+
+models_path = "models"
+script_path = "."

@@ -1,0 +1,99 @@
+"""A generation as A1111 runs it, reduced to what the extension sees.
+
+``process_images`` calls every script's ``process`` (exceptions logged, not raised), runs the
+sampling pass and, with hires fix, a second pass with ``p.is_hr_pass`` set, then every script's
+``postprocess``. An exception from the UNet propagates out and ``postprocess`` does not run;
+an interrupt ends sampling early and ``postprocess`` runs, as in A1111.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from modules import script_callbacks, shared
+from modules.sd_samplers_cfg_denoiser import CFGDenoiser, InterruptedException
+
+log = logging.getLogger("webui_stub")
+
+
+class UNetWrapper:
+    """Calls the loaded model's UNet the way ldm's wrappers do: ``context=`` the crossattn."""
+
+    def __call__(self, x, sigma, cond):
+        context = cond["c_crossattn"][0] if "c_crossattn" in cond else cond["crossattn"]
+        timesteps = (sigma * 50).clamp(0, 999)
+        return shared.sd_model.model.diffusion_model(x, timesteps, context=context)
+
+
+@dataclass
+class Processing:
+    cond: Any  # (conds_list, tensor)
+    uncond: Any
+    latent: torch.Tensor
+    steps: int = 4
+    sampler: str = "euler"  # or "heun" (second order)
+    cfg_scale: float = 5.0
+    s_min_uncond: float = 0.0
+    enable_hr: bool = False
+    hr_steps: int = 3
+    image_cfg_scale: float | None = None
+    scripts: list = field(default_factory=list)  # [(script, args)]
+    extra_generation_params: dict = field(default_factory=dict)
+    is_hr_pass: bool = False
+    denoisers: list = field(default_factory=list)
+
+
+def run_scripts(p, method, *extra):
+    for script, args in p.scripts:
+        try:
+            getattr(script, method)(p, *extra, *args)
+        except Exception as error:
+            script_callbacks.errors.append(error)
+            log.exception("Error running %s: %s", method, script)
+
+
+def sigmas_for(steps):
+    return torch.cat([torch.linspace(8.0, 0.5, steps), torch.zeros(1)])
+
+
+def sample(p, steps, x):
+    denoiser = CFGDenoiser(p, UNetWrapper())
+    p.denoisers.append(denoiser)
+    second_order = p.sampler == "heun"
+    denoiser.steps = steps
+    denoiser.total_steps = steps * 2 if second_order else steps
+    shared.state.sampling_steps = steps
+    shared.state.sampling_step = 0
+    sigmas = sigmas_for(steps)
+
+    def model(x, sigma):
+        s = sigma.expand(x.shape[0])
+        return denoiser(x, s, p.uncond, p.cond, p.cfg_scale, p.s_min_uncond)
+
+    try:
+        for i in range(steps):
+            s, s_next = sigmas[i], sigmas[i + 1]
+            d = (x - model(x, s)) / s
+            if not second_order or s_next == 0:
+                x = x + d * (s_next - s)
+            else:
+                x2 = x + d * (s_next - s)
+                d2 = (x2 - model(x2, s_next)) / s_next
+                x = x + (d + d2) / 2 * (s_next - s)
+            shared.state.sampling_step = i
+    except InterruptedException:
+        pass
+    return x
+
+
+def process_images(p):
+    run_scripts(p, "process")
+    x = sample(p, p.steps, p.latent.clone())
+    if p.enable_hr:
+        p.is_hr_pass = True
+        x = sample(p, p.hr_steps, x)
+        p.is_hr_pass = False
+    run_scripts(p, "postprocess", None)
+    return x
