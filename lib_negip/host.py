@@ -163,15 +163,20 @@ class Models:
         """Adapter folders and encoder folders, as DESIGN.md lists them."""
         from modules import paths, shared
 
+        from lib_negip.registry import ModelFolder
+
         models = Path(paths.models_path)
         ipadapter = models / "ipadapter"
         ipadapter.mkdir(parents=True, exist_ok=True)
-        adapter_dirs = [ipadapter, models / "ControlNet"]
-        encoder_dirs = [models / "clip_vision"]
-        for extension in _controlnet_folders(
-            Path(getattr(shared.cmd_opts, "data_dir", ".") or ".")
-        ):
-            adapter_dirs.append(extension / "models")
+        # The ControlNet extension's folders hold other models too: only IP-Adapter names count.
+        adapter_dirs: list = [
+            ipadapter,
+            ModelFolder(models / "ControlNet", only_ip_adapter_names=True),
+        ]
+        encoder_dirs: list = [models / "clip_vision"]
+        data_dir = Path(getattr(shared.cmd_opts, "data_dir", ".") or ".")
+        for extension in _controlnet_folders(data_dir):
+            adapter_dirs.append(ModelFolder(extension / "models", only_ip_adapter_names=True))
             encoder_dirs.append(extension / "annotator" / "downloads" / "clip_vision")
         adapter_dirs += _split_dirs(opt(OPT_ADAPTER_DIRS))
         encoder_dirs += _split_dirs(opt(OPT_ENCODER_DIRS))
@@ -181,9 +186,9 @@ class Models:
         from lib_negip.registry import ModelRegistry
 
         dirs = self.folders()
-        key = tuple(map(tuple, dirs))
+        key = tuple(tuple(map(repr, group)) for group in dirs)
         if self._registry is None or key != self._dirs:
-            self._registry = ModelRegistry(*dirs)
+            self._registry = ModelRegistry(*dirs, hash_file=_a1111_hash)
             self._dirs = key
         elif refresh:
             self._registry.refresh()
@@ -218,6 +223,14 @@ class Models:
         self.adapters.clear()
         self.encoders.clear()
         self.features.clear()
+
+
+def _a1111_hash(path: Path) -> str | None:
+    """sha256 through A1111's hash cache (cache.json): each file is hashed once, ever; None
+    with --no-hashing."""
+    from modules import hashes
+
+    return hashes.sha256(str(path), f"negip/{path.name}")
 
 
 def _split_dirs(value: str) -> list[Path]:
@@ -385,10 +398,8 @@ def start(p: Any, args: Any) -> None:
 
 
 def entry_label(entry: Any) -> str:
-    short_hash = getattr(entry, "short_hash", None)
-    if callable(short_hash):
-        short_hash = short_hash()
-    return f"{entry.name} [{short_hash}]" if short_hash else entry.name
+    """ "name [hash]" for the infotext, as A1111 labels checkpoints."""
+    return entry.infotext_name
 
 
 def resolve_adapter(registry: Any, name: str) -> Any:

@@ -10,6 +10,7 @@ projection), not from the extension's session.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -320,7 +321,8 @@ def test_cached_models_and_images_are_not_read_again(world: World) -> None:
 def test_infotext_and_models_endpoint(world: World) -> None:
     p = generation(world, default_fields())
     params = p.extra_generation_params
-    assert params["NegIP model"].startswith("tiny-base_sd15")
+    assert re.fullmatch(r"tiny-base_sd15 \[[0-9a-f]{10}\]", params["NegIP model"])
+    assert re.fullmatch(r"tiny-vit \[[0-9a-f]{10}\]", params["NegIP encoder"])
     assert params["NegIP positive weight"] == 0.9
     listing = world.app.routes["/negip/v1/models"]()
     names = {a["name"] for a in listing["adapters"]}
