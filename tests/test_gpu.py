@@ -1,0 +1,171 @@
+"""GPU checks (CUDA or MPS): half precision, bit-exact weight 0, no synchronisation per layer.
+
+Skipped where no GPU is present (CI); run through the device tool when a session has one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import pytest
+import torch
+from test_hijack import adapter_layers, sdp_attention_forward, tokens
+from tiny_unets import SD15, make_ldm_unet, text_context
+from torch import nn
+
+from lib_negip.conditioning import TokenLayout, append_blocks, make_block
+from lib_negip.hijack import AttentionHijack, KeyValueWeights
+
+pytestmark = pytest.mark.gpu
+
+
+def gpu_device() -> torch.device | None:
+    if os.environ.get("NEGIP_TEST_DEVICE"):  # e.g. "cpu", to try these tests' own code here
+        return torch.device(os.environ["NEGIP_TEST_DEVICE"])
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return None
+
+
+DEVICE = gpu_device()
+if DEVICE is None:
+    pytest.skip("no CUDA or MPS device", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def sdp_attention():
+    """A1111 installs an SDPA cross-attention on CUDA; ldm's stock one upcasts by itself."""
+    from ldm.modules.attention import CrossAttention
+
+    original = CrossAttention.forward
+    CrossAttention.forward = sdp_attention_forward
+    yield
+    CrossAttention.forward = original
+
+
+@functools.cache
+def unet_on(dtype: torch.dtype) -> nn.Module:
+    unet = make_ldm_unet(SD15).to(DEVICE, dtype)
+    unet.dtype = dtype
+    unet.time_embed.register_forward_pre_hook(lambda module, args: (args[0].to(dtype),))
+    for module in unet.modules():
+        if isinstance(module, nn.GroupNorm):
+            module.float()
+    return unet
+
+
+def run(unet, layers, dtype, weights=(1.0, 0.8), *, verify=True):
+    width = SD15.context_dim
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)).repeat(2, 1, 1, 1)
+    text = text_context(2, width, seed=2)
+    layout = TokenLayout.for_tokens(4)
+    cond, uncond = append_blocks(
+        text[:1],
+        text[1:],
+        make_block(tokens(4, width, 3), weights[0], layout),
+        make_block(tokens(4, width, 4), weights[1], layout),
+    )
+    context = torch.cat([cond, uncond]).to(DEVICE, dtype)
+    hijack = AttentionHijack(unet, layers, layout, verify=verify)
+    hijack.install()
+    try:
+        t = torch.tensor([600.0, 600.0], device=DEVICE)
+        return unet(x.to(DEVICE, dtype), t, context=context), (x, text)
+    finally:
+        hijack.remove()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_half_precision_on_the_gpu_matches_float32_on_the_cpu(dtype: torch.dtype) -> None:
+    cpu_unet = make_ldm_unet(SD15)
+    layers = adapter_layers(cpu_unet)
+    from ldm.modules.attention import CrossAttention
+
+    CrossAttention.forward = sdp_attention_forward
+    expected, _ = run_cpu(cpu_unet, layers)
+    got, _ = run(unet_on(dtype), [KeyValueWeights(k, v) for k, v in layers], dtype)
+    assert got.dtype == dtype
+    error = (got.float().cpu() - expected).abs().max().item() / expected.abs().max().item()
+    assert error < (1e-4 if dtype == torch.float32 else 3e-2), error
+
+
+def run_cpu(unet, layers):
+    global DEVICE
+    saved, DEVICE = DEVICE, torch.device("cpu")
+    try:
+        return run(unet, layers, torch.float32)
+    finally:
+        DEVICE = saved
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weight_zero_is_bit_exact_on_the_gpu(dtype: torch.dtype) -> None:
+    unet = unet_on(dtype)
+    layers = adapter_layers(make_ldm_unet(SD15))
+    got, (x, text) = run(unet, layers, dtype, weights=(0.0, 0.0))
+    t = torch.tensor([600.0, 600.0], device=DEVICE)
+    plain = unet(x.to(DEVICE, dtype), t, context=text.to(DEVICE, dtype))
+    assert torch.equal(got, plain)
+
+
+def count_synchronisations(call) -> int:
+    """How many device synchronisations ``call`` makes (CUDA's sync debug mode warnings)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA's sync debug mode")
+def test_no_synchronisation_per_layer() -> None:
+    """Hooks add no synchronisation with the check off, exactly one per UNet call with it on."""
+    dtype = torch.float16
+    unet = unet_on(dtype)
+    layers = [KeyValueWeights(k, v) for k, v in adapter_layers(make_ldm_unet(SD15))]
+    width = SD15.context_dim
+    layout = TokenLayout.for_tokens(4)
+    text = text_context(2, width, seed=2).to(DEVICE, dtype)
+    cond, uncond = append_blocks(
+        text[:1],
+        text[1:],
+        make_block(tokens(4, width, 3).to(DEVICE, dtype), 1.0, layout),
+        make_block(tokens(4, width, 4).to(DEVICE, dtype), 1.0, layout),
+    )
+    context = torch.cat([cond, uncond])
+    x = torch.randn(2, 4, 8, 8, device=DEVICE, dtype=dtype)
+    t = torch.full((2,), 600.0, device=DEVICE)
+
+    baseline = count_synchronisations(lambda: unet(x, t, context=text))
+    counts = {}
+    for verify in (False, True):
+        hijack = AttentionHijack(unet, layers, layout, verify=verify)
+        hijack.install()
+        try:
+            unet(x, t, context=context)  # the weights' device copies are made once, here
+            counts[verify] = count_synchronisations(lambda: unet(x, t, context=context))
+        finally:
+            hijack.remove()
+    assert counts == {False: baseline, True: baseline + 1}, (baseline, counts)
+
+
+def test_weights_are_moved_to_the_device_once() -> None:
+    layers = [KeyValueWeights(k, v) for k, v in adapter_layers(make_ldm_unet(SD15))]
+    unet = unet_on(torch.float16)
+    run(unet, layers, torch.float16)
+    copies = [dict(kv._cast) for kv in layers]
+    run(unet, layers, torch.float16)
+    assert all(
+        a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+        for a, b in zip(copies, [kv._cast for kv in layers], strict=True)
+    )
