@@ -191,14 +191,24 @@ def split_context(context: torch.Tensor, layout: TokenLayout, *, masked: bool) -
     )
 
 
+_PATTERNS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _pattern(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The check pattern on a device: copied there once, not once per UNet call."""
+    pattern = _PATTERNS.get((device, dtype))
+    if pattern is None:
+        pattern = _PATTERNS[(device, dtype)] = torch.tensor(PATTERN, dtype=dtype, device=device)
+    return pattern
+
+
 def verify_blocks(context: torch.Tensor, layout: TokenLayout) -> None:
     """Raise :class:`ConditioningError` if the meta tokens of a context are not ours any more.
 
     This reads device values (one synchronisation); call it once per UNet call, not per layer.
     """
     meta = context[:, -layout.n_meta :, META_PATTERN]
-    expected = torch.tensor(PATTERN, dtype=meta.dtype, device=meta.device)
-    if not bool((meta == expected).all()):
+    if not bool((meta == _pattern(meta.device, meta.dtype)).all()):
         msg = (
             "The image-prompt tokens appended to the conditioning were changed before they reached "
             "the UNet, most likely by another extension that rescales or edits the conditioning "
