@@ -1,0 +1,268 @@
+"""The gradio UI (gradio 3.41, A1111 1.10): one accordion per tab, its switch in the header.
+
+:func:`build` returns the script's components in :data:`lib_negip.args.FIELD_ORDER`, so the
+values A1111 hands to ``process`` are the positional form that ``parse_script_args`` reads
+(one value per field). Each side's images are ONE ``gr.File`` (several files allowed) read as
+bytes; its thumbnails are drawn in the browser (``javascript/negip.js``). Element ids are ``negip_<tab>_<part>``.
+
+Infotext: the switch restores through :func:`lib_negip.args.infotext_enabled` (A1111 would turn
+the text "False" into True); every other field has its own key (``args.INFOTEXT_FIELDS``) and a
+component whose value type converts the text (floats for the sliders, str for the rest).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lib_negip import args as negip_args
+from lib_negip import download, host, logger
+from lib_negip.errors import NegIPError
+
+REFRESH_SYMBOL = "\U0001f504"  # the refresh icon A1111's own model lists use
+SWAP_SYMBOL = "\u21c4"
+
+HINT = (
+    "Image prompts work best with **empty text prompts**: the images alone then steer the "
+    "picture. The negative image takes the place of the negative prompt: subtract a green "
+    "lawn (negative) from a house (positive) and you get a house in snowy winter."
+)
+
+#: Swaps the two sides in the browser: the uploaded files move as they are, nothing is re-sent.
+SWAP_JS = "(positive, negative) => [negative, positive]"
+
+
+def elem_id(is_img2img: bool, part: str) -> str:
+    return f"negip_{'img2img' if is_img2img else 'txt2img'}_{part}"
+
+
+def build(script: Any, is_img2img: bool) -> list[Any]:
+    """The script's UI; returns its components in ``args.FIELD_ORDER`` (``enabled`` first)."""
+    import gradio as gr
+    from modules.ui_components import FormRow, InputAccordion, ToolButton
+
+    def eid(part: str) -> str:
+        return elem_id(is_img2img, part)
+
+    defaults = negip_args.DEFAULTS
+    components: dict[str, Any] = {}
+
+    enabled = InputAccordion(defaults["enabled"], label=host.TITLE, elem_id=eid("enabled"))
+    components["enabled"] = enabled
+    with enabled:
+        gr.Markdown(HINT, elem_id=eid("hint"), elem_classes=["negip-hint"])
+
+        with gr.Row(elem_id=eid("images"), elem_classes=["negip-images"]):
+            for side in ("positive", "negative"):
+                if side == "negative":
+                    with gr.Column(min_width=40, scale=0, elem_classes=["negip-swap-column"]):
+                        swap = ToolButton(
+                            SWAP_SYMBOL,
+                            elem_id=eid("swap"),
+                            tooltip="Swap the positive and the negative images",
+                        )
+                with gr.Column(min_width=160, elem_classes=["negip-side"]):
+                    field = f"{side}_images"
+                    components[field] = gr.File(
+                        label=f"{side.capitalize()} image(s)",
+                        file_count="multiple",
+                        file_types=["image"],
+                        type="binary",
+                        elem_id=eid(field),
+                        elem_classes=["negip-files"],
+                    )
+                    # Filled by javascript/negip.js in the browser: a server round trip
+                    # here would break gradio 3.41's upload of the other side (see there).
+                    gr.HTML(elem_id=eid(f"{side}_preview"), elem_classes=["negip-preview"])
+        swap.click(
+            fn=None,
+            _js=SWAP_JS,
+            inputs=[components["positive_images"], components["negative_images"]],
+            outputs=[components["positive_images"], components["negative_images"]],
+            show_progress=False,
+        )
+
+        with FormRow(elem_classes=["negip-models"]):
+            components["model"] = gr.Dropdown(
+                label="IP-Adapter",
+                choices=_choices(host.adapter_choices),
+                value=defaults["model"],
+                allow_custom_value=True,  # a restored "name [hash]" label stays as written
+                elem_id=eid("model"),
+                tooltip="IP-Adapter model: models/ipadapter (GET /negip/v1/models lists them)",
+            )
+            model_refresh = ToolButton(
+                REFRESH_SYMBOL, elem_id=eid("model_refresh"), tooltip="Refresh the IP-Adapters"
+            )
+            components["image_encoder"] = gr.Dropdown(
+                label="Image encoder",
+                choices=_choices(host.encoder_choices),
+                value=defaults["image_encoder"],
+                allow_custom_value=True,
+                elem_id=eid("image_encoder"),
+                tooltip="CLIP vision model: models/clip_vision; 'auto' picks one that fits the adapter",
+            )
+            encoder_refresh = ToolButton(
+                REFRESH_SYMBOL, elem_id=eid("encoder_refresh"), tooltip="Refresh the image encoders"
+            )
+        model_refresh.click(
+            fn=lambda: _dropdown(_choices(host.adapter_choices, refresh=True)),
+            outputs=[components["model"]],
+            show_progress=False,
+        )
+        encoder_refresh.click(
+            fn=lambda: _dropdown(_choices(host.encoder_choices, refresh=True)),
+            outputs=[components["image_encoder"]],
+            show_progress=False,
+        )
+
+        def slider(field: str, label: str, low: float, high: float, tooltip: str) -> None:
+            components[field] = gr.Slider(
+                label=label,
+                minimum=low,
+                maximum=high,
+                step=0.05,
+                value=float(defaults[field]),  # float: A1111 converts restored text with it
+                elem_id=eid(field),
+                tooltip=tooltip,
+            )
+
+        low, high = negip_args.WEIGHT_MIN, negip_args.WEIGHT_MAX
+        with FormRow():
+            slider(
+                "positive_weight", "Positive weight", low, high, "Strength of the positive image(s)"
+            )
+            slider(
+                "negative_weight", "Negative weight", low, high, "Strength of the negative image(s)"
+            )
+        with FormRow():
+            window = "as a fraction of the sampling steps"
+            slider(
+                "positive_start", "Positive start", 0.0, 1.0, f"Positive images act from {window}"
+            )
+            slider("positive_end", "Positive end", 0.0, 1.0, f"Positive images act until {window}")
+        with FormRow():
+            slider(
+                "negative_start", "Negative start", 0.0, 1.0, f"Negative images act from {window}"
+            )
+            slider("negative_end", "Negative end", 0.0, 1.0, f"Negative images act until {window}")
+
+        with FormRow():
+            components["hires_pass"] = gr.Radio(
+                label="Hires. fix pass",
+                choices=list(negip_args.HIRES_PASSES),
+                value=defaults["hires_pass"],
+                visible=not is_img2img,  # img2img has no hires fix
+                elem_id=eid("hires_pass"),
+                tooltip="Which pass of Hires. fix gets the image prompts",
+            )
+            components["combine"] = gr.Radio(
+                label="Several images per side",
+                choices=list(negip_args.COMBINES),
+                value=defaults["combine"],
+                elem_id=eid("combine"),
+                tooltip="average: one set of image tokens per side; concat: tokens of every image",
+            )
+
+        with gr.Accordion("Download official models", open=False, elem_id=eid("download_box")):
+            with FormRow():
+                official = gr.Dropdown(
+                    label="Official model (h94/IP-Adapter)",
+                    choices=list(download.OFFICIAL_MODELS),
+                    value=next(iter(download.OFFICIAL_MODELS)),
+                    elem_id=eid("download_model"),
+                )
+                start_download = gr.Button(
+                    "Download", elem_id=eid("download"), elem_classes=["negip-download"]
+                )
+            download_status = gr.HTML(elem_id=eid("download_status"))
+        start_download.click(
+            fn=download_model,
+            inputs=[official],
+            outputs=[download_status, components["model"], components["image_encoder"]],
+        )
+
+    script.infotext_fields = infotext_fields(components, is_img2img)
+    script.paste_field_names = list(COPIED_KEYS)
+    return [components[field] for field in negip_args.FIELD_ORDER]
+
+
+#: Fields that img2img does not take from an infotext: it has no hires fix, and a restored
+#: "second" would make every img2img generation fail.
+TXT2IMG_ONLY = ("hires_pass",)
+#: The infotext keys that "Send to img2img/inpaint" copies from txt2img's components to the
+#: other tab's (``paste_field_names``). A1111 pairs the two tabs' fields by these names in
+#: order, so only keys that both tabs have. The switch and the images are not copied (A1111
+#: copies values as they are, and an uploaded file cannot be re-sent that way).
+COPIED_KEYS: tuple[str, ...] = tuple(
+    key for key, field in negip_args.INFOTEXT_FIELDS if field not in TXT2IMG_ONLY
+)
+
+
+def infotext_fields(components: dict[str, Any], is_img2img: bool) -> list[tuple[Any, Any]]:
+    """(component, infotext key or function) pairs for PNG Info / "Send to" / the API's infotext.
+
+    The switch restores through ``args.infotext_enabled`` (A1111 would read "False" as True);
+    every other target is the field's key, so that A1111 also copies its value between tabs.
+    The model and encoder keep the written label ("name [hash]", what
+    ``args.restore_model_label`` returns for every label ``args.to_infotext`` writes); their
+    dropdowns accept custom values for it.
+    """
+    fields: list[tuple[Any, Any]] = [(components["enabled"], negip_args.infotext_enabled)]
+    fields += [
+        (components[field], key)
+        for key, field in negip_args.INFOTEXT_FIELDS
+        if not (is_img2img and field in TXT2IMG_ONLY)
+    ]
+    return fields
+
+
+def _choices(listing: Callable[..., list[str]], refresh: bool = False) -> list[str]:
+    """The model names, or just the placeholder when the folders cannot be read (the UI must
+    still build; the error shows again on refresh and when generating)."""
+    try:
+        return listing(refresh=refresh)
+    except Exception:
+        logger.exception("Negative Image Prompt: cannot list the models")
+        return [negip_args.NO_MODEL if listing is host.adapter_choices else negip_args.AUTO_ENCODER]
+
+
+def _dropdown(choices: list[str], value: str | None = None) -> Any:
+    """A dropdown update with new choices; its value is kept unless ``value`` is given."""
+    import gradio as gr
+
+    return gr.update(choices=choices) if value is None else gr.update(choices=choices, value=value)
+
+
+def download_model(name: str) -> tuple[str, Any, Any]:
+    """Download an official model (an adapter together with the image encoder it needs);
+    returns the status HTML and the refreshed model and encoder dropdowns (a downloaded adapter
+    is selected)."""
+    from modules import modelloader, paths
+
+    models_dir = Path(paths.models_path)
+    fetch = download.a1111_fetch(modelloader.load_file_from_url)
+    select = None
+    lines = []
+    try:
+        model = download.official_model(name)
+        wanted = [model]
+        if model.kind == "adapter":
+            wanted.append(download.encoder_for_official(model.name))
+        for official in wanted:
+            missing = download.missing_files(official.name, models_dir)
+            if missing:
+                download.download_official(official.name, models_dir, fetch=fetch)
+            state = "downloaded" if missing else "already installed"
+            lines.append(f"{html.escape(official.name)}: {state} in models/{official.folder}")
+        select = model.name if model.kind == "adapter" else None
+        status = f'<p class="negip-status">{"<br>".join(lines)}</p>'
+    except NegIPError as error:
+        logger.error("Negative Image Prompt: %s", error)
+        done = "".join(f"{line}<br>" for line in lines)
+        status = f'<p class="negip-status">{done}<span class="negip-error">{html.escape(str(error))}</span></p>'
+    adapters = _choices(host.adapter_choices, refresh=True)
+    encoders = _choices(host.encoder_choices, refresh=True)
+    return status, _dropdown(adapters, select if select in adapters else None), _dropdown(encoders)
