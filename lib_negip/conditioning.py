@@ -6,8 +6,8 @@ Every conditioning row gets the same block appended at its end::
 
 The meta token carries, per row, the weight of the image term (0 outside that side's step
 window), how many of the N slots hold real tokens (sides of different lengths are padded and
-masked) and a fixed check pattern. Because the block rides inside the conditioning tensors, it
-follows its rows through every branch of A1111's CFG denoiser (batched or split cond/uncond,
+masked), which side's tokens the block holds and a fixed check pattern. Because the block
+rides inside the conditioning tensors, it follows its rows through every branch of A1111's CFG denoiser (batched or split cond/uncond,
 AND prompts, skipped uncond rows, edit models) with no guessing from row positions.
 
 The attention recognises a context as carrying our block by its length alone (text contexts
@@ -33,8 +33,11 @@ CHUNK_LENGTH = 77
 META_WEIGHT = 0
 META_COUNT = 1
 META_PATTERN = slice(2, 6)
+# Which side's tokens the block holds (0 positive, 1 negative; -1 unknown), so the attention
+# can use keys and values projected once per generation instead of once per layer call.
+META_SIDE = 6
 PATTERN = (0.75, -1.5, 2.25, -3.0)
-MIN_CONTEXT_WIDTH = 6
+MIN_CONTEXT_WIDTH = 7
 
 PadMode = Literal["empty_chunks", "repeat_last"]
 
@@ -64,11 +67,14 @@ class TokenLayout:
         return text > 0 and text % self.chunk_length == 0
 
 
-def make_block(tokens: torch.Tensor, weight: float, layout: TokenLayout) -> torch.Tensor:
+def make_block(
+    tokens: torch.Tensor, weight: float, layout: TokenLayout, *, side: int = -1
+) -> torch.Tensor:
     """The block one side appends to each of its rows.
 
     tokens: [n, C] image tokens, n <= layout.n_tokens; returns [1, layout.total, C] in the
     tokens' dtype and device. Slots past n are zeros and masked out by the attention.
+    side: the index of these tokens in the ``side_tokens`` the hijack was given (-1: none).
     """
     n, width = tokens.shape
     if n > layout.n_tokens:
@@ -83,6 +89,7 @@ def make_block(tokens: torch.Tensor, weight: float, layout: TokenLayout) -> torc
     meta[:, META_WEIGHT] = weight
     meta[:, META_COUNT] = n
     meta[:, META_PATTERN] = torch.tensor(PATTERN, dtype=tokens.dtype, device=tokens.device)
+    meta[:, META_SIDE] = side
     return block
 
 
@@ -171,16 +178,26 @@ class SplitContext:
     image: torch.Tensor  # [B, N, C]
     weight: torch.Tensor  # [B, 1, 1]
     key_mask: torch.Tensor | None  # [B, 1, 1, N] bool (True = attend) or None when all slots used
+    side: torch.Tensor | None = None  # [B] long: each row's side (see make_block), or None
 
 
-def split_context(context: torch.Tensor, layout: TokenLayout, *, masked: bool) -> SplitContext:
-    """Split a context that :meth:`TokenLayout.carries_block` accepted. No synchronisation."""
+def split_context(
+    context: torch.Tensor, layout: TokenLayout, *, masked: bool, sides: int = 0
+) -> SplitContext:
+    """Split a context that :meth:`TokenLayout.carries_block` accepted. No synchronisation.
+
+    sides: how many sides' tokens the caller knows; then ``side`` holds each row's side,
+    clamped into range (a device-side index out of range would abort on CUDA).
+    """
     text_length = context.shape[1] - layout.total
     meta = context[:, text_length + layout.n_tokens]  # [B, C]
     key_mask = None
     if masked:
         slots = torch.arange(layout.n_tokens, device=context.device)
         key_mask = (slots < meta[:, META_COUNT, None])[:, None, None, :]
+    side = None
+    if sides > 0:
+        side = meta[:, META_SIDE].long().clamp(0, sides - 1)
     return SplitContext(
         # Contiguous so that the host's text attention sees exactly the tensor it would see
         # without us (bit-identical results at weight 0).
@@ -188,6 +205,7 @@ def split_context(context: torch.Tensor, layout: TokenLayout, *, masked: bool) -
         image=context[:, text_length : text_length + layout.n_tokens].contiguous(),
         weight=meta[:, META_WEIGHT, None, None],
         key_mask=key_mask,
+        side=side,
     )
 
 

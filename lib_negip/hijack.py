@@ -99,6 +99,8 @@ class _LayerHooks:
         self.kv = kv
         self.call: _Call | None = None
         self.handles: list[RemovableHandle] = []
+        # Keys and values [S, N, 2*inner] of the hijack's side tokens, per device and dtypes.
+        self._tables: dict[tuple, torch.Tensor] = {}
 
     def install(self) -> None:
         module = self.module
@@ -152,12 +154,9 @@ class _LayerHooks:
     def image_attention(self, call: _Call, q: torch.Tensor) -> torch.Tensor:
         """softmax(q k_ip^T / sqrt(d)) v_ip per head: [B, Tq, H, d] (a transposed view)."""
         split = call.split
-        image = split.image
         if self.hijack.upcast:
-            q, image = q.float(), image.float()
-        else:
-            image = image.to(q.dtype)
-        keys, values = self.kv.project(image)  # [B, N, inner]
+            q = q.float()
+        keys, values = self.keys_values(split, q.dtype)  # [B, N, inner]
         batch, _, inner = q.shape
         heads = self.module.heads
         head_dim = inner // heads
@@ -168,6 +167,25 @@ class _LayerHooks:
         return F.scaled_dot_product_attention(
             by_head(q), by_head(keys), by_head(values), attn_mask=split.key_mask
         ).transpose(1, 2)  # [B, H, Tq, d] -> [B, Tq, H, d]
+
+    def keys_values(
+        self, split: SplitContext, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image keys and values [B, N, inner] in ``dtype``.
+
+        Rows that name their side (``split.side``) take the keys and values projected once
+        per generation from the hijack's side tokens: a gather instead of reading the layer's
+        [2*inner, C] weight on every call. Otherwise the context's image tokens are projected.
+        """
+        image = split.image  # [B, N, C] in the context's dtype
+        if split.side is None:
+            return self.kv.project(image.to(dtype))
+        key = (image.device, image.dtype, dtype)
+        table = self._tables.get(key)
+        if table is None:
+            tokens = self.hijack.side_token_table(image.device, image.dtype).to(dtype)
+            table = self._tables[key] = torch.cat(self.kv.project(tokens), dim=-1)
+        return table.index_select(0, split.side).split(self.kv.inner_dim, dim=-1)
 
     def add_image_attention(
         self, hidden: torch.Tensor, call: _Call, q: torch.Tensor
@@ -215,6 +233,8 @@ class AttentionHijack:
     verify: check the appended meta tokens once per UNet call (one synchronisation), where the
     first ``attn2`` splits the context; the check sees the context after every other
     extension's changes, the ControlNet extension's marker stripping included.
+    side_tokens: the image tokens [n_s, C] that blocks made with ``make_block(..., side=s)``
+    hold; their keys and values are then projected once per generation, not once per call.
     """
 
     def __init__(
@@ -226,6 +246,7 @@ class AttentionHijack:
         masked: bool = False,
         upcast: bool = False,
         verify: bool = True,
+        side_tokens: Sequence[torch.Tensor] = (),
     ) -> None:
         self.unet = unet
         self.layout = layout
@@ -242,6 +263,8 @@ class AttentionHijack:
         self._unet_handle: RemovableHandle | None = None
         self._last_context: torch.Tensor | None = None
         self._last_split: SplitContext | None = None
+        self._side_tokens = [tokens.detach() for tokens in side_tokens]
+        self._side_tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
     def installed(self) -> bool:
@@ -291,10 +314,26 @@ class AttentionHijack:
                     # The generation fails here and A1111 skips postprocess: leave nothing behind.
                     self.remove()
                     raise
-            split = split_context(context, self.layout, masked=self.masked)
+            split = split_context(
+                context, self.layout, masked=self.masked, sides=len(self._side_tokens)
+            )
         # Every attn2 of one UNet call receives the same context object.
         self._last_context, self._last_split = context, split
         return split
+
+    def side_token_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The side tokens as :func:`make_block` lays them out: [S, N, C], zeros past n_s,
+        cast the same way (so the projections equal those of the appended tokens)."""
+        table = self._side_tables.get((device, dtype))
+        if table is None:
+            n = self.layout.n_tokens
+            table = torch.zeros(
+                len(self._side_tokens), n, self.context_dim, dtype=dtype, device=device
+            )
+            for index, tokens in enumerate(self._side_tokens):
+                table[index, : tokens.shape[0]] = tokens.to(device=device, dtype=dtype)
+            self._side_tables[(device, dtype)] = table
+        return table
 
     def _forget_context(self) -> None:
         self._last_context = self._last_split = None

@@ -76,6 +76,11 @@ class ImagePrompt:
         object.__setattr__(self, "layout", TokenLayout.for_tokens(n))
 
     @property
+    def sides(self) -> tuple[SidePrompt, SidePrompt]:
+        """Positive then negative: a block's ``side`` index (see ``make_block``) points here."""
+        return (self.positive, self.negative)
+
+    @property
     def masked(self) -> bool:
         """Whether one side fills fewer slots than the other (the attention then masks)."""
         return self.positive.tokens.shape[0] != self.negative.tokens.shape[0]
@@ -96,8 +101,10 @@ class ImagePrompt:
         blocks = self._blocks.get(key)
         if blocks is None:
             blocks = tuple(
-                make_block(side.tokens.to(device=device, dtype=dtype), weight, self.layout)
-                for side, weight in zip((self.positive, self.negative), weights, strict=True)
+                make_block(
+                    side.tokens.to(device=device, dtype=dtype), weight, self.layout, side=index
+                )
+                for index, (side, weight) in enumerate(zip(self.sides, weights, strict=True))
             )
             self._blocks[key] = blocks
         return blocks

@@ -247,6 +247,7 @@ class ImagePromptSession:
                 masked=self.prompt.masked,
                 upcast=self.upcast,
                 verify=self.verify,
+                side_tokens=[side.tokens for side in self.prompt.sides],
             )
         except IncompatibleModelError as error:
             logger.info(

@@ -26,7 +26,7 @@ from torch import nn
 
 from lib_negip.conditioning import TokenLayout, append_blocks, make_block
 from lib_negip.errors import ConditioningError, IncompatibleModelError
-from lib_negip.hijack import AttentionHijack, FailureTrap
+from lib_negip.hijack import AttentionHijack, FailureTrap, KeyValueWeights
 from lib_negip.unet_layers import cross_attention_layers
 
 TIMESTEPS = torch.tensor([700.0, 700.0])
@@ -521,3 +521,48 @@ def test_image_term_goes_through_the_hosts_projections(
     )
     expected = attention_forward != "functional"
     assert added_before_out == [expected] * (16 if expected else 0)
+
+
+def test_side_tokens_project_keys_and_values_once_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch, attention_forward: str
+) -> None:
+    """Blocks that name their side take keys and values projected once per generation from the
+    hijack's side tokens: the same output as projecting the context's tokens in every call."""
+    unet = ldm_unet("sd15")
+    width = SD15.context_dim
+    layers = [KeyValueWeights(k, v) for k, v in adapter_layers(unet, seed=30)]
+    positive, negative = tokens(4, width, 31), tokens(2, width, 32)  # masked: 4 and 2 slots
+    layout = TokenLayout.for_tokens(4)
+    x = latents(2, seed=33)
+    text = text_context(2, width, seed=34)
+    projections = []
+    original = KeyValueWeights.project
+
+    def counting(self, image):
+        projections.append(image.shape[0])
+        return original(self, image)
+
+    monkeypatch.setattr(KeyValueWeights, "project", counting)
+    outputs, counts = {}, {}
+    for named in (False, True):
+        sides = (0, 1) if named else (-1, -1)
+        cond, uncond = append_blocks(
+            text[:1],
+            text[1:],
+            make_block(positive, 0.8, layout, side=sides[0]),
+            make_block(negative, 0.6, layout, side=sides[1]),
+        )
+        context = torch.cat([cond, uncond])
+        hijack = AttentionHijack(
+            unet, layers, layout, masked=True, side_tokens=[positive, negative] if named else ()
+        )
+        hijack.install()
+        try:
+            projections.clear()
+            outputs[named] = [unet(x, TIMESTEPS, context=context) for _ in range(2)]
+            counts[named] = len(projections)
+        finally:
+            hijack.remove()
+    assert counts == {False: 2 * 16, True: 16}
+    for projected, gathered in zip(outputs[False], outputs[True], strict=True):
+        assert (projected - gathered).abs().max().item() < FLOAT32_NOISE
