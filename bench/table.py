@@ -1,0 +1,218 @@
+"""The benchmark's report as plain-text tables (also pasted into docs/performance.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return "\n".join(
+        [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    )
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}" if seconds >= 0.01 else f"{seconds * 1e3:.3f}"
+
+
+def _spread(s: dict[str, Any], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+    if not s.get("n"):
+        return "-"
+    return (
+        f"{fmt.format(s['median'] * scale)} [{fmt.format(s['q1'] * scale)}-"
+        f"{fmt.format(s['q3'] * scale)}]"
+    )
+
+
+def render_step(unit: str, r: dict[str, Any]) -> str:
+    out = [
+        f"### {unit}: {r['family']} UNet ({r['unet_parameters_m']} M parameters, "
+        f"{r['attn2_layers']} attn2), latent {r['latent'][0]}x{r['latent'][1]}, batch "
+        f"{r['batch']}, {r['dtype']} on {r['device']}; {r['rounds']} interleaved rounds; clock: "
+        f"{r['clock']}"
+    ]
+    rows = []
+    syncs = r.get("synchronisations_per_step", {})
+    for name, v in r["variants"].items():
+        rows.append(
+            [
+                name,
+                _spread(v["step_s"], 1e3),
+                f"{v['step_s']['min'] * 1e3:.1f}-{v['step_s']['max'] * 1e3:.1f}",
+                _spread(v["wall_s"], 1e3),
+                str(v.get("peak_gpu_mib", "-")),
+                str(syncs.get(name, "-")),
+            ]
+        )
+    out.append(
+        _table(
+            [
+                "variant",
+                "step ms median [IQR]",
+                "min-max",
+                "wall ms median [IQR]",
+                "peak GPU MiB",
+                "syncs/step",
+            ],
+            rows,
+        )
+    )
+    rows = []
+    for c in r["comparisons"]:
+        ratio = c["ratio"]
+        target = c["target"]
+        verdict = "-" if target is None else ("yes" if c.get("meets_target") else "NO")
+        rows.append(
+            [
+                c["label"],
+                f"{ratio['median']:.4f}",
+                f"{ratio['q1']:.4f}-{ratio['q3']:.4f}",
+                f"{ratio['min']:.4f}-{ratio['max']:.4f}",
+                f"{c['ratio_of_medians']:.4f}",
+                f"{c['wall_ratio']['median']:.4f}",
+                "-" if target is None else f"<= {target}",
+                verdict,
+            ]
+        )
+    out.append(
+        _table(
+            [
+                "ratio (per round)",
+                "median",
+                "IQR",
+                "min-max",
+                "of medians",
+                "wall median",
+                "target",
+                "met",
+            ],
+            rows,
+        )
+    )
+    rows = []
+    for name, h in r.get("hook_path", {}).items():
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in h["per_step_ms"].items())
+        rows.append(
+            [
+                name,
+                f"{h['extension_ms_per_step']:.3f}",
+                f"{100 * h['share_of_baseline_step']:.3f} %",
+                parts,
+            ]
+        )
+    if rows:
+        out.append("Host time in the extension's code per step (instrumented):")
+        out.append(_table(["variant", "ms/step", "of baseline step", "ms by entry point"], rows))
+    profile = r.get("profile")
+    if profile:
+        out.append(f"cProfile of one {profile['variant']} step, calls out of lib_negip:")
+        rows = [
+            [e["caller"], e["callee"], str(e["calls"]), f"{e['cumulative_ms']:.3f}"]
+            for e in profile["calls_out_of_lib_negip"][:10]
+        ]
+        out.append(_table(["caller", "callee", "calls", "cumulative ms"], rows))
+    return "\n\n".join(out)
+
+
+def render_models(results: dict[str, Any]) -> str:
+    out = []
+    rows = []
+    for unit in ("load:base", "load:plus"):
+        r = results.get(unit)
+        if r:
+            rows.append(
+                [
+                    r["file"],
+                    f"{r['file_mib']}",
+                    f"{r['first_load_s'] * 1e3:.0f}",
+                    f"{r['cached_use_s']['median'] * 1e6:.1f}",
+                    f"{r['file_reads_after_first']} -> {r['file_reads_after_cached_uses']}",
+                    f"{r['project_tokens_s']['median'] * 1e3:.2f}",
+                    f"{r['rss_after_imports_mib']:.0f} / {r['peak_rss_mib']:.0f}",
+                ]
+            )
+    encoder = results.get("encoder")
+    if encoder:
+        rows.append(
+            [
+                "image_encoder/model.safetensors",
+                f"{encoder['file_mib']}",
+                f"{encoder['first_load_s'] * 1e3:.0f}",
+                f"{encoder['cached_use_s'] * 1e6:.1f}",
+                f"{encoder['file_reads_after_first']} -> {encoder['file_reads_after_cached_use']}",
+                "-",
+                f"{encoder['rss_after_imports_mib']:.0f} / {encoder['peak_rss_after_load_mib']:.0f}",
+            ]
+        )
+    if rows:
+        out.append("### Loading through host.Models (files written by the benchmark)")
+        out.append(
+            _table(
+                [
+                    "file",
+                    "MiB",
+                    "first load ms",
+                    "cached use us",
+                    "file_reads",
+                    "tokens ms",
+                    "RSS MiB start / peak",
+                ],
+                rows,
+            )
+        )
+    if encoder:
+        rows = []
+        for output, o in encoder["outputs"].items():
+            rows.append(
+                [
+                    f"{output} ({o['adapter']})",
+                    _spread(o["encode_per_image_s"], 1.0, "{:.2f}"),
+                    str(o["encoder_calls_for_new_images"]),
+                    f"{o['cache_hit_per_image_s']['median'] * 1e3:.2f}",
+                    str(o["encoder_calls_for_repeated_images"]),
+                ]
+            )
+        out.append(
+            f"### Encoding one image through the feature cache ({rows and o['images']} "
+            f"images each; peak RSS {encoder['peak_rss_mib']:.0f} MiB)"
+        )
+        out.append(
+            _table(
+                [
+                    "output",
+                    "new image s median [IQR]",
+                    "encoder calls",
+                    "same image again ms",
+                    "encoder calls",
+                ],
+                rows,
+            )
+        )
+    return "\n\n".join(out)
+
+
+def render(report: dict[str, Any]) -> str:
+    machine = report.get("machine", {})
+    lines = [
+        "## Results",
+        "machine: "
+        + ", ".join(f"{k} {v}" for k, v in machine.items() if k not in ("platform",))
+        + f"; total {report.get('total_s')} s",
+    ]
+    results = report.get("results", {})
+    for unit, r in results.items():
+        if unit.startswith("step:"):
+            lines.append(render_step(unit, r))
+    models = render_models(results)
+    if models:
+        lines.append(models)
+    for unit, reason in report.get("skipped", {}).items():
+        lines.append(f"SKIPPED {unit}: {reason}")
+    for unit, reason in report.get("failed", {}).items():
+        lines.append(f"FAILED {unit}: {reason}")
+    return "\n\n".join(lines)
