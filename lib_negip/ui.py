@@ -3,7 +3,8 @@
 :func:`build` returns the script's components in :data:`lib_negip.args.FIELD_ORDER`, so the
 values A1111 hands to ``process`` are the positional form that ``parse_script_args`` reads
 (one value per field). Each side's images are ONE ``gr.File`` (several files allowed) read as
-bytes; its thumbnails are drawn in the browser (``javascript/negip.js``). Element ids are ``negip_<tab>_<part>``.
+bytes; its thumbnails are drawn in the browser (``javascript/negip.js``). Element ids are
+``negip_<tab>_<part>``.
 
 Infotext: the switch restores through :func:`lib_negip.args.infotext_enabled` (A1111 would turn
 the text "False" into True); every other field has its own key (``args.INFOTEXT_FIELDS``) and a
