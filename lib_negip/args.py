@@ -311,7 +311,8 @@ def _require_images(positive: Sequence[Any], negative: Sequence[Any]) -> None:
     if not positive and not negative:
         msg = (
             "positive_images and negative_images are both empty, but image prompts are enabled: "
-            "give at least one image on either side, or set enabled to false."
+            "give at least one image on either side, or switch Negative Image Prompt off "
+            "(enabled: false)."
         )
         raise ArgumentError(msg)
 
