@@ -179,15 +179,22 @@ class SplitContext:
     weight: torch.Tensor  # [B, 1, 1]
     key_mask: torch.Tensor | None  # [B, 1, 1, N] bool (True = attend) or None when all slots used
     side: torch.Tensor | None = None  # [B] long: each row's side (see make_block), or None
+    side_rows: tuple[int, ...] | None = None  # the same, read on the host (see verify_blocks)
 
 
 def split_context(
-    context: torch.Tensor, layout: TokenLayout, *, masked: bool, sides: int = 0
+    context: torch.Tensor,
+    layout: TokenLayout,
+    *,
+    masked: bool,
+    sides: int = 0,
+    side_rows: tuple[int, ...] | None = None,
 ) -> SplitContext:
     """Split a context that :meth:`TokenLayout.carries_block` accepted. No synchronisation.
 
-    sides: how many sides' tokens the caller knows; then ``side`` holds each row's side,
-    clamped into range (a device-side index out of range would abort on CUDA).
+    side_rows: each row's side as already read on the host (by :func:`verify_blocks`).
+    Otherwise, sides: how many sides' tokens the caller knows; then ``side`` holds each row's
+    side on the device, clamped into range (a device index out of range aborts on CUDA).
     """
     text_length = context.shape[1] - layout.total
     meta = context[:, text_length + layout.n_tokens]  # [B, C]
@@ -196,7 +203,7 @@ def split_context(
         slots = torch.arange(layout.n_tokens, device=context.device)
         key_mask = (slots < meta[:, META_COUNT, None])[:, None, None, :]
     side = None
-    if sides > 0:
+    if side_rows is None and sides > 0:
         side = meta[:, META_SIDE].long().clamp(0, sides - 1)
     return SplitContext(
         # Contiguous so that the host's text attention sees exactly the tensor it would see
@@ -206,27 +213,21 @@ def split_context(
         weight=meta[:, META_WEIGHT, None, None],
         key_mask=key_mask,
         side=side,
+        side_rows=side_rows,
     )
 
 
-_PATTERNS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+def verify_blocks(context: torch.Tensor, layout: TokenLayout) -> tuple[int, ...]:
+    """Raise :class:`ConditioningError` if the meta tokens of a context are not ours any more;
+    return each row's side (see :func:`make_block`).
 
-
-def _pattern(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The check pattern on a device: copied there once, not once per UNet call."""
-    pattern = _PATTERNS.get((device, dtype))
-    if pattern is None:
-        pattern = _PATTERNS[(device, dtype)] = torch.tensor(PATTERN, dtype=dtype, device=device)
-    return pattern
-
-
-def verify_blocks(context: torch.Tensor, layout: TokenLayout) -> None:
-    """Raise :class:`ConditioningError` if the meta tokens of a context are not ours any more.
-
-    This reads device values (one synchronisation); call it once per UNet call, not per layer.
+    This copies the meta tokens' first channels to the host (one synchronisation) and checks
+    them there; call it once per UNet call, not per layer. The sides come with the same copy,
+    so that the attention needs no device gather to pick each row's keys and values.
     """
-    meta = context[:, -layout.n_meta :, META_PATTERN]
-    if not bool((meta == _pattern(meta.device, meta.dtype)).all()):
+    meta = context[:, -layout.n_meta :, : META_SIDE + 1].cpu().tolist()  # [B][n_meta][7]
+    pattern = list(PATTERN)
+    if not all(token[META_PATTERN] == pattern for row in meta for token in row):
         msg = (
             "The image-prompt tokens appended to the conditioning were changed before they reached "
             "the UNet, most likely by another extension that rescales or edits the conditioning "
@@ -234,3 +235,4 @@ def verify_blocks(context: torch.Tensor, layout: TokenLayout) -> None:
             "generation or disable Negative Image Prompt."
         )
         raise ConditioningError(msg)
+    return tuple(int(row[0][META_SIDE]) for row in meta)

@@ -99,8 +99,10 @@ class _LayerHooks:
         self.kv = kv
         self.call: _Call | None = None
         self.handles: list[RemovableHandle] = []
-        # Keys and values [S, N, 2*inner] of the hijack's side tokens, per device and dtypes.
+        # Keys and values [S, 2, H, N, d] of the hijack's side tokens, per device and dtypes,
+        # and the keys and values [B, H, N, d] of each sequence of row sides seen.
         self._tables: dict[tuple, torch.Tensor] = {}
+        self._rows: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def install(self) -> None:
         module = self.module
@@ -156,7 +158,6 @@ class _LayerHooks:
         split = call.split
         if self.hijack.upcast:
             q = q.float()
-        keys, values = self.keys_values(split, q.dtype)  # [B, N, inner]
         batch, _, inner = q.shape
         heads = self.module.heads
         head_dim = inner // heads
@@ -164,28 +165,51 @@ class _LayerHooks:
         def by_head(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, -1, heads, head_dim).transpose(1, 2)
 
+        if split.side is None and split.side_rows is None:
+            keys, values = map(by_head, self.kv.project(split.image.to(q.dtype)))
+        else:
+            keys, values = self.side_keys_values(split, q.dtype)  # [B, H, N, d]
         return F.scaled_dot_product_attention(
-            by_head(q), by_head(keys), by_head(values), attn_mask=split.key_mask
+            by_head(q), keys, values, attn_mask=split.key_mask
         ).transpose(1, 2)  # [B, H, Tq, d] -> [B, Tq, H, d]
 
-    def keys_values(
+    def side_keys_values(
         self, split: SplitContext, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image keys and values [B, N, inner] in ``dtype``.
+        """Image keys and values [B, H, N, d] in ``dtype`` of rows that name their side.
 
-        Rows that name their side (``split.side``) take the keys and values projected once
-        per generation from the hijack's side tokens: a gather instead of reading the layer's
-        [2*inner, C] weight on every call. Otherwise the context's image tokens are projected.
+        They come from keys and values projected once per generation from the hijack's side
+        tokens, kept per layer as [S, 2, H, N, d]: one gather per call, instead of reading the
+        layer's [2*inner, C] weight and rearranging the heads on every call.
         """
         image = split.image  # [B, N, C] in the context's dtype
-        if split.side is None:
-            return self.kv.project(image.to(dtype))
         key = (image.device, image.dtype, dtype)
+        if split.side_rows is not None:  # known on the host: no work per call after the first
+            cached = self._rows.get((*key, split.side_rows))
+            if cached is None:
+                table = self._table(key)
+                if split.side_rows == tuple(range(table.shape[0])):
+                    rows = table  # the usual batched [cond, uncond]: views, no copy
+                else:
+                    rows = torch.stack([table[side] for side in split.side_rows])
+                if len(self._rows) >= 32:  # a handful of row layouts per generation
+                    self._rows.clear()
+                cached = self._rows[(*key, split.side_rows)] = (rows[:, 0], rows[:, 1])
+            return cached
+        rows = self._table(key).index_select(0, split.side)  # [B, 2, H, N, d]
+        return rows[:, 0], rows[:, 1]
+
+    def _table(self, key: tuple[torch.device, torch.dtype, torch.dtype]) -> torch.Tensor:
         table = self._tables.get(key)
         if table is None:
-            tokens = self.hijack.side_token_table(image.device, image.dtype).to(dtype)
-            table = self._tables[key] = torch.cat(self.kv.project(tokens), dim=-1)
-        return table.index_select(0, split.side).split(self.kv.inner_dim, dim=-1)
+            device, context_dtype, dtype = key
+            tokens = self.hijack.side_token_table(device, context_dtype).to(dtype)
+            sides, n, _ = tokens.shape
+            heads = self.module.heads
+            projected = torch.cat(self.kv.project(tokens), dim=-1)  # [S, N, 2*inner]
+            table = projected.view(sides, n, 2, heads, -1).permute(0, 2, 3, 1, 4).contiguous()
+            self._tables[key] = table
+        return table
 
     def add_image_attention(
         self, hidden: torch.Tensor, call: _Call, q: torch.Tensor
@@ -194,16 +218,15 @@ class _LayerHooks:
 
         One fused multiply-add reads the attention in its [B, Tq, H, d] view: no separate copy
         to merge the heads, no separate product with the weight (two passes over [B, Tq, inner]
-        and two kernel launches less per layer). With weight 0 the result is exactly ``hidden``.
+        and two kernel launches less per layer). Where the dtypes differ (an attention that
+        returns float32 under autocast, or the upcast option) it computes in the wider one and
+        returns ``hidden``'s dtype. With weight 0 the result is exactly ``hidden``.
         """
         attended = self.image_attention(call, q)  # [B, Tq, H, d]
-        weight = call.split.weight  # [B, 1, 1]
-        if attended.dtype != hidden.dtype:  # upcast attention: weigh in float32, then cast
-            return hidden + self.weighted(attended, weight).to(hidden.dtype)
-        summed = torch.addcmul(
-            hidden.reshape(attended.shape), attended, weight[..., None].to(hidden.dtype)
-        )
-        return summed.reshape(hidden.shape)
+        weight = call.split.weight[..., None]  # [B, 1, 1, 1]
+        summed = torch.addcmul(hidden.reshape(attended.shape), attended, weight)
+        summed = summed.reshape(hidden.shape)
+        return summed if summed.dtype == hidden.dtype else summed.to(hidden.dtype)
 
     @staticmethod
     def weighted(attended: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -307,15 +330,20 @@ class AttentionHijack:
             and context.shape[2] == self.context_dim
             and self.layout.carries_block(context.shape[1])
         ):
+            sides = len(self._side_tokens)
+            side_rows = None
             if self.verify:
                 try:
-                    verify_blocks(context, self.layout)
+                    rows = verify_blocks(context, self.layout)
                 except ConditioningError:
                     # The generation fails here and A1111 skips postprocess: leave nothing behind.
                     self.remove()
                     raise
+                # Rows whose side is out of range project their own tokens (sides=0).
+                side_rows = rows if all(0 <= side < sides for side in rows) else None
+                sides = 0
             split = split_context(
-                context, self.layout, masked=self.masked, sides=len(self._side_tokens)
+                context, self.layout, masked=self.masked, sides=sides, side_rows=side_rows
             )
         # Every attn2 of one UNet call receives the same context object.
         self._last_context, self._last_split = context, split

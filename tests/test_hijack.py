@@ -523,11 +523,14 @@ def test_image_term_goes_through_the_hosts_projections(
     assert added_before_out == [expected] * (16 if expected else 0)
 
 
+@pytest.mark.parametrize("verify", [True, False])
 def test_side_tokens_project_keys_and_values_once_with_the_same_result(
-    monkeypatch: pytest.MonkeyPatch, attention_forward: str
+    monkeypatch: pytest.MonkeyPatch, attention_forward: str, verify: bool
 ) -> None:
     """Blocks that name their side take keys and values projected once per generation from the
-    hijack's side tokens: the same output as projecting the context's tokens in every call."""
+    hijack's side tokens (rows read on the host with the check on, gathered on the device with
+    it off): the same output as projecting the context's tokens in every call, in any row
+    order."""
     unet = ldm_unet("sd15")
     width = SD15.context_dim
     layers = [KeyValueWeights(k, v) for k, v in adapter_layers(unet, seed=30)]
@@ -552,17 +555,24 @@ def test_side_tokens_project_keys_and_values_once_with_the_same_result(
             make_block(positive, 0.8, layout, side=sides[0]),
             make_block(negative, 0.6, layout, side=sides[1]),
         )
-        context = torch.cat([cond, uncond])
         hijack = AttentionHijack(
-            unet, layers, layout, masked=True, side_tokens=[positive, negative] if named else ()
+            unet,
+            layers,
+            layout,
+            masked=True,
+            verify=verify,
+            side_tokens=[positive, negative] if named else (),
         )
         hijack.install()
         try:
             projections.clear()
-            outputs[named] = [unet(x, TIMESTEPS, context=context) for _ in range(2)]
+            outputs[named] = [
+                unet(x, TIMESTEPS, context=torch.cat(rows))
+                for rows in ((cond, uncond), (cond, uncond), (uncond, cond))
+            ]
             counts[named] = len(projections)
         finally:
             hijack.remove()
-    assert counts == {False: 2 * 16, True: 16}
+    assert counts == {False: 3 * 16, True: 16}
     for projected, gathered in zip(outputs[False], outputs[True], strict=True):
         assert (projected - gathered).abs().max().item() < FLOAT32_NOISE
