@@ -210,13 +210,25 @@ class ImagePromptSession:
         pad: PadMode | None = None,
         empty: torch.Tensor | None = None,
     ) -> Appended | None:
-        """The conditioning for this denoiser call, or None to leave it as it is."""
-        if not self.applies_to_pass(hires) or self._hijack_for(unet) is None:
+        """The conditioning for this denoiser call, or None to leave it as it is.
+
+        While nothing is appended (a pass or steps outside the windows) the hijack's hooks are
+        off the UNet, so those steps run exactly the unhijacked UNet, at its speed; they come
+        back (the same hijack, with what it already projected) when a window opens.
+        """
+        if not self.applies_to_pass(hires):
+            self._unhook()
+            return None
+        hijack = self._hijack_for(unet)
+        if hijack is None:
             return None
         crossattn = text_cond["crossattn"] if isinstance(text_cond, dict) else text_cond
         blocks = self.prompt.blocks_at(progress, crossattn.device, crossattn.dtype)
         if blocks is None:
+            if hijack.installed:
+                hijack.remove()
             return None
+        hijack.install()  # a no-op when installed
         uncond_crossattn = (
             text_uncond["crossattn"] if isinstance(text_uncond, dict) else text_uncond
         )
@@ -257,6 +269,10 @@ class ImagePromptSession:
         hijack.install()
         self._hijack = hijack
         return hijack
+
+    def _unhook(self) -> None:
+        if self._hijack is not None and self._hijack.installed:
+            self._hijack.remove()
 
     def _remove(self) -> None:
         if self._hijack is not None:

@@ -253,3 +253,21 @@ def test_a_second_hijack_replaces_a_leftover_one() -> None:
     fresh.close()
     assert hook_state(unet()) == clean
     leftover.close()
+
+
+def test_steps_outside_the_windows_run_without_our_hooks() -> None:
+    """Where nothing is appended the UNet carries none of our hooks (exactly the unhijacked
+    UNet); they come back when a window opens again, and closing leaves the UNet clean."""
+    text = text_context(1, SD15.context_dim)
+    clean = hook_state(unet())
+    session = session_for(build("base", [picture(1)], [], weights=(1.0, 1.0)))  # both [0, .5)
+    try:
+        assert session.conditioning(unet(), text, text, progress=0.0) is not None
+        assert hook_state(unet()) != clean
+        assert session.conditioning(unet(), text, text, progress=0.5) is None
+        assert hook_state(unet()) == clean
+        assert session.conditioning(unet(), text, text, progress=0.0, hires=True) is not None
+        assert hook_state(unet()) != clean
+    finally:
+        session.close()
+    assert hook_state(unet()) == clean
