@@ -23,6 +23,7 @@ from __future__ import annotations
 import cProfile
 import pstats
 import random
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from bench.clock import clock_for, ratios, summary
 from bench.unets import AttentionSwitch, build_unet, unet_inputs
 
 ADAPTER_TOKENS = {"base": 4, "plus": 16}
-NESTED = ("verify_blocks", "keys_values", "image_attention")
+NESTED = ("verify_blocks", "side_keys_values", "image_attention")
 
 
 @dataclass(frozen=True)
@@ -166,15 +167,11 @@ class StepBench:
                 self.weights[variant.adapter],
                 verify=variant.verify,
             )
-            # The generation's first denoiser call installs the hijack.
-            session.conditioning(
-                self.unet,
-                self.inputs["text_cond"],
-                self.inputs["text_uncond"],
-                progress=self.progress,
-            )
-        else:
-            session._hijack.install()  # the same hijack again (bench-only use of a private)
+        # The previous step's denoiser callback: it leaves the hooks as the timed step needs
+        # them (installed in a window; off outside the windows).
+        session.conditioning(
+            self.unet, self.inputs["text_cond"], self.inputs["text_uncond"], progress=self.progress
+        )
         self.session = session
 
     def step(self) -> torch.Tensor:
@@ -192,7 +189,7 @@ class StepBench:
 
     def finish(self) -> None:
         if self.session is not None:
-            self.session._hijack.remove()  # hooks off; the hijack keeps what it projected
+            self.session._unhook()  # hooks off; the hijack keeps what it projected (bench-only)
             self.session = None
 
     def close(self) -> None:
@@ -216,6 +213,7 @@ def run_step_stage(
     min_rounds: int,
     budget_s: float,
     hook_steps: int,
+    layer_calls: int = 50,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Interleaved rounds of every variant; ratios per round; hook-path time; a profile."""
@@ -267,6 +265,7 @@ def run_step_stage(
             if v.adapter is not None and v.attention == baseline
         }
         result["profile"] = _profile(bench, Variant("profile", baseline, "plus"))
+        result["layer_calls"] = _layer_calls(bench, baseline, layer_calls)
     finally:
         bench.close()
     return result
@@ -380,13 +379,15 @@ def _hook_time(
         (session.ImagePromptSession, "conditioning"),
         # Nested in the entry points above: a breakdown, not added to the total.
         (hijack, "verify_blocks"),
-        (hijack._LayerHooks, "keys_values"),
+        (hijack._LayerHooks, "side_keys_values"),
         (hijack._LayerHooks, "image_attention"),
     ]
     cuda = bench.device.type == "cuda"
     now = time.perf_counter if cuda else time.thread_time
     for owner, name in targets:
-        original = getattr(owner, name)
+        original = getattr(owner, name, None)
+        if original is None:  # the engine was refactored: time what still exists
+            continue
         patched.append((owner, name, original))
         setattr(owner, name, _timed(original, totals, name, now))
     try:
@@ -412,6 +413,82 @@ def _hook_time(
         "instrumented_step_s": round(step_s, 6),
         "share_of_baseline_step": round(extension_ms / 1e3 / baseline_step_s, 5),
     }
+
+
+def _layer_calls(bench: StepBench, attention: str, calls: int) -> dict[str, Any]:
+    """One attn2 module called on its own, ``calls`` times per sample, interleaved: time per
+    call without the extension, with its hooks installed but nothing appended, and with the
+    base and plus blocks. Layers: the first (largest query) and the middle block's.
+
+    Per call = total / calls after a final synchronisation: on a GPU that is the host's
+    launch time where the host is slower than the GPU (ldm's many small ops on a fast GPU),
+    else the GPU's time.
+    """
+    layers = [bench.layers[0], bench.layers[-1]]
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name: str) -> Callable:
+        def hook(module: Any, args: tuple) -> None:
+            captured.setdefault(name, args[0].detach().clone())
+
+        return hook
+
+    handles = [layer.module.register_forward_pre_hook(capture(layer.name)) for layer in layers]
+    try:
+        bench.prepare(Variant(attention, attention))
+        bench.step()
+        bench.finish()
+    finally:
+        for handle in handles:
+            handle.remove()
+    variants = [
+        Variant(attention, attention),
+        Variant(f"{attention}+base outside windows", attention, "base", True),
+        Variant(f"{attention}+base", attention, "base"),
+        Variant(f"{attention}+plus", attention, "plus"),
+    ]
+    inputs = bench.inputs
+    cuda = bench.device.type == "cuda"
+    samples: dict[tuple[str, str], list[float]] = {}
+    for _ in range(5):
+        for layer in layers:
+            x = captured[layer.name]
+            for variant in variants:
+                bench.prepare(variant)
+                cond, uncond = inputs["text_cond"], inputs["text_uncond"]
+                if bench.session is not None:
+                    appended = bench.session.conditioning(
+                        bench.unet, cond, uncond, progress=bench.progress
+                    )
+                    if appended is not None:
+                        cond, uncond = appended.cond, appended.uncond
+                context = torch.cat([cond, uncond])
+                with torch.no_grad(), bench.autocast():
+                    layer.module(x, context=context)  # warm (first split of this context)
+                    if cuda:
+                        torch.cuda.synchronize(bench.device)
+                    started = time.perf_counter()
+                    for _ in range(calls):
+                        layer.module(x, context=context)
+                    if cuda:
+                        torch.cuda.synchronize(bench.device)
+                    per_call = (time.perf_counter() - started) / calls
+                bench.finish()
+                samples.setdefault((layer.name, variant.name), []).append(per_call)
+    out: dict[str, Any] = {"calls_per_sample": calls, "samples": 5, "layers": {}}
+    for layer in layers:
+        x = captured[layer.name]
+        base = statistics.median(samples[(layer.name, variants[0].name)])
+        entry: dict[str, Any] = {"x": list(x.shape), "heads": layer.module.heads, "us": {}}
+        for variant in variants:
+            median = statistics.median(samples[(layer.name, variant.name)])
+            entry["us"][variant.name] = round(median * 1e6, 1)
+        entry["added_us"] = {
+            v.name: round((statistics.median(samples[(layer.name, v.name)]) - base) * 1e6, 1)
+            for v in variants[1:]
+        }
+        out["layers"][layer.name] = entry
+    return out
 
 
 def _profile(bench: StepBench, variant: Variant, top: int = 14) -> dict[str, Any]:

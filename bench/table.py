@@ -108,6 +108,26 @@ def render_step(unit: str, r: dict[str, Any]) -> str:
     if rows:
         out.append("Host time in the extension's code per step (instrumented):")
         out.append(_table(["variant", "ms/step", "of baseline step", "ms by entry point"], rows))
+    layer_calls = r.get("layer_calls")
+    if layer_calls:
+        out.append(
+            f"One attn2 module called alone ({layer_calls['calls_per_sample']} calls x "
+            f"{layer_calls['samples']} interleaved samples), microseconds per call:"
+        )
+        rows = []
+        for name, entry in layer_calls["layers"].items():
+            for variant, us in entry["us"].items():
+                added = entry["added_us"].get(variant)
+                rows.append(
+                    [
+                        name,
+                        "x".join(map(str, entry["x"])),
+                        variant,
+                        f"{us:.1f}",
+                        "-" if added is None else f"{added:+.1f}",
+                    ]
+                )
+        out.append(_table(["layer", "input", "variant", "us/call", "added us"], rows))
     profile = r.get("profile")
     if profile:
         out.append(f"cProfile of one {profile['variant']} step, calls out of lib_negip:")

@@ -224,7 +224,9 @@ def sdpa_forward(self: nn.Module, x: torch.Tensor, context: Any = None, mask: An
         return t.view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, H, T, d]
 
     out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v))
-    out = out.transpose(1, 2).reshape(batch, -1, inner).to(x.dtype)
+    # Like A1111's: the heads' output in the query's dtype (float16 under autocast, where x,
+    # the output of a LayerNorm, is float32).
+    out = out.transpose(1, 2).reshape(batch, -1, inner).to(q.dtype)
     return self.to_out(out)
 
 
