@@ -46,6 +46,7 @@ class Variant:
     adapter: str | None = None  # "base" / "plus"; None: no extension
     outside_windows: bool = False
     verify: bool = True
+    hooks_without_block: bool = False  # hooks installed, context without our block
 
 
 def variants_for(baselines: list[str]) -> list[Variant]:
@@ -59,8 +60,12 @@ def variants_for(baselines: list[str]) -> list[Variant]:
     sdpa_or_first = "sdpa" if "sdpa" in baselines else baselines[0]
     found += [
         Variant(f"{sdpa_or_first}+base outside windows", sdpa_or_first, "base", True),
+        Variant(
+            f"{sdpa_or_first}+base hooks, no block", sdpa_or_first, "base",
+            hooks_without_block=True,
+        ),
         Variant(f"{sdpa_or_first}+base verify off", sdpa_or_first, "base", verify=False),
-    ]
+    ]  # fmt: skip
     return found
 
 
@@ -75,6 +80,7 @@ def comparisons(baselines: list[str]) -> list[tuple[str, str, str, float | None]
     first = "sdpa" if "sdpa" in baselines else baselines[0]
     found += [
         (f"outside windows / none ({first})", f"{first}+base outside windows", first, 1.005),
+        (f"hooks, no block / none ({first})", f"{first}+base hooks, no block", first, 1.005),
         (f"verify on / off (base, {first})", f"{first}+base", f"{first}+base verify off", None),
     ]
     return found
@@ -124,6 +130,7 @@ class StepBench:
                 )
         self.session: Any = None
         self.sessions: dict[str, Any] = {}
+        self.append = True
 
     def describe(self) -> dict[str, Any]:
         x = self.inputs["x"]
@@ -173,12 +180,15 @@ class StepBench:
             self.unet, self.inputs["text_cond"], self.inputs["text_uncond"], progress=self.progress
         )
         self.session = session
+        # "hooks, no block": the hijack is on but this UNet call's context carries no block
+        # (another extension's extra pass, a refiner): the step does not call the session.
+        self.append = not variant.hooks_without_block
 
     def step(self) -> torch.Tensor:
         inputs = self.inputs
         cond, uncond = inputs["text_cond"], inputs["text_uncond"]
         with torch.no_grad(), self.autocast():
-            if self.session is not None:
+            if self.session is not None and self.append:
                 appended = self.session.conditioning(
                     self.unet, cond, uncond, progress=self.progress
                 )
@@ -417,8 +427,9 @@ def _hook_time(
 
 def _layer_calls(bench: StepBench, attention: str, calls: int) -> dict[str, Any]:
     """One attn2 module called on its own, ``calls`` times per sample, interleaved: time per
-    call without the extension, with its hooks installed but nothing appended, and with the
-    base and plus blocks. Layers: the first (largest query) and the middle block's.
+    call without the extension, outside the windows, with its hooks installed but a context
+    without our block, and with the base and plus blocks. Layers: the first (largest query)
+    and the middle block's.
 
     Per call = total / calls after a final synchronisation: on a GPU that is the host's
     launch time where the host is slower than the GPU (ldm's many small ops on a fast GPU),
@@ -444,6 +455,7 @@ def _layer_calls(bench: StepBench, attention: str, calls: int) -> dict[str, Any]
     variants = [
         Variant(attention, attention),
         Variant(f"{attention}+base outside windows", attention, "base", True),
+        Variant(f"{attention}+base hooks, no block", attention, "base", hooks_without_block=True),
         Variant(f"{attention}+base", attention, "base"),
         Variant(f"{attention}+plus", attention, "plus"),
     ]
@@ -456,7 +468,7 @@ def _layer_calls(bench: StepBench, attention: str, calls: int) -> dict[str, Any]
             for variant in variants:
                 bench.prepare(variant)
                 cond, uncond = inputs["text_cond"], inputs["text_uncond"]
-                if bench.session is not None:
+                if bench.session is not None and bench.append:
                     appended = bench.session.conditioning(
                         bench.unet, cond, uncond, progress=bench.progress
                     )
