@@ -172,12 +172,34 @@ def _check_safetensors_header(path: Path) -> None:
 _REFUSED_GLOBAL = re.compile(r"Unsupported (?:global|class)[:\s]+(?:GLOBAL\s+)?([\w.]+)")
 
 
+# torch.save writes a zip archive (current) or a protocol-2 pickle (legacy, before torch 1.6).
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
 def _load_pickle(path: Path) -> Any:
+    with path.open("rb") as f:
+        head = f.read(16)
+    if not head.startswith(_TORCH_FILE_STARTS):
+        msg = (
+            f"{path} is not a readable torch file: it starts with {head!r}, where a .bin/.pth/.pt "
+            "model starts with a zip or pickle header; it is damaged or another kind of file: "
+            "download the model again"
+        )
+        raise ModelFileError(msg)
     load = _torch_load if _torch_load is not None else torch.load
     try:
         return load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
+        if "Unsupported operand" in text:
+            # The weights-only unpickler met a byte that is no pickle instruction: garbage, not code.
+            found = re.search(r"Unsupported operand \d+", text)
+            what = found.group(0) if found else "an invalid pickle instruction"
+            msg = (
+                f"{path} is not a readable torch file: its data is damaged ({what}, not a valid "
+                "PyTorch pickle); download the model again"
+            )
+            raise ModelFileError(msg) from exc
         if "Weights only load failed" in text or "WeightsUnpickler" in text:
             found = _REFUSED_GLOBAL.search(text)
             what = f" (it refers to {found.group(1)})" if found else ""
@@ -189,6 +211,9 @@ def _load_pickle(path: Path) -> Any:
             )
             raise ModelFileError(msg) from exc
         msg = f"{path} is not a readable torch file ({exc}); download it again"
+        raise ModelFileError(msg) from exc
+    except OSError as exc:  # permissions, a lock, the disk: not the file's content
+        msg = f"{path} cannot be read ({exc.strerror or exc}): check that the file is readable"
         raise ModelFileError(msg) from exc
     except Exception as exc:
         # torch reports truncation and garbage as RuntimeError, EOFError, KeyError, ...

@@ -595,6 +595,22 @@ class Payload:
         return (builtins.exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
 
 
+@case(MODEL, "random bytes named .bin")
+def _(lab: Lab) -> None:
+    lab.adapter_file("noise.bin", b"GARBAGE!" + bytes(range(256)) * 8)
+    pick(lab, "noise", r"noise.bin is not a readable torch file: it starts with b'GARBAGE!")
+
+
+@case(MODEL, "garbage after a pickle header (.bin)")
+def _(lab: Lab) -> None:
+    lab.adapter_file("mangled.bin", b"\x80\x02" + bytes([141, 7, 255, 13]) * 64)
+    pick(
+        lab,
+        "mangled",
+        r"mangled.bin is not a readable torch file: its data is damaged \(Unsupported operand 141",
+    )
+
+
 @case(MODEL, "truncated .bin (zip)")
 def _(lab: Lab) -> None:
     buffer = io.BytesIO()
