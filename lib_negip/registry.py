@@ -784,8 +784,9 @@ class ModelRegistry:
         live.add(key)
         cached = self._specs.get(key)
         if cached is None:
-            cached = self._read(item.path, kind)
-            self._specs[key] = cached
+            cached, transient = self._read(item.path, kind)
+            if not transient:  # a file that could not be opened is read again at the next refresh
+                self._specs[key] = cached
         spec, error, error_type = cached
         return {
             "name": name,
@@ -798,17 +799,22 @@ class ModelRegistry:
             "spec": spec,
         }
 
-    def _read(self, path: Path, kind: str) -> tuple[Any, str | None, type[NegIPError]]:
+    def _read(self, path: Path, kind: str) -> tuple[tuple[Any, str | None, type[NegIPError]], bool]:
+        """(spec, error, error type) of a file, and whether the error may go away by itself
+        (the file could not be opened: permissions, a lock, a file system error)."""
+        transient = False
         try:
             # Module-level lookups, so that tests can count the reads.
             spec = read_adapter_spec(path) if kind == "adapter" else read_encoder_spec(path)
         except NegIPError as exc:
             error, error_type = _without_folders(str(exc), path), type(exc)
+            transient = isinstance(exc.__cause__, OSError)
         except OSError as exc:
             error, error_type = (
                 _without_folders(f"{path} cannot be read ({exc})", path),
                 ModelFileError,
             )
+            transient = True
         except Exception as exc:  # a bug or an odd file: list it with the reason, keep going
             logger.warning("could not inspect %s", _shown(path), exc_info=True)
             error = _without_folders(
@@ -816,9 +822,9 @@ class ModelRegistry:
             )
             error_type = ModelFileError
         else:
-            return spec, None, ModelFileError
+            return (spec, None, ModelFileError), False
         logger.warning("%s %s is listed but cannot be used: %s", kind, _shown(path), error)
-        return None, error, error_type
+        return (None, error, error_type), transient
 
     def _find(self, wanted: str, listing: Callable[[], list[_E]]) -> tuple[_E | None, str | None]:
         """Look a name up (once more after a refresh, for files added since); with its hash."""

@@ -620,6 +620,25 @@ def _(lab: Lab) -> None:
     pick(lab, "cut", r"cut.bin could not be read as a torch file .*damaged or truncated")
 
 
+@case(MODEL, "file unreadable when listed, readable later")
+def _(lab: Lab) -> None:
+    from lib_negip import registry
+
+    lab.adapter_file("locked.safetensors", sd15_adapter(lab))
+    real = registry.read_adapter_spec
+
+    def locked(path: Any) -> Any:
+        if Path(path).name == "locked.safetensors":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    lab.monkeypatch.setattr(registry, "read_adapter_spec", locked)
+    pick(lab, "locked", r"locked.safetensors cannot be read .*Permission denied")
+    lab.monkeypatch.setattr(registry, "read_adapter_spec", real)  # permissions fixed
+    host.adapter_choices(refresh=True)  # the refresh button
+    assert torch.isfinite(lab.result(reference_fields(model="locked"))).all()
+
+
 FAMILY = r"the adapter is for another model family"
 
 
