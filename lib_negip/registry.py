@@ -920,11 +920,33 @@ class ModelRegistry:
     def _unknown_message(self, name: str, kind: str, entries: Sequence[ModelEntry]) -> str:
         names = [e.name for e in entries]
         folder = ADAPTER_FOLDER_HINT if kind == "IP-Adapter" else ENCODER_FOLDER_HINT
+        misplaced = self._folder_named_like(name.strip(), kind)
+        if misplaced:
+            return (
+                f"there is no {kind} named {name!r}: {misplaced} is a folder, not a model file "
+                f"(an unpacked download?). Put the model file itself into {folder} and press the "
+                "refresh button beside the model list"
+            )
         listed = f"installed: {_names_hint(names)}" if names else f"no {kind} is installed"
         return (
             f"there is no {kind} named {name!r} ({listed}); {_PATHS_REFUSED}. Put the file into "
             f"{folder} and press the refresh button beside the model list"
         )
+
+    def _folder_named_like(self, name: str, kind: str) -> str | None:
+        """``label/x.safetensors`` where a scanned folder holds a FOLDER of the model's name."""
+        adapters = kind == "IP-Adapter"
+        folders = self._adapter_folders if adapters else self._encoder_folders
+        suffixes = ADAPTER_SUFFIXES if adapters else ENCODER_SUFFIXES
+        if name.lower().endswith(suffixes):
+            candidates = [name]
+        else:
+            candidates = [name + suffix for suffix in suffixes]
+        for folder in folders:
+            for candidate in candidates:
+                if (folder.path / candidate).is_dir():
+                    return f"{folder.display_label}/{candidate}"
+        return None
 
 
 def _adapter_and_label(

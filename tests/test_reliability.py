@@ -620,6 +620,15 @@ def _(lab: Lab) -> None:
     pick(lab, "cut", r"cut.bin could not be read as a torch file .*damaged or truncated")
 
 
+@case(MODEL, "a folder named like a model (x.safetensors/)")
+def _(lab: Lab) -> None:
+    folder = lab.models / "ipadapter" / "folder.safetensors"
+    folder.mkdir()
+    lab.created.append(folder)
+    pick(lab, "folder", r"folder.safetensors is a folder, not a model file")
+    pick(lab, "folder.safetensors", r"folder.safetensors is a folder, not a model file")
+
+
 @case(MODEL, "file unreadable when listed, readable later")
 def _(lab: Lab) -> None:
     from lib_negip import registry
