@@ -21,11 +21,12 @@ where it reaches the user: the UI shows the message, the API answers HTTP 422 wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 
 from lib_negip import logger
 from lib_negip.cache import LRUCache
-from lib_negip.errors import ArgumentError, NegIPError
+from lib_negip.errors import ArgumentError, ModelFileError, NegIPError
 from lib_negip.hijack import FailureTrap, KeyValueWeights
 from lib_negip.session import (
     FeatureCache,
@@ -145,8 +146,30 @@ def _load_adapter(path: Path) -> LoadedAdapter:
 
 
 def _file_key(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError as error:
+        msg = (
+            f"{path.name} was listed but cannot be opened now ({error.strerror or error}): it was "
+            "moved, deleted or is not readable; press the refresh button beside the model list"
+        )
+        raise ModelFileError(msg) from error
     return str(path), stat.st_size, stat.st_mtime_ns
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Errors while loading a listed file, worded as the registry words them: no server folders
+    (API answers must not reveal them), a file that cannot be opened said so."""
+    from lib_negip.registry import _without_folders
+
+    try:
+        yield
+    except NegIPError as error:
+        raise type(error)(_without_folders(str(error), path)) from error
+    except OSError as error:
+        msg = f"{path} cannot be read ({error.strerror or error}): check that the file is readable"
+        raise ModelFileError(_without_folders(msg, path)) from error
 
 
 class Models:
@@ -205,7 +228,8 @@ class Models:
         loaded = self.adapters.get(key)
         if loaded is None:
             self.file_reads += 1
-            loaded = _load_adapter(path)
+            with _reading(path):
+                loaded = _load_adapter(path)
             self.adapters.put(key, loaded)
         return loaded
 
@@ -216,7 +240,8 @@ class Models:
         encoder = self.encoders.get(key)
         if encoder is None:
             self.file_reads += 1
-            encoder = load_image_encoder(path)
+            with _reading(path):
+                encoder = load_image_encoder(path)
             self.encoders.put(key, encoder)
         return encoder, key
 
@@ -343,6 +368,12 @@ def start(p: Any, args: Any) -> None:
     registry = MODELS.registry()
     adapter_entry = resolve_adapter(registry, args.model)
     encoder_entry = resolve_encoder(registry, args.image_encoder, adapter_entry.spec)
+    if not (Path(adapter_entry.path).is_file() and Path(encoder_entry.path).is_file()):
+        # Removed since the last scan: scan again, so that "auto" takes an encoder that is
+        # there and a name that is gone is answered as unknown.
+        registry.refresh()
+        adapter_entry = resolve_adapter(registry, args.model)
+        encoder_entry = resolve_encoder(registry, args.image_encoder, adapter_entry.spec)
     loaded = MODELS.adapter(Path(adapter_entry.path))
     encoder, encoder_key = MODELS.encoder(Path(encoder_entry.path))
     adapter_entry.spec.check_encoder(

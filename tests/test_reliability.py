@@ -629,6 +629,40 @@ def _(lab: Lab) -> None:
     pick(lab, "folder.safetensors", r"folder.safetensors is a folder, not a model file")
 
 
+@case(MODEL, "file deleted after it was listed")
+def _(lab: Lab) -> None:
+    path = lab.adapter_file("gone.safetensors", sd15_adapter(lab))
+    assert "gone" in host.adapter_choices(refresh=True)
+    path.unlink()
+    pick(lab, "gone", r"there is no IP-Adapter named 'gone' \(installed: ")
+
+
+@case(MODEL, "file deleted while being loaded")
+def _(lab: Lab) -> None:
+    lab.adapter_file("vanishing.safetensors", sd15_adapter(lab))
+    real = host._file_key
+
+    def vanished(path: Path) -> Any:  # removed between the listing's check and the load
+        if path.name == "vanishing.safetensors":
+            path.unlink()
+        return real(path)
+
+    lab.monkeypatch.setattr(host, "_file_key", vanished)
+    pick(lab, "vanishing", r"vanishing.safetensors was listed but cannot be opened now .*refresh")
+
+
+@case(MODEL, "the encoder 'auto' chose was deleted: 'auto' takes another")
+def _(lab: Lab) -> None:
+    state = hf_vision_state_dict(**ENCODER_SHAPE, seed=5)
+    lab.encoder_file("a-first-vit/model.safetensors", state)
+    lab.encoder_file(
+        "a-first-vit/config.json", json.dumps(hf_vision_config(**ENCODER_SHAPE)).encode()
+    )
+    host.encoder_choices(refresh=True)
+    lab.remove_created()
+    assert torch.equal(lab.result(), lab.references["sd15"])
+
+
 @case(MODEL, "file unreadable when listed, readable later")
 def _(lab: Lab) -> None:
     from lib_negip import registry
