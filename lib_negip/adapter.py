@@ -264,6 +264,7 @@ def adapter_from_state_dict(
 ) -> IPAdapter:
     """Detect, build and load an :class:`IPAdapter`: CPU, float32, eval, no gradients."""
     spec = detect_adapter(state_dict, name=name)
+    _check_finite(state_dict, name)
     # Building on meta skips initialising weights that the load overwrites anyway.
     with torch.device("meta"):
         adapter = IPAdapter(spec)
@@ -279,6 +280,18 @@ def load_adapter(path: str | Path) -> IPAdapter:
     adapter = adapter_from_state_dict(files.load_state_dict(path), name=path.name)
     logger.info("loaded IP-Adapter %s: %s", path.name, adapter.spec.describe())
     return adapter
+
+
+def _check_finite(state_dict: Mapping[str, torch.Tensor], name: str) -> None:
+    """Damaged data behind a sound header shows as NaN or infinity; refuse it here, where the
+    file can be named, not as an all-NaN image (A1111 would blame the checkpoint or the VAE)."""
+    bad = sorted(k for k, v in state_dict.items() if not bool(torch.isfinite(v).all()))
+    if bad:
+        msg = (
+            f"{name} has non-finite values (NaN or infinity) in {', '.join(bad[:4])}"
+            f"{' ...' if len(bad) > 4 else ''}: the file is damaged; download it again"
+        )
+        raise ModelFileError(msg)
 
 
 def _to_module_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -413,6 +413,15 @@ def start(p: Any, args: Any) -> None:
             encoder.to(device=torch.device("cpu"), dtype=torch.float32)
             devices.torch_gc()
 
+    if not all(
+        bool(torch.isfinite(side.tokens).all()) for side in (prompt.positive, prompt.negative)
+    ):
+        msg = (
+            f"The image tokens made with {encoder_entry.name} and {adapter_entry.name} are not "
+            "finite numbers (NaN or infinity): one of the two files has damaged weights (download "
+            "it again), or half precision overflowed on this GPU (try --no-half)."
+        )
+        raise ModelFileError(msg)
     session = ImagePromptSession(
         prompt,
         loaded.weights,

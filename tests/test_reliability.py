@@ -682,6 +682,28 @@ def _(lab: Lab) -> None:
     assert torch.isfinite(lab.result(reference_fields(model="locked"))).all()
 
 
+@case(MODEL, "adapter weights with NaN")
+def _(lab: Lab) -> None:
+    state = sd15_adapter(lab)
+    state["ip_adapter.7.to_v_ip.weight"][0, 0] = float("nan")
+    lab.adapter_file("nan.safetensors", state)
+    pick(lab, "nan", r"nan.safetensors has non-finite values .*ip_adapter.7.to_v_ip.weight")
+
+
+@case(MODEL, "image encoder weights with NaN")
+def _(lab: Lab) -> None:
+    state = hf_vision_state_dict(**ENCODER_SHAPE, seed=5)
+    state["vision_model.encoder.layers.1.mlp.fc2.weight"][3, 3] = float("nan")
+    lab.encoder_file("nan-vit/model.safetensors", state)
+    lab.encoder_file("nan-vit/config.json", json.dumps(hf_vision_config(**ENCODER_SHAPE)).encode())
+    pick(
+        lab,
+        "tiny-base_sd15",
+        r"tokens made with nan-vit and tiny-base_sd15 are not finite",
+        image_encoder="nan-vit",
+    )
+
+
 FAMILY = r"the adapter is for another model family"
 
 
