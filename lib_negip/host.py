@@ -367,13 +367,13 @@ def start(p: Any, args: Any) -> None:
     MODELS.apply_limits()
     registry = MODELS.registry()
     adapter_entry = resolve_adapter(registry, args.model)
-    encoder_entry = resolve_encoder(registry, args.image_encoder, adapter_entry.spec)
+    encoder_entry = resolve_encoder(registry, args.image_encoder, adapter_entry)
     if not (Path(adapter_entry.path).is_file() and Path(encoder_entry.path).is_file()):
         # Removed since the last scan: scan again, so that "auto" takes an encoder that is
         # there and a name that is gone is answered as unknown.
         registry.refresh()
         adapter_entry = resolve_adapter(registry, args.model)
-        encoder_entry = resolve_encoder(registry, args.image_encoder, adapter_entry.spec)
+        encoder_entry = resolve_encoder(registry, args.image_encoder, adapter_entry)
     loaded = MODELS.adapter(Path(adapter_entry.path))
     encoder, encoder_key = MODELS.encoder(Path(encoder_entry.path))
     adapter_entry.spec.check_encoder(
@@ -454,19 +454,21 @@ def resolve_adapter(registry: Any, name: str) -> Any:
         return registry.resolve_adapter(name)
 
 
-def resolve_encoder(registry: Any, name: str, spec: Any) -> Any:
+def resolve_encoder(registry: Any, name: str, adapter: Any) -> Any:
+    """The registry entry of image encoder ``name`` ("auto" included) for the adapter entry
+    ``adapter`` (its name appears in the answers), downloading the official one when allowed."""
     try:
-        return registry.resolve_encoder(name, spec)
+        return registry.resolve_encoder(name, adapter)
     except NegIPError:
         if name != "auto" or not opt(OPT_AUTO_DOWNLOAD):
             raise
         from lib_negip import download
 
-        needed = download.official_encoder_for(spec)
+        needed = download.official_encoder_for(adapter.spec)
         if needed is None or not _download_official(needed):
             raise
         registry.refresh()
-        return registry.resolve_encoder(name, spec)
+        return registry.resolve_encoder(name, adapter)
 
 
 def _download_official(name: str) -> bool:

@@ -773,6 +773,14 @@ def _(lab: Lab) -> None:
     )
 
 
+@case(MODEL, "no installed encoder fits ('auto')")
+def _(lab: Lab) -> None:
+    lab.adapter_file("odd.safetensors", sd15_adapter(lab, encoder_dim=36))
+    pick(
+        lab, "odd", r"odd needs an image encoder with projection dim 36, but none of the installed"
+    )
+
+
 @case(MODEL, "damaged encoder: named it fails, 'auto' passes over it")
 def _(lab: Lab) -> None:
     data = save(hf_vision_state_dict(**ENCODER_SHAPE, seed=5))
