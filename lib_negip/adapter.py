@@ -37,6 +37,15 @@ VARIANTS = ("base", "plus", "full_face")
 
 _FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 
+
+def family_of(context_width: int) -> str:
+    """The base-model family of a UNet context width, for messages: "SDXL (context width 2048)"."""
+    family = _FAMILIES.get(context_width)
+    if family is None:
+        return f"a model family of context width {context_width}"
+    return f"{family} (context width {context_width})"
+
+
 # open_clip architecture by the width an adapter reads: projected embeds (base) or hidden states.
 _ENCODER_BY_EMBED_DIM = {1024: "ViT-H-14", 1280: "ViT-bigG-14"}
 _ENCODER_BY_HIDDEN_WIDTH = {1280: "ViT-H-14", 1664: "ViT-bigG-14"}

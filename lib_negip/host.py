@@ -34,7 +34,7 @@ import torch
 
 from lib_negip import logger
 from lib_negip.cache import LRUCache
-from lib_negip.errors import ArgumentError, ModelFileError, NegIPError
+from lib_negip.errors import ArgumentError, IncompatibleModelError, ModelFileError, NegIPError
 from lib_negip.hijack import FailureTrap, KeyValueWeights
 from lib_negip.session import (
     FeatureCache,
@@ -429,13 +429,33 @@ def start(p: Any, args: Any) -> None:
         upcast=bool(getattr(shared.opts, "upcast_attn", False)),
     )
     unet = _current_unet()
-    if unet is not None:
-        session.check_fits(unet)  # a wrong family fails now, before any step runs
+    if unet is not None:  # a wrong family fails now, before any step runs
+        check_family(spec, adapter_entry.name, unet)
+        session.check_fits(unet)
     p.extra_generation_params.update(
         to_infotext(args, entry_label(adapter_entry), entry_label(encoder_entry))
     )
     with Generation.lock:
         Generation.current = Generation(p, session)
+
+
+def check_family(spec: Any, adapter_name: str, unet: Any) -> None:
+    """Raise :class:`IncompatibleModelError` naming both families when the adapter's context
+    width is not the checkpoint's (the layer-by-layer check says the same in shapes only)."""
+    from lib_negip.adapter import family_of
+    from lib_negip.unet_layers import cross_attention_layers
+
+    layers = cross_attention_layers(unet)
+    width = layers[0].context_dim if layers else None
+    if width is None or width == spec.cross_attention_dim:
+        return
+    msg = (
+        f"{adapter_name} is an IP-Adapter for {family_of(spec.cross_attention_dim)}, but the "
+        f"loaded checkpoint is {family_of(width)}: the adapter is for another model family. "
+        "Choose an IP-Adapter made for the loaded checkpoint, or load a checkpoint of the "
+        "adapter's family."
+    )
+    raise IncompatibleModelError(msg)
 
 
 def entry_label(entry: Any) -> str:

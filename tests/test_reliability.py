@@ -704,7 +704,10 @@ def _(lab: Lab) -> None:
     )
 
 
-FAMILY = r"the adapter is for another model family"
+FAMILY = (
+    r"{name} is an IP-Adapter for .*context width {adapter}, but the loaded checkpoint is .*"
+    r"context width {checkpoint}: the adapter is for another model family"
+)
 
 
 @case(MODEL, "adapter with one layer too few (same context width)")
