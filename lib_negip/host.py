@@ -65,6 +65,12 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# Settings that decide which files the server reads or downloads: never changed through the API
+# (POST /sdapi/v1/options, a request's override_settings); A1111 1.7+ enforces restrict_api.
+RESTRICTED_SETTINGS = (OPT_ADAPTER_DIRS, OPT_ENCODER_DIRS, OPT_AUTO_DOWNLOAD)
+FOLDER_SETTINGS = (OPT_ADAPTER_DIRS, OPT_ENCODER_DIRS)
+
+
 def opt(key: str) -> Any:
     from modules import shared
 
@@ -620,6 +626,10 @@ def on_ui_settings() -> None:
     }
     for key, info in options.items():
         info.section = SECTION
+        if key in RESTRICTED_SETTINGS:
+            info.restrict_api = True  # an attribute: an older OptionInfo lacks the argument
+        if key in FOLDER_SETTINGS and getattr(shared, "hide_dirs", None) is not None:
+            info.component_args = shared.hide_dirs  # --hide-ui-dir-config hides and locks it
         shared.opts.add_option(key, info)
 
 

@@ -1163,6 +1163,15 @@ def _(lab: Lab) -> None:
     assert "stray-adapter" not in host.adapter_choices(refresh=True)
 
 
+@case(API, "override_settings cannot move the model folders")
+def _(lab: Lab) -> None:
+    labels = shared.opts.data_labels
+    for key in (host.OPT_ADAPTER_DIRS, host.OPT_ENCODER_DIRS, host.OPT_AUTO_DOWNLOAD):
+        # A1111 1.10 (modules/options.py): Options.set(..., is_api=True) refuses these, which
+        # is how both POST /sdapi/v1/options and a request's override_settings are applied.
+        assert getattr(labels[key], "restrict_api", False), key
+
+
 # --------------------------------------------------------------------------------------------
 # Faults in the middle of a generation.
 
