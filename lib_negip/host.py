@@ -55,6 +55,10 @@ OPT_IMAGES_IN_MEMORY = "negip_images_in_memory"
 OPT_ENCODER_ON_GPU = "negip_encoder_on_gpu"
 OPT_AUTO_DOWNLOAD = "negip_auto_download"
 
+#: The sliders' ranges, which also bound values that arrive through the API unchecked.
+MODELS_IN_MEMORY_RANGE = (1, 8)
+IMAGES_IN_MEMORY_RANGE = (0, 512)
+
 DEFAULTS: dict[str, Any] = {
     OPT_ADAPTER_DIRS: "",
     OPT_ENCODER_DIRS: "",
@@ -225,9 +229,10 @@ class Models:
         return self._registry
 
     def apply_limits(self) -> None:
-        self.adapters.set_limit(max(int(opt(OPT_MODELS_IN_MEMORY)), 1))
-        self.encoders.set_limit(max(int(opt(OPT_MODELS_IN_MEMORY)), 1))
-        self.features.set_limit(max(int(opt(OPT_IMAGES_IN_MEMORY)), 0))
+        models = _setting_int(OPT_MODELS_IN_MEMORY, *MODELS_IN_MEMORY_RANGE)
+        self.adapters.set_limit(models)
+        self.encoders.set_limit(models)
+        self.features.set_limit(_setting_int(OPT_IMAGES_IN_MEMORY, *IMAGES_IN_MEMORY_RANGE))
 
     def adapter(self, path: Path) -> LoadedAdapter:
         key = _file_key(path)
@@ -255,6 +260,18 @@ class Models:
         self.adapters.clear()
         self.encoders.clear()
         self.features.clear()
+
+
+def _setting_int(key: str, low: int, high: int) -> int:
+    """A numeric setting as an int in [low, high]; A1111 does not check values set through the
+    API (override_settings, POST /sdapi/v1/options), so anything may arrive here."""
+    value = opt(key)
+    try:
+        number = int(float(value))  # sliders store floats
+    except (TypeError, ValueError, OverflowError):
+        logger.warning("Setting %s is %r, not a number: using %s", key, value, DEFAULTS[key])
+        return DEFAULTS[key]
+    return min(max(number, low), high)
 
 
 def _a1111_hash(path: Path) -> str | None:
@@ -606,13 +623,13 @@ def on_ui_settings() -> None:
             DEFAULTS[OPT_MODELS_IN_MEMORY],
             "IP-Adapters and image encoders kept loaded (each)",
             gr.Slider,
-            {"minimum": 1, "maximum": 8, "step": 1},
+            {"minimum": MODELS_IN_MEMORY_RANGE[0], "maximum": MODELS_IN_MEMORY_RANGE[1], "step": 1},
         ),
         OPT_IMAGES_IN_MEMORY: shared.OptionInfo(
             DEFAULTS[OPT_IMAGES_IN_MEMORY],
             "Encoded images kept in memory",
             gr.Slider,
-            {"minimum": 0, "maximum": 512, "step": 1},
+            {"minimum": IMAGES_IN_MEMORY_RANGE[0], "maximum": IMAGES_IN_MEMORY_RANGE[1], "step": 1},
         ),
         OPT_ENCODER_ON_GPU: shared.OptionInfo(
             DEFAULTS[OPT_ENCODER_ON_GPU],

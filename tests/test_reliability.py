@@ -1172,6 +1172,15 @@ def _(lab: Lab) -> None:
         assert getattr(labels[key], "restrict_api", False), key
 
 
+@case(API, "override_settings with absurd cache sizes")
+def _(lab: Lab) -> None:
+    shared.opts.negip_models_in_memory = 10**9
+    shared.opts.negip_images_in_memory = "lots"
+    assert torch.equal(lab.result(), lab.references["sd15"])
+    assert host.MODELS.adapters.limit == 8
+    assert host.MODELS.features._features.limit == host.DEFAULTS[host.OPT_IMAGES_IN_MEMORY]
+
+
 # --------------------------------------------------------------------------------------------
 # Faults in the middle of a generation.
 
