@@ -32,5 +32,9 @@ class ArgumentError(NegIPError):
     """An argument value (UI, API or infotext) that is missing, of the wrong type or out of range."""
 
 
+class ResourceError(NegIPError):
+    """Not enough memory (GPU or RAM) for what was asked."""
+
+
 class ConditioningError(NegIPError):
     """The image tokens appended to the conditioning were changed before they reached the UNet."""

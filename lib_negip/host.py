@@ -34,7 +34,13 @@ import torch
 
 from lib_negip import logger
 from lib_negip.cache import LRUCache
-from lib_negip.errors import ArgumentError, IncompatibleModelError, ModelFileError, NegIPError
+from lib_negip.errors import (
+    ArgumentError,
+    IncompatibleModelError,
+    ModelFileError,
+    NegIPError,
+    ResourceError,
+)
 from lib_negip.hijack import FailureTrap, KeyValueWeights
 from lib_negip.session import (
     FeatureCache,
@@ -372,7 +378,35 @@ def process(p: Any, values: Sequence[Any]) -> None:
             return
         start(p, args)
     except Exception as error:  # every failure must reach the user: see Generation.fail
-        Generation.fail(error)
+        Generation.fail(explain_out_of_memory(error))
+
+
+def explain_out_of_memory(error: BaseException) -> BaseException:
+    """``error`` as a :class:`ResourceError` that says what to change, if it is one of the
+    out-of-memory errors (torch's, A1111's "CUDA out of memory" RuntimeErrors, MemoryError)."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    text = str(error).strip()
+    gpu = isinstance(error, oom) or (
+        isinstance(error, RuntimeError) and "out of memory" in text.lower()
+    )
+    if not gpu and not isinstance(error, MemoryError):
+        return error
+    what = text.splitlines()[0][:200] if text else type(error).__name__
+    if gpu:
+        msg = (
+            f"Negative Image Prompt ran out of GPU memory while preparing the image prompts "
+            f"({what}): use fewer images per side, turn off 'Keep the image encoder on the GPU' "
+            "and lower 'IP-Adapters and image encoders kept loaded' in Settings > Negative Image "
+            "Prompt, or free GPU memory (a smaller batch, --medvram)."
+        )
+    else:
+        msg = (
+            f"Negative Image Prompt ran out of memory while preparing the image prompts ({what}): "
+            "use fewer or smaller images (the encoder sees 224x224 pixels; a few megapixels are "
+            "plenty), and lower 'Encoded images kept in memory' and 'IP-Adapters and image "
+            "encoders kept loaded' in Settings > Negative Image Prompt."
+        )
+    return ResourceError(msg)
 
 
 def start(p: Any, args: Any) -> None:
@@ -407,7 +441,7 @@ def start(p: Any, args: Any) -> None:
     device = devices.device
     dtype = torch.float32 if device.type == "cpu" else devices.dtype
     try:
-        encoder.to(device=device, dtype=dtype)
+        encoder.to(device=device, dtype=dtype)  # may fail half way: see the except below
         features = functools.partial(
             MODELS.features.features, encoder, encoder_key, spec.encoder_output
         )
@@ -431,10 +465,13 @@ def start(p: Any, args: Any) -> None:
             features=features,
             unconditional=unconditional,
         )
-    finally:
-        if not opt(OPT_ENCODER_ON_GPU):
-            encoder.to(device=torch.device("cpu"), dtype=torch.float32)
-            devices.torch_gc()
+    except BaseException:
+        # Never leave the encoder on the GPU after a failure, whatever the setting says: after
+        # an out-of-memory error it may be half moved and holds memory the user needs back.
+        _encoder_to_cpu(encoder)
+        raise
+    if not opt(OPT_ENCODER_ON_GPU):
+        _encoder_to_cpu(encoder)
 
     if not all(
         bool(torch.isfinite(side.tokens).all()) for side in (prompt.positive, prompt.negative)
@@ -479,6 +516,13 @@ def check_family(spec: Any, adapter_name: str, unet: Any) -> None:
         "adapter's family."
     )
     raise IncompatibleModelError(msg)
+
+
+def _encoder_to_cpu(encoder: Any) -> None:
+    from modules import devices
+
+    encoder.to(device=torch.device("cpu"), dtype=torch.float32)
+    devices.torch_gc()
 
 
 def entry_label(entry: Any) -> str:

@@ -1273,6 +1273,43 @@ def out_of_memory_while_encoding(lab: Lab, error: BaseException) -> None:
     assert moves[-1] == torch.device("cpu")  # the encoder left the GPU despite the setting
 
 
+@case(FAULTS, "torch.OutOfMemoryError while encoding the images")
+def _(lab: Lab) -> None:
+    out_of_memory_while_encoding(
+        lab, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    )
+
+
+@case(FAULTS, "RuntimeError('CUDA out of memory') while encoding the images")
+def _(lab: Lab) -> None:
+    out_of_memory_while_encoding(lab, RuntimeError("CUDA out of memory. Tried to allocate 1.5 GiB"))
+
+
+@case(FAULTS, "MemoryError while decoding an image")
+def _(lab: Lab) -> None:
+    from lib_negip import images
+
+    def decode_image(data: Any, **kwargs: Any) -> Any:
+        raise MemoryError
+
+    lab.monkeypatch.setattr(images, "decode_image", decode_image)
+    lab.refused(reference_fields(), r"ran out of memory while preparing .*fewer or smaller images")
+
+
+@case(FAULTS, "out of memory while loading an adapter")
+def _(lab: Lab) -> None:
+    lab.adapter_file("fresh.safetensors", sd15_adapter(lab))
+
+    def load(path: Path) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    lab.monkeypatch.setattr(host, "_load_adapter", load)
+    lab.refused(
+        reference_fields(model="fresh"), r"ran out of GPU memory .*Tried to allocate 20.00 MiB"
+    )
+    assert not any("fresh" in key[0] for key in host.MODELS.adapters._items)
+
+
 @case(FAULTS, "checkpoint reloaded between process and the first step, an error pending")
 def _(lab: Lab) -> None:
     reloaded = lab.extra_unet(SD15, seed=0)
