@@ -316,6 +316,7 @@ class Generation:
 
     lock = threading.Lock()
     current: Generation | None = None
+    failure: BaseException | None = None  # kept until raised from a UNet call, or end()
     trap: FailureTrap | None = None
 
     def __init__(self, p: Any, session: ImagePromptSession) -> None:
@@ -328,6 +329,7 @@ class Generation:
         with cls.lock:
             current, cls.current = cls.current, None
             trap, cls.trap = cls.trap, None
+            cls.failure = None
         if current is not None:
             current.session.close()
         if trap is not None:
@@ -341,18 +343,23 @@ class Generation:
         else:
             logger.exception("Negative Image Prompt failed", exc_info=error)
         cls.end()
+        with cls.lock:
+            cls.failure = request_error(error)
         unet = _current_unet()
-        if unet is not None:
-            with cls.lock:
-                cls.trap = FailureTrap(unet, request_error(error), cleanup=cls.end)
+        if unet is not None:  # else armed at the first denoiser call, on the UNet loaded by then
+            cls.rearm_on(unet)
 
     @classmethod
     def rearm_on(cls, unet: Any) -> None:
-        """The model changed before the trap fired (refiner, reload): move the trap with it."""
-        trap = cls.trap
-        if trap is not None and trap.armed and trap.unet is not unet:
-            trap.disarm()
-            cls.trap = FailureTrap(unet, trap.error, cleanup=cls.end)
+        """Keep the pending failure's trap on the UNet about to run: the one loaded after
+        process, the refiner, a reloaded model."""
+        with cls.lock:
+            failure, trap = cls.failure, cls.trap
+            if failure is None or (trap is not None and trap.armed and trap.unet is unet):
+                return
+            if trap is not None:
+                trap.disarm()
+            cls.trap = FailureTrap(unet, failure, cleanup=cls.end)
 
 
 def _current_unet() -> Any:

@@ -1310,6 +1310,20 @@ def _(lab: Lab) -> None:
     assert not any("fresh" in key[0] for key in host.MODELS.adapters._items)
 
 
+@case(FAULTS, "no checkpoint loaded when process runs; the error still reaches the user")
+def _(lab: Lab) -> None:
+    class LoadsTheCheckpoint(Other):  # A1111 loading the checkpoint after our process
+        def process(self, p: Any, *args: Any) -> None:
+            lab.use("sd15")
+
+    shared.sd_model = None
+    lab.refused(
+        reference_fields(model="no-such-adapter"),
+        r"there is no IP-Adapter named 'no-such-adapter'",
+        after=(LoadsTheCheckpoint(),),
+    )
+
+
 @case(FAULTS, "checkpoint reloaded between process and the first step, an error pending")
 def _(lab: Lab) -> None:
     reloaded = lab.extra_unet(SD15, seed=0)
