@@ -258,6 +258,10 @@ class AttentionHijack:
     extension's changes, the ControlNet extension's marker stripping included.
     side_tokens: the image tokens [n_s, C] that blocks made with ``make_block(..., side=s)``
     hold; their keys and values are then projected once per generation, not once per call.
+    on_abort: called after the hijack removed itself because an exception went through the UNet
+    (A1111 then skips postprocess): the owner ends the generation.
+    raise_as: turns the :class:`ConditioningError` of a transformed block into the exception to
+    raise (the host's HTTP 422 error); by default it is raised as it is.
     """
 
     def __init__(
@@ -270,12 +274,16 @@ class AttentionHijack:
         upcast: bool = False,
         verify: bool = True,
         side_tokens: Sequence[torch.Tensor] = (),
+        on_abort: Callable[[], None] | None = None,
+        raise_as: Callable[[BaseException], BaseException] | None = None,
     ) -> None:
         self.unet = unet
         self.layout = layout
         self.masked = masked
         self.upcast = upcast
         self.verify = verify
+        self.on_abort = on_abort
+        self.raise_as = raise_as
         weights = [w if isinstance(w, KeyValueWeights) else KeyValueWeights(*w) for w in layers]
         targets = cross_attention_layers(unet)
         check_layers_fit(targets, weights)
@@ -284,6 +292,7 @@ class AttentionHijack:
             _LayerHooks(self, target, kv) for target, kv in zip(targets, weights, strict=True)
         ]
         self._unet_handle: RemovableHandle | None = None
+        self._unet_after: RemovableHandle | None = None
         self._last_context: torch.Tensor | None = None
         self._last_split: SplitContext | None = None
         self._side_tokens = [tokens.detach() for tokens in side_tokens]
@@ -306,6 +315,10 @@ class AttentionHijack:
         for layer in self._layers:
             layer.install()
         self._unet_handle = self.unet.register_forward_pre_hook(self._before_unet)
+        try:  # also called when the forward raises (torch 2.1+)
+            self._unet_after = self.unet.register_forward_hook(self._after_unet, always_call=True)
+        except TypeError:  # an older torch: an exception leaves the hooks to the next process
+            self._unet_after = None
         logger.debug("hijacked %d cross-attention layers", len(self._layers))
 
     def remove(self) -> None:
@@ -315,6 +328,9 @@ class AttentionHijack:
         if self._unet_handle is not None:
             self._unet_handle.remove()
             self._unet_handle = None
+        if self._unet_after is not None:
+            self._unet_after.remove()
+            self._unet_after = None
         if _INSTALLED.get(self.unet) is self:
             del _INSTALLED[self.unet]
         self._forget_context()
@@ -335,10 +351,12 @@ class AttentionHijack:
             if self.verify:
                 try:
                     rows = verify_blocks(context, self.layout)
-                except ConditioningError:
+                except ConditioningError as error:
                     # The generation fails here and A1111 skips postprocess: leave nothing behind.
-                    self.remove()
-                    raise
+                    self._abort()
+                    if self.raise_as is None:
+                        raise
+                    raise self.raise_as(error) from error
                 # Rows whose side is out of range project their own tokens (sides=0).
                 side_rows = rows if all(0 <= side < sides for side in rows) else None
                 sides = 0
@@ -369,6 +387,17 @@ class AttentionHijack:
     def _before_unet(self, module: nn.Module, args: tuple) -> None:
         # A new UNet call: never reuse a split of a tensor that may have been changed in place.
         self._forget_context()
+
+    def _after_unet(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if output is None:  # the forward raised (torch calls always_call hooks without output)
+            self._abort()
+
+    def _abort(self) -> None:
+        """An exception is going through the UNet, and A1111 will skip postprocess: remove
+        everything now, then tell the owner."""
+        self.remove()
+        if self.on_abort is not None:
+            self.on_abort()
 
 
 def check_layers_fit(targets: list[CrossAttentionLayer], layers: Sequence[KeyValueWeights]) -> None:

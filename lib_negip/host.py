@@ -494,6 +494,10 @@ def start(p: Any, args: Any) -> None:
         loaded.weights,
         hires_pass=args.hires_pass,
         upcast=bool(getattr(shared.opts, "upcast_attn", False)),
+        # An exception through the UNet ends the generation at once (A1111 skips postprocess);
+        # a transformed block is answered like every other refusal.
+        on_abort=Generation.end,
+        raise_as=request_error,
     )
     unet = _current_unet()
     if unet is not None:  # a wrong family fails now, before any step runs

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -177,7 +177,10 @@ class ImagePromptSession:
         hires_pass: str = "both",
         upcast: bool = False,
         verify: bool = True,
+        on_abort: Callable[[], None] | None = None,
+        raise_as: Callable[[BaseException], BaseException] | None = None,
     ) -> None:
+        """``on_abort`` and ``raise_as`` go to every hijack: see :class:`AttentionHijack`."""
         if hires_pass not in HIRES_PASSES:
             msg = f"hires_pass must be one of {HIRES_PASSES}, got {hires_pass!r}"
             raise ValueError(msg)
@@ -186,6 +189,8 @@ class ImagePromptSession:
         self.hires_pass = hires_pass
         self.upcast = upcast
         self.verify = verify
+        self.on_abort = on_abort
+        self.raise_as = raise_as
         self.context_dim = self.weights[0].shape[1]
         self._unet: nn.Module | None = None
         self._hijack: AttentionHijack | None = None
@@ -260,6 +265,8 @@ class ImagePromptSession:
                 upcast=self.upcast,
                 verify=self.verify,
                 side_tokens=[side.tokens for side in self.prompt.sides],
+                on_abort=self.on_abort,
+                raise_as=self.raise_as,
             )
         except IncompatibleModelError as error:
             logger.info(

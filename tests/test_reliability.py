@@ -1197,6 +1197,34 @@ def denoisers_seen(lab: Lab) -> list[Any]:
     return seen
 
 
+@case(FAULTS, "a callback after ours rescales the conditioning (ConditioningError)")
+def _(lab: Lab) -> None:
+    def rescale(params: Any) -> None:
+        params.text_cond = params.text_cond * 1.5
+
+    lab.callback(rescale, after_ours=True)
+    lab.refused(
+        reference_fields(), r"image-prompt tokens appended to the conditioning were changed"
+    )
+
+
+@case(FAULTS, "an error inside our attention hook")
+def _(lab: Lab) -> None:
+    real = AttentionHijack.split
+    calls = {"n": 0}
+
+    def failing(self: Any, context: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 20:  # the second UNet call, in the middle of the down blocks
+            msg = "forced failure inside the image attention"
+            raise RuntimeError(msg)
+        return real(self, context)
+
+    lab.monkeypatch.setattr(AttentionHijack, "split", failing)
+    with pytest.raises(RuntimeError, match="forced failure inside the image attention"):
+        lab.run()
+
+
 @case(FAULTS, "an error in our on_cfg_denoiser callback: raised in the same denoiser call")
 def _(lab: Lab) -> None:
     real = ImagePromptSession.conditioning
@@ -1227,6 +1255,24 @@ def _(lab: Lab) -> None:
     lab.callback(failing, after_ours=True)
     assert torch.equal(lab.result(), lab.references["sd15"])  # our prompts unaffected
     assert len(script_callbacks.errors) == 4  # two steps, two callbacks, each logged
+
+
+@case(FAULTS, "another extension raises inside the UNet")
+def _(lab: Lab) -> None:
+    calls = {"n": 0}
+
+    def failing(module: Any, args: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            msg = "another extension failed inside the UNet"
+            raise RuntimeError(msg)
+
+    handle = lab.world.sd15.register_forward_pre_hook(failing)
+    try:
+        with pytest.raises(RuntimeError, match="another extension failed inside the UNet"):
+            lab.run()
+    finally:
+        handle.remove()  # the other extension's own cleanup; ours must have happened already
 
 
 @case(FAULTS, "interrupted mid-sampling")
