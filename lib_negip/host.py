@@ -640,6 +640,15 @@ def _append(generation: Generation, params: Any, unet: Any) -> None:
         p.extra_generation_params[key] = True
 
 
+def post_sample(p: Any) -> None:
+    """Script.post_sample: sampling is over and the VAE decodes next. Take the hijack off the
+    UNet now, so that a failure from here on (the VAE out of memory) leaves the UNet as it was;
+    the next batch's first denoiser call puts it back."""
+    generation = Generation.current
+    if generation is not None:
+        generation.session.close()
+
+
 def postprocess(p: Any) -> None:
     Generation.end()
 

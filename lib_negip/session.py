@@ -288,5 +288,5 @@ class ImagePromptSession:
         self._unet = None
 
     def close(self) -> None:
-        """Remove the hijack; the session can not be used after this."""
+        """Remove the hijack; a later :meth:`conditioning` call installs it again."""
         self._remove()

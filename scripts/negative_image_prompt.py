@@ -24,6 +24,9 @@ class NegativeImagePromptScript(scripts.Script):
     def process(self, p, *args):
         host.process(p, args)
 
+    def post_sample(self, p, ps, *args):
+        host.post_sample(p)
+
     def postprocess(self, p, processed, *args):
         host.postprocess(p)
 

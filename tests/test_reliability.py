@@ -1275,6 +1275,23 @@ def _(lab: Lab) -> None:
         handle.remove()  # the other extension's own cleanup; ours must have happened already
 
 
+@case(FAULTS, "the VAE fails after sampling (postprocess never runs)")
+def _(lab: Lab) -> None:
+    def decode_first_stage(x: torch.Tensor) -> torch.Tensor:
+        msg = "CUDA out of memory while decoding (the VAE)"
+        raise torch.OutOfMemoryError(msg)
+
+    lab.monkeypatch.setattr(
+        shared.sd_model, "decode_first_stage", decode_first_stage, raising=False
+    )
+    with pytest.raises(torch.OutOfMemoryError, match="the VAE"):
+        lab.run()
+    lab.monkeypatch.undo()
+    for snapshot in lab.snapshots:  # the UNet is clean at once, not at the next process
+        snapshot.check()
+    lab.idle_generation = True  # A1111 skipped postprocess: the Generation outlives sampling
+
+
 @case(FAULTS, "interrupted mid-sampling")
 def _(lab: Lab) -> None:
     interrupt_at_step(lab, "interrupted")

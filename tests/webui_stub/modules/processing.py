@@ -2,8 +2,10 @@
 
 ``process_images`` calls every script's ``process`` (exceptions logged, not raised), runs the
 sampling pass and, with hires fix, a second pass with ``p.is_hr_pass`` set, then every script's
-``postprocess``. An exception from the UNet propagates out and ``postprocess`` does not run;
-an interrupt ends sampling early and ``postprocess`` runs, as in A1111.
+``post_sample``, the VAE (the loaded model's ``decode_first_stage``, when it has one) and every
+script's ``postprocess``. An exception from the UNet or the VAE propagates out and
+``postprocess`` does not run; an interrupt ends sampling early and ``postprocess`` runs, as in
+A1111.
 """
 
 import logging
@@ -95,5 +97,9 @@ def process_images(p):
         p.is_hr_pass = True
         x = sample(p, p.hr_steps, x)
         p.is_hr_pass = False
+    run_scripts(p, "post_sample", None)
+    decode = getattr(shared.sd_model, "decode_first_stage", None)
+    if decode is not None:
+        x = decode(x)
     run_scripts(p, "postprocess", None)
     return x
