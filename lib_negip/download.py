@@ -247,11 +247,11 @@ def download_file(
         verify_download(temporary, destination.name)
         os.replace(temporary, destination)
     except NegIPError as exc:
-        _remove(temporary)
+        _remove_partial(temporary)
         msg = f"Downloading {shown} from {url} failed: {exc}. Nothing was saved; try again"
         raise DownloadError(msg) from exc
     except Exception as exc:
-        _remove(temporary)
+        _remove_partial(temporary)
         # OSError texts carry absolute paths; messages may reach API clients.
         reason = _reason(exc).replace(str(temporary), shown).replace(str(destination.parent), ".")
         msg = (
@@ -260,7 +260,7 @@ def download_file(
         )
         raise DownloadError(msg) from exc
     except BaseException:  # an interrupt: still never leave a partial file behind
-        _remove(temporary)
+        _remove_partial(temporary)
         raise
     logger.info("downloaded %s (%d bytes)", shown, destination.stat().st_size)
     return destination
@@ -379,6 +379,18 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     except OSError as exc:  # e.g. still open on Windows; it stays hidden and unlisted
         logger.warning("could not remove the partial download %s: %s", path.name, exc)
+
+
+def _remove_partial(temporary: Path) -> None:
+    """The temporary file and whatever the downloader left beside it under that unique name
+    (its own partial file, which not every downloader removes after a failure)."""
+    _remove(temporary)
+    try:
+        leftovers = [p for p in temporary.parent.iterdir() if p.name.startswith(temporary.name)]
+    except OSError:
+        return
+    for path in leftovers:
+        _remove(path)
 
 
 def _reason(exc: BaseException) -> str:

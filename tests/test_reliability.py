@@ -1522,6 +1522,17 @@ def download_fails(lab: Lab, mode: str, body: bytes, match: str) -> None:
     assert len(listed_during) == (mode == "cut")
 
 
+@case(FAULTS, "a download that breaks off (automatic download)")
+def _(lab: Lab) -> None:
+    body = save(sd15_adapter(lab))
+    download_fails(
+        lab,
+        "cut",
+        body,
+        r"Downloading models/ipadapter/ip-adapter_sd15.safetensors .* failed: .*Nothing was saved",
+    )
+
+
 @case(FAULTS, "a download that returns a web page")
 def _(lab: Lab) -> None:
     page = b"<!DOCTYPE html><html><body>Please log in</body></html>"
