@@ -599,6 +599,9 @@ def on_cfg_denoiser(params: Any) -> None:
         Generation.rearm_on(unet)
     if generation is None or unet is None:
         return
+    p = getattr(params.denoiser, "p", None)
+    if p is not None and p is not generation.p:
+        return  # a generation our process did not see (its own p): not ours to change
     try:
         _append(generation, params, unet)
     except Exception as error:  # raised from the UNet call that follows

@@ -1281,6 +1281,7 @@ def _(lab: Lab) -> None:
         msg = "CUDA out of memory while decoding (the VAE)"
         raise torch.OutOfMemoryError(msg)
 
+    plain = lab.run(scripts=False).result
     lab.monkeypatch.setattr(
         shared.sd_model, "decode_first_stage", decode_first_stage, raising=False
     )
@@ -1289,7 +1290,10 @@ def _(lab: Lab) -> None:
     lab.monkeypatch.undo()
     for snapshot in lab.snapshots:  # the UNet is clean at once, not at the next process
         snapshot.check()
-    lab.idle_generation = True  # A1111 skipped postprocess: the Generation outlives sampling
+    # The generation outlived its sampling (A1111 skipped postprocess): a generation that does
+    # not run our script (an extension's own pass) gets nothing from it.
+    lab.idle_generation = True
+    assert torch.equal(lab.run(scripts=False).result, plain)
 
 
 @case(FAULTS, "interrupted mid-sampling")
