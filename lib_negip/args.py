@@ -337,6 +337,8 @@ def _rgb(label: str, image: Image.Image) -> Image.Image:
 def _looks_like_path(text: str) -> bool:
     """Whether a string that failed to decode was probably meant as a file path or URL."""
     stripped = text.strip()
+    if stripped.startswith("/9j/"):  # the base64 of every JPEG (FF D8 FF), not a path
+        return False
     return len(stripped) < 4096 and bool(
         stripped.startswith(("/", "~", "./", "../", "file:"))
         or re.match(r"^[A-Za-z]:[\\/]", stripped)
