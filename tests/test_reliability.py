@@ -1835,3 +1835,88 @@ def test_soak(process: Process, monkeypatch: pytest.MonkeyPatch) -> None:
     assert end - warm < 24 * 2**20  # no growth beyond allocator noise
     for snapshot in process.snapshots:
         snapshot.check()
+
+
+# --------------------------------------------------------------------------------------------
+# A real GPU: the out-of-memory errors above are simulated on the CPU; here CUDA raises them.
+
+
+class _Attention(torch.nn.Module):
+    """An ldm-shaped cross-attention (to_q/to_k/to_v/to_out, heads) that can exhaust the GPU."""
+
+    def __init__(self, explode: bool) -> None:
+        super().__init__()
+        self.heads, self.explode = 4, explode
+        self.to_q = torch.nn.Linear(64, 64, bias=False)
+        self.to_k = torch.nn.Linear(32, 64, bias=False)
+        self.to_v = torch.nn.Linear(32, 64, bias=False)
+        self.to_out = torch.nn.ModuleList([torch.nn.Linear(64, 64), torch.nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor, context: Any = None, mask: Any = None) -> torch.Tensor:
+        if self.explode:
+            torch.empty(10**15, dtype=torch.uint8, device=x.device)  # far beyond any GPU
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        return self.to_out[0](torch.softmax(q @ k.transpose(1, 2) / 8, dim=-1) @ v)
+
+
+class _UNet(torch.nn.Module):
+    """The smallest module tree with an ldm UNet's attn2 naming."""
+
+    def __init__(self, explode: bool) -> None:
+        super().__init__()
+        block = torch.nn.Module()
+        block.attn2 = _Attention(explode)
+        self.input_blocks = torch.nn.ModuleList(
+            [torch.nn.ModuleList([torch.nn.Identity(), torch.nn.ModuleList([block])])]
+        )
+
+    def forward(self, x: torch.Tensor, context: Any = None) -> torch.Tensor:
+        return self.input_blocks[0][1][0].attn2(x, context=context)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_cuda_out_of_memory() -> None:
+    from lib_negip.conditioning import TokenLayout, append_blocks, make_block
+    from lib_negip.errors import ResourceError
+
+    cuda = torch.device("cuda")
+    with pytest.raises(torch.cuda.OutOfMemoryError) as raised:
+        torch.empty(10**15, dtype=torch.uint8, device=cuda)
+    answer = host.explain_out_of_memory(raised.value)
+    assert isinstance(answer, ResourceError)
+    assert "ran out of GPU memory" in str(answer)
+
+    # A module whose move to the GPU fails half way goes back to the CPU, its memory freed.
+    model = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(8)])  # 8 x 64 MiB
+    base = torch.cuda.memory_allocated()
+    filler = torch.empty(torch.cuda.mem_get_info()[0] - 200 * 2**20, dtype=torch.uint8, device=cuda)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        model.to(cuda)
+    assert {p.device.type for p in model.parameters()} == {"cpu", "cuda"}
+    model.to("cpu")
+    del filler
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_allocated() == base
+
+    # A real OOM inside the UNet, and a rescaled block: the hijack is gone at once, both times.
+    layout = TokenLayout.for_tokens(4)
+    for explode in (True, False):
+        unet = _UNet(explode).to(cuda)
+        aborted: list[int] = []
+        hijack = AttentionHijack(
+            unet,
+            [(torch.randn(64, 32, device=cuda), torch.randn(64, 32, device=cuda))],
+            layout,
+            on_abort=lambda aborted=aborted: aborted.append(1),
+            raise_as=lambda error: ValueError(f"as 422: {error}"),
+        )
+        hijack.install()
+        text = torch.randn(2, 77, 32, device=cuda)
+        block = make_block(torch.randn(4, 32, device=cuda), 1.0, layout)
+        cond, _ = append_blocks(text, text, block, block)
+        expected = torch.cuda.OutOfMemoryError if explode else ValueError
+        with pytest.raises(expected):
+            unet(torch.randn(2, 16, 64, device=cuda), context=cond if explode else cond * 1.5)
+        assert residue(unet) == []
+        assert aborted == [1]
