@@ -37,16 +37,16 @@ TINY_LATENT = 16
 
 # rounds, min rounds, per-family budget (s), warm-up rounds, instrumented steps, encode repeats
 PLANS = {
-    "cpu": {"rounds": 20, "min_rounds": 5, "budget_s": 1200, "warmup": 1, "hook_steps": 3,
-            "repeats": 3, "layer_calls": 20},
+    "cpu": {"rounds": 16, "min_rounds": 5, "budget_s": 1200, "warmup": 1, "hook_steps": 3,
+            "repeats": 3, "layer_calls": 10},
     "cpu-quick": {"rounds": 3, "min_rounds": 2, "budget_s": 120, "warmup": 1, "hook_steps": 2,
-                  "repeats": 1, "layer_calls": 10},
+                  "repeats": 1, "layer_calls": 5},
     "cuda": {"rounds": 100, "min_rounds": 10, "budget_s": 75, "warmup": 3, "hook_steps": 10,
-             "repeats": 3, "layer_calls": 200},
+             "repeats": 3, "layer_calls": 50},
     "cuda-quick": {"rounds": 40, "min_rounds": 5, "budget_s": 45, "warmup": 2, "hook_steps": 5,
-                   "repeats": 1, "layer_calls": 100},
+                   "repeats": 1, "layer_calls": 30},
     "tiny": {"rounds": 3, "min_rounds": 2, "budget_s": 60, "warmup": 1, "hook_steps": 10,
-             "repeats": 1, "layer_calls": 50},
+             "repeats": 1, "layer_calls": 10},
 }  # fmt: skip
 
 # glibc's default allocator returns large freed blocks to the OS and faults them in again on

@@ -236,8 +236,11 @@ def run_step_stage(
         peaks = _warm_up(bench, variants, warmup, clock)
         if device.type == "cuda":
             result["synchronisations_per_step"] = _count_synchronisations(bench, variants)
-        samples, walls, done, elapsed = _interleave(
-            bench, variants, clock, rounds, min_rounds, budget_s, seed
+        pairs = [
+            (numerator, denominator) for _, numerator, denominator, _ in comparisons(baselines)
+        ]
+        samples, walls, paired, done, elapsed = _interleave(
+            bench, variants, pairs, clock, rounds, min_rounds, budget_s, seed
         )
         result.update(rounds=done, warmup_rounds=warmup, interleaved_s=round(elapsed, 1))
         result["variants"] = {
@@ -250,13 +253,14 @@ def run_step_stage(
         }
         result["comparisons"] = []
         for label, numerator, denominator, target in comparisons(baselines):
-            per_round = ratios(samples[numerator], samples[denominator])
+            (num, den), (num_wall, den_wall) = paired[(numerator, denominator)]
+            per_round = ratios(num, den)
             entry = {
                 "label": label,
                 "numerator": numerator,
                 "denominator": denominator,
                 "ratio": summary(per_round, 4),
-                "wall_ratio": summary(ratios(walls[numerator], walls[denominator]), 4),
+                "wall_ratio": summary(ratios(num_wall, den_wall), 4),
                 "ratio_of_medians": round(
                     result["variants"][numerator]["step_s"]["median"]
                     / result["variants"][denominator]["step_s"]["median"],
@@ -275,7 +279,7 @@ def run_step_stage(
             if v.adapter is not None and v.attention == baseline
         }
         result["profile"] = _profile(bench, Variant("profile", baseline, "plus"))
-        result["layer_calls"] = _layer_calls(bench, baseline, layer_calls)
+        result["layer_calls"] = _layer_calls(bench, baseline, layer_calls, baseline_step)
     finally:
         bench.close()
     return result
@@ -322,33 +326,44 @@ def _count_synchronisations(bench: StepBench, variants: list[Variant]) -> dict[s
 def _interleave(
     bench: StepBench,
     variants: list[Variant],
+    pairs: list[tuple[str, str]],
     clock: Any,
     rounds: int,
     min_rounds: int,
     budget_s: float,
     seed: int,
-) -> tuple[dict[str, list[float]], dict[str, list[float]], int, float]:
+) -> tuple[dict, dict, dict, int, float]:
+    """Rounds of adjacent pairs: every compared pair once per round, pairs in a new random
+    order, the two steps of a pair back to back in random order, so each ratio compares two
+    steps a few seconds apart (the load of a shared machine drifts on longer scales)."""
     samples: dict[str, list[float]] = {v.name: [] for v in variants}
     walls: dict[str, list[float]] = {v.name: [] for v in variants}
-    order = list(variants)
+    paired = {pair: (([], []), ([], [])) for pair in pairs}
+    by_name = {v.name: v for v in variants}
+    order = list(pairs)
     rng = random.Random(seed)
     started = time.perf_counter()
     done = 0
     for done in range(1, rounds + 1):
         rng.shuffle(order)
-        for variant in order:
-            bench.prepare(variant)
-            primary, wall = clock.time(bench.step)
-            bench.finish()
-            samples[variant.name].append(primary)
-            walls[variant.name].append(wall)
+        for pair in order:
+            sequence = [0, 1] if rng.random() < 0.5 else [1, 0]
+            for index in sequence:
+                name = pair[index]
+                bench.prepare(by_name[name])
+                primary, wall = clock.time(bench.step)
+                bench.finish()
+                samples[name].append(primary)
+                walls[name].append(wall)
+                paired[pair][0][index].append(primary)
+                paired[pair][1][index].append(wall)
         elapsed = time.perf_counter() - started
         if done % 5 == 0 or done == rounds:
             print(f"[step {bench.family}] round {done}/{rounds}, {elapsed:.0f} s", flush=True)
         if done >= min_rounds and elapsed > budget_s:
             print(f"[step {bench.family}] time budget reached after {done} rounds", flush=True)
             break
-    return samples, walls, done, time.perf_counter() - started
+    return samples, walls, paired, done, time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,17 +440,21 @@ def _hook_time(
     }
 
 
-def _layer_calls(bench: StepBench, attention: str, calls: int) -> dict[str, Any]:
+def _layer_calls(
+    bench: StepBench, attention: str, calls: int, baseline_step_s: float
+) -> dict[str, Any]:
     """One attn2 module called on its own, ``calls`` times per sample, interleaved: time per
     call without the extension, outside the windows, with its hooks installed but a context
-    without our block, and with the base and plus blocks. Layers: the first (largest query)
-    and the middle block's.
+    without our block, and with the base and plus blocks; every attn2 layer, on the inputs
+    it receives in a step. The added time summed over the layers is the extension's cost per
+    UNet call measured where it happens (indirect costs of the hooks included), with far less
+    noise than whole steps on a shared machine.
 
     Per call = total / calls after a final synchronisation: on a GPU that is the host's
     launch time where the host is slower than the GPU (ldm's many small ops on a fast GPU),
     else the GPU's time.
     """
-    layers = [bench.layers[0], bench.layers[-1]]
+    layers = bench.layers
     captured: dict[str, torch.Tensor] = {}
 
     def capture(name: str) -> Callable:
@@ -488,6 +507,7 @@ def _layer_calls(bench: StepBench, attention: str, calls: int) -> dict[str, Any]
                 bench.finish()
                 samples.setdefault((layer.name, variant.name), []).append(per_call)
     out: dict[str, Any] = {"calls_per_sample": calls, "samples": 5, "layers": {}}
+    totals = {v.name: 0.0 for v in variants[1:]}
     for layer in layers:
         x = captured[layer.name]
         base = statistics.median(samples[(layer.name, variants[0].name)])
@@ -499,7 +519,17 @@ def _layer_calls(bench: StepBench, attention: str, calls: int) -> dict[str, Any]
             v.name: round((statistics.median(samples[(layer.name, v.name)]) - base) * 1e6, 1)
             for v in variants[1:]
         }
+        for name, added in entry["added_us"].items():
+            totals[name] += added
         out["layers"][layer.name] = entry
+    out["per_unet_call"] = {
+        name: {
+            "added_ms": round(total / 1e3, 3),
+            "estimated_ratio": round(1 + total / 1e6 / baseline_step_s, 4),
+        }
+        for name, total in totals.items()
+    }
+    out["shown"] = [layers[0].name, layers[-1].name]  # first (largest query) and middle block
     return out
 
 

@@ -112,10 +112,13 @@ def render_step(unit: str, r: dict[str, Any]) -> str:
     if layer_calls:
         out.append(
             f"One attn2 module called alone ({layer_calls['calls_per_sample']} calls x "
-            f"{layer_calls['samples']} interleaved samples), microseconds per call:"
+            f"{layer_calls['samples']} interleaved samples), microseconds per call (first "
+            "layer and middle block shown; every layer in the JSON):"
         )
         rows = []
-        for name, entry in layer_calls["layers"].items():
+        shown = layer_calls.get("shown", list(layer_calls["layers"]))
+        for name in shown:
+            entry = layer_calls["layers"][name]
             for variant, us in entry["us"].items():
                 added = entry["added_us"].get(variant)
                 rows.append(
@@ -128,6 +131,17 @@ def render_step(unit: str, r: dict[str, Any]) -> str:
                     ]
                 )
         out.append(_table(["layer", "input", "variant", "us/call", "added us"], rows))
+        per_call = layer_calls.get("per_unet_call")
+        if per_call:
+            out.append(
+                f"Summed over all {len(layer_calls['layers'])} attn2 layers (added time per "
+                "UNet call, and 1 + that / the baseline's median step):"
+            )
+            rows = [
+                [name, f"{v['added_ms']:.3f}", f"{v['estimated_ratio']:.4f}"]
+                for name, v in per_call.items()
+            ]
+            out.append(_table(["variant", "added ms per UNet call", "estimated ratio"], rows))
     profile = r.get("profile")
     if profile:
         out.append(f"cProfile of one {profile['variant']} step, calls out of lib_negip:")
