@@ -446,11 +446,12 @@ def start(p: Any, args: Any) -> None:
 
     spec = loaded.spec
     device = devices.device
-    dtype = torch.float32 if device.type == "cpu" else devices.dtype
+    on_device = _EncoderOnDevice(
+        encoder, device, torch.float32 if device.type == "cpu" else devices.dtype
+    )
     try:
-        encoder.to(device=device, dtype=dtype)  # may fail half way: see the except below
         features = functools.partial(
-            MODELS.features.features, encoder, encoder_key, spec.encoder_output
+            MODELS.features.features, on_device, encoder_key, spec.encoder_output
         )
         if spec.encoder_output == "image_embeds":
 
@@ -460,7 +461,7 @@ def start(p: Any, args: Any) -> None:
 
             def unconditional() -> torch.Tensor:
                 return MODELS.features.unconditional(
-                    encoder, encoder_key, spec.encoder_output, encoder.spec.image_size
+                    on_device, encoder_key, spec.encoder_output, encoder.spec.image_size
                 )
 
         prompt = build_image_prompt(
@@ -477,7 +478,7 @@ def start(p: Any, args: Any) -> None:
         # an out-of-memory error it may be half moved and holds memory the user needs back.
         _encoder_to_cpu(encoder)
         raise
-    if not opt(OPT_ENCODER_ON_GPU):
+    if not opt(OPT_ENCODER_ON_GPU) and encoder.device.type != "cpu":
         _encoder_to_cpu(encoder)
 
     if not all(
@@ -527,6 +528,23 @@ def check_family(spec: Any, adapter_name: str, unet: Any) -> None:
         "adapter's family."
     )
     raise IncompatibleModelError(msg)
+
+
+class _EncoderOnDevice:
+    """The cached encoder, moved to the sampling device only when an image really has to be
+    encoded: a generation whose images are all cached moves (and converts) nothing."""
+
+    def __init__(self, encoder: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self.encoder = encoder
+        self.device = device
+        self.dtype = dtype
+
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        return self.encoder.preprocess(images)
+
+    def encode(self, pixel_values: torch.Tensor, output: str) -> torch.Tensor:
+        self.encoder.to(device=self.device, dtype=self.dtype)  # may fail half way: see start
+        return self.encoder.encode(pixel_values, output)
 
 
 def _encoder_to_cpu(encoder: Any) -> None:

@@ -318,6 +318,26 @@ def test_cached_models_and_images_are_not_read_again(world: World) -> None:
     assert host.MODELS.features.encoder_calls == calls
 
 
+def test_cached_images_do_not_move_the_encoder(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lib_negip.encoder import ImageEncoder
+
+    generation(world, default_fields())
+    moves = []
+    original = ImageEncoder.to
+
+    def counting(self, *args, **kwargs):
+        moves.append((args, kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageEncoder, "to", counting)
+    generation(world, default_fields())
+    assert moves == []  # no transfer, no dtype conversion of the encoder
+    generation(world, default_fields(positive_images=[b64(picture(9))]))
+    assert len(moves) == 1  # a new image: moved once, to the sampling device
+
+
 def test_infotext_and_models_endpoint(world: World) -> None:
     p = generation(world, default_fields())
     params = p.extra_generation_params
