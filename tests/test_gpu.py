@@ -54,10 +54,18 @@ def unet_on(dtype: torch.dtype) -> nn.Module:
     unet = make_ldm_unet(SD15).to(DEVICE, dtype)
     unet.dtype = dtype
     unet.time_embed.register_forward_pre_hook(lambda module, args: (args[0].to(dtype),))
-    for module in unet.modules():
-        if isinstance(module, nn.GroupNorm):
-            module.float()
+    if DEVICE.type == "cpu":  # ldm's GroupNorm32 computes in float32; the GPU uses autocast
+        for module in unet.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.float()
     return unet
+
+
+def sampling(dtype: torch.dtype):
+    """Half precision on a GPU runs under autocast, as A1111 samples (its GroupNorms get
+    float32 inputs from ldm's GroupNorm32 and need autocast to take half weights)."""
+    half = dtype != torch.float32 and DEVICE.type != "cpu"
+    return torch.autocast(DEVICE.type, dtype=dtype, enabled=half)
 
 
 def run(unet, layers, dtype, weights=(1.0, 0.8), *, verify=True):
@@ -76,7 +84,8 @@ def run(unet, layers, dtype, weights=(1.0, 0.8), *, verify=True):
     hijack.install()
     try:
         t = torch.tensor([600.0, 600.0], device=DEVICE)
-        return unet(x.to(DEVICE, dtype), t, context=context), (x, text)
+        with sampling(dtype):
+            return unet(x.to(DEVICE, dtype), t, context=context), (x, text)
     finally:
         hijack.remove()
 
@@ -110,7 +119,8 @@ def test_weight_zero_is_bit_exact_on_the_gpu(dtype: torch.dtype) -> None:
     layers = adapter_layers(make_ldm_unet(SD15))
     got, (x, text) = run(unet, layers, dtype, weights=(0.0, 0.0))
     t = torch.tensor([600.0, 600.0], device=DEVICE)
-    plain = unet(x.to(DEVICE, dtype), t, context=text.to(DEVICE, dtype))
+    with sampling(dtype):
+        plain = unet(x.to(DEVICE, dtype), t, context=text.to(DEVICE, dtype))
     assert torch.equal(got, plain)
 
 
@@ -146,14 +156,18 @@ def test_no_synchronisation_per_layer() -> None:
     x = torch.randn(2, 4, 8, 8, device=DEVICE, dtype=dtype)
     t = torch.full((2,), 600.0, device=DEVICE)
 
-    baseline = count_synchronisations(lambda: unet(x, t, context=text))
+    def call(context: torch.Tensor) -> None:
+        with sampling(dtype):
+            unet(x, t, context=context)
+
+    baseline = count_synchronisations(lambda: call(text))
     counts = {}
     for verify in (False, True):
         hijack = AttentionHijack(unet, layers, layout, verify=verify)
         hijack.install()
         try:
-            unet(x, t, context=context)  # the weights' device copies are made once, here
-            counts[verify] = count_synchronisations(lambda: unet(x, t, context=context))
+            call(context)  # the weights' device copies are made once, here
+            counts[verify] = count_synchronisations(lambda: call(context))
         finally:
             hijack.remove()
     assert counts == {False: baseline, True: baseline + 1}, (baseline, counts)
