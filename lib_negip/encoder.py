@@ -628,11 +628,13 @@ def encoder_from_state_dict(
 
 
 _WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
-_CONFIG_NAMES = ("config.json", "open_clip_config.json")
+CONFIG_NAMES = ("config.json", "open_clip_config.json")
 
 
-def _read_config(folder: Path) -> dict[str, Any] | None:
-    for name in _CONFIG_NAMES:
+def read_encoder_config(folder: Path) -> dict[str, Any] | None:
+    """The ``config.json`` (or ``open_clip_config.json``) in ``folder``, as read beside the
+    weights; None without one."""
+    for name in CONFIG_NAMES:
         path = folder / name
         if not path.is_file():
             continue
@@ -666,7 +668,7 @@ def load_image_encoder(path: str | Path) -> ImageEncoder:
             raise ModelFileError(msg)
     else:
         file = path
-    config = _read_config(file.parent)
+    config = read_encoder_config(file.parent)
     state_dict = load_state_dict(file)
     try:
         encoder = encoder_from_state_dict(state_dict, config)

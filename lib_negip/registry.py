@@ -53,7 +53,15 @@ import torch
 
 from lib_negip import download, files, logger
 from lib_negip.adapter import AdapterSpec, detect_adapter
-from lib_negip.encoder import KNOWN_ARCHITECTURES, EncoderSpec, detect_encoder
+from lib_negip.encoder import (
+    CONFIG_NAMES as ENCODER_CONFIG_NAMES,
+)
+from lib_negip.encoder import (
+    KNOWN_ARCHITECTURES,
+    EncoderSpec,
+    detect_encoder,
+    read_encoder_config,
+)
 from lib_negip.errors import (
     ArgumentError,
     IncompatibleModelError,
@@ -67,7 +75,6 @@ ENCODER_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 #: Weight file names of an h94/transformers model folder, preferred first.
 FOLDER_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 #: Config files read beside an encoder's weights (the same ones the encoder loader reads).
-ENCODER_CONFIG_NAMES = ("config.json", "open_clip_config.json")
 #: Folder names that say nothing by themselves; such a model is qualified by its parent folder.
 GENERIC_FOLDER_NAMES = ("image_encoder",)
 #: File names that mark a file in a shared folder (the ControlNet extension's) as an IP-Adapter.
@@ -364,27 +371,6 @@ def read_adapter_spec(path: str | Path) -> AdapterSpec:
     """Detect an IP-Adapter file's spec from its tensor shapes, without loading its weights."""
     path = Path(path)
     return detect_adapter(read_meta_state_dict(path), name=path.name)
-
-
-def read_encoder_config(folder: Path) -> dict[str, Any] | None:
-    """The ``config.json`` (or ``open_clip_config.json``) in ``folder``, as the encoder loader
-    reads it beside the weights; None without one."""
-    for name in ENCODER_CONFIG_NAMES:
-        config_path = folder / name
-        if not config_path.is_file():
-            continue
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            msg = (
-                f"The image encoder config {config_path} cannot be read ({exc}). Fix or remove it."
-            )
-            raise ModelFileError(msg) from exc
-        if not isinstance(config, dict):
-            msg = f"The image encoder config {config_path} is not a JSON object. Fix or remove it."
-            raise ModelFileError(msg)
-        return config
-    return None
 
 
 def read_encoder_spec(path: str | Path) -> EncoderSpec:
