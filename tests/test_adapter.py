@@ -463,11 +463,12 @@ def test_project_in_bfloat16_stays_close() -> None:
     # The resampler's softmax runs in float32 even for half-precision modules.
     sd = tiny("plus", weight_std=0.2)
     adapter = adapter_from_state_dict(sd)
-    x = torch.randn(2, 9, 48)
+    x = torch.randn(2, 9, 48, generator=torch.Generator().manual_seed(3))
     full = adapter.project(x)
     half = adapter.to(torch.bfloat16).project(x)
     assert half.dtype == torch.bfloat16
-    assert (half.float() - full).abs().max() < 0.1
+    # bfloat16 keeps 8 bits of mantissa: up to ~5 % of the largest value over 30 seeds here.
+    assert (half.float() - full).abs().max() < 0.1 * full.abs().max()
 
 
 # --- encoder fit --------------------------------------------------------------------------
