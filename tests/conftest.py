@@ -46,3 +46,12 @@ def reference_library(name: str, attribute: str | None = None):
         return load()
     except Exception as error:
         pytest.skip(f"{name} does not import beside A1111's pins: {error}")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same global random state, whatever ran before it."""
+    torch.manual_seed(0)
