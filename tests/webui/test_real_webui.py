@@ -41,6 +41,8 @@ PLUS = "negip-tiny-ip-adapter-plus_sd15"
 PICKLE = "negip-tiny-ip-adapter_sd15-pickle"
 BASE_XL = "negip-tiny-ip-adapter_sdxl"
 ENCODER = "negip-tiny-vit"
+# The positional API order, written out rather than imported from lib_negip.args: API clients
+# depend on it, so a reordering there must fail here.
 FIELD_ORDER = (
     "enabled",
     "model",
