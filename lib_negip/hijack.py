@@ -35,19 +35,21 @@ from lib_negip.conditioning import SplitContext, TokenLayout, split_context, ver
 from lib_negip.errors import ConditioningError, IncompatibleModelError
 from lib_negip.unet_layers import CrossAttentionLayer, adapter_key, cross_attention_layers
 
+# attn2(x, context=None, mask=None, **kwargs): the context is keyword or the second argument.
 
-def _context_of(args: tuple[Any, ...], kwargs: dict[str, Any], position: int) -> Any:
+
+def _context_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if "context" in kwargs:
         return kwargs["context"]
-    return args[position] if len(args) > position else None
+    return args[1] if len(args) > 1 else None
 
 
 def _with_context(
-    args: tuple[Any, ...], kwargs: dict[str, Any], position: int, context: torch.Tensor
+    args: tuple[Any, ...], kwargs: dict[str, Any], context: torch.Tensor
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if "context" in kwargs or len(args) <= position:
+    if "context" in kwargs or len(args) <= 1:
         return args, {**kwargs, "context": context}
-    return (*args[:position], context, *args[position + 1 :]), kwargs
+    return (args[0], context, *args[2:]), kwargs
 
 
 class KeyValueWeights:
@@ -122,12 +124,12 @@ class _LayerHooks:
     # attn2(x, context=..., mask=None, **kwargs)
     def before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         self.call = None
-        context = _context_of(args, kwargs, 1)
+        context = _context_of(args, kwargs)
         split = self.hijack.split(context)
         if split is None:
             return None
         self.call = _Call(split=split, x=args[0] if args else kwargs["x"])
-        return _with_context(args, kwargs, 1, split.text)
+        return _with_context(args, kwargs, split.text)
 
     def capture_query(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self.call is not None and self.call.q is None:
@@ -228,15 +230,10 @@ class _LayerHooks:
         summed = summed.reshape(hidden.shape)
         return summed if summed.dtype == hidden.dtype else summed.to(hidden.dtype)
 
-    @staticmethod
-    def weighted(attended: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """weight * attention with heads merged: [B, Tq, H, d] -> [B, Tq, inner]."""
-        return attended.flatten(2) * weight.to(attended.dtype)
-
     def image_term(self, call: _Call, q: torch.Tensor) -> torch.Tensor:
         """weight * softmax(q k_ip^T / sqrt(d)) v_ip, heads merged: [B, Tq, inner]."""
-        term = self.weighted(self.image_attention(call, q), call.split.weight)
-        return term.to(call.x.dtype)
+        attended = self.image_attention(call, q).flatten(2)  # [B, Tq, H, d] -> [B, Tq, inner]
+        return (attended * call.split.weight.to(attended.dtype)).to(call.x.dtype)
 
 
 # The hijack currently installed on each UNet: never two at once.
