@@ -5,7 +5,7 @@ published shapes and random values: ``ip-adapter_sd15`` (base, 4 tokens, float16
 published file), ``ip-adapter-plus_sd15`` (plus, 16 tokens, float16) and h94's ViT-H-14
 ``image_encoder`` folder (transformers layout, float32, ``config.json`` beside it).
 
-Loading goes through ``lib_negip.host.Models``, the cache A1111's generations share: its
+Loading goes through ``lib_negip.webui.models.Models``, the cache A1111's generations share: its
 ``adapter(path)`` / ``encoder(path)`` and its ``file_reads`` counter. Resolving a model *name*
 to a path (the registry, which needs A1111's ``modules``) is not part of what is timed.
 Encoding goes through ``Models.features`` (a ``FeatureCache``), whose ``encoder_calls`` counter
@@ -95,7 +95,7 @@ def _import_loaders(encoder: bool) -> float:
     import safetensors.torch  # noqa: F401
 
     import lib_negip.adapter
-    import lib_negip.host
+    import lib_negip.webui.models
 
     if encoder:
         import open_clip.transformer  # noqa: F401
@@ -108,9 +108,9 @@ def _import_loaders(encoder: bool) -> float:
 
 
 def run_load_adapter(folder: Path, variant: str, repeats: int) -> dict[str, Any]:
-    """First load of an adapter file through ``host.Models``, then cached uses."""
+    """First load of an adapter file through ``webui.models.Models``, then cached uses."""
     import_s = _import_loaders(encoder=False)
-    from lib_negip.host import Models
+    from lib_negip.webui.models import Models
 
     rss_start = current_rss_mib()
     models = Models()
@@ -172,7 +172,7 @@ def run_encoder(folder: Path, repeats: int) -> dict[str, Any]:
     per-image encoder time (cache misses) and the same request again (hits, zero encoder calls).
     """
     import_s = _import_loaders(encoder=True)
-    from lib_negip.host import Models
+    from lib_negip.webui.models import Models
 
     rss_start = current_rss_mib()
     models = Models()

@@ -1,6 +1,6 @@
 """One generation's image prompt, from A1111's ``process`` to ``postprocess``, without A1111.
 
-``host.py`` maps A1111's objects onto these plain calls:
+``lib_negip.webui.generation`` maps A1111's objects onto these plain calls:
 
 - :class:`FeatureCache` encodes each distinct image once per encoder (keyed by content), so
   batch count, X/Y/Z grids and repeated generations do not run the encoder again;

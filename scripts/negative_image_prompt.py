@@ -6,29 +6,29 @@ stays minimal: no dataclasses, no postponed annotations.
 
 import modules.scripts as scripts
 
-from lib_negip import host
+from lib_negip.webui import TITLE, generation, register
 
 
 class NegativeImagePromptScript(scripts.Script):
     def title(self):
-        return host.TITLE
+        return TITLE
 
     def show(self, is_img2img):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        from lib_negip import ui
+        from lib_negip.webui import ui
 
         return ui.build(self, is_img2img)
 
     def process(self, p, *args):
-        host.process(p, args)
+        generation.process(p, args)
 
     def post_sample(self, p, ps, *args):
-        host.post_sample(p)
+        generation.post_sample(p)
 
     def postprocess(self, p, processed, *args):
-        host.postprocess(p)
+        generation.postprocess(p)
 
 
-host.register()
+register.register()

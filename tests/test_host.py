@@ -28,13 +28,13 @@ from webui_harness import (
     shared,
 )
 
-from lib_negip import host
 from lib_negip.adapter import load_adapter
 from lib_negip.conditioning import TokenLayout, make_block, pad_text_to_same_length
 from lib_negip.encoder import load_image_encoder
 from lib_negip.hijack import AttentionHijack
 from lib_negip.prompt import StepWindow
 from lib_negip.session import pass_progress
+from lib_negip.webui import models, register, xyz
 
 TOLERANCE = 2e-5
 
@@ -43,7 +43,7 @@ TOLERANCE = 2e-5
 def world(tmp_path: Path):
     world = World(tmp_path / "models")
     yield world
-    host.shutdown()
+    register.shutdown()
     script_callbacks.clear()
 
 
@@ -311,11 +311,11 @@ def test_bad_requests_fail_the_generation_with_422_and_leave_nothing(
 
 def test_cached_models_and_images_are_not_read_again(world: World) -> None:
     generation(world, default_fields())
-    reads, calls = host.MODELS.file_reads, host.MODELS.features.encoder_calls
+    reads, calls = models.MODELS.file_reads, models.MODELS.features.encoder_calls
     for _ in range(3):
         generation(world, default_fields())
-    assert host.MODELS.file_reads == reads
-    assert host.MODELS.features.encoder_calls == calls
+    assert models.MODELS.file_reads == reads
+    assert models.MODELS.features.encoder_calls == calls
 
 
 def test_cached_images_do_not_move_the_encoder(
@@ -414,7 +414,7 @@ def test_xyz_override_of_a_weight(world: World) -> None:
         api_args(**default_fields(positive_weight=0.0, negative_weight=0.0)), **base
     )
     p = processing.Processing(**base)
-    host._override("positive_weight")(p, 0.0, None)
-    host._override("negative_weight")(p, 0.0, None)
+    xyz._override("positive_weight")(p, 0.0, None)
+    xyz._override("negative_weight")(p, 0.0, None)
     p.scripts = [(world.script, api_args(**default_fields()))]
     assert torch.equal(processing.process_images(p), zero.result)

@@ -59,12 +59,14 @@ from webui_harness import (
     shared,
 )
 
-from lib_negip import files, host
+from lib_negip import files
 from lib_negip.encoder import ImageEncoder
 from lib_negip.errors import NegIPError
 from lib_negip.hijack import AttentionHijack
 from lib_negip.session import ImagePromptSession
 from lib_negip.unet_layers import cross_attention_layers
+from lib_negip.webui import failures, generation, register, settings
+from lib_negip.webui import models as webui_models
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "reliability.md"
@@ -632,7 +634,7 @@ def _(lab: Lab) -> None:
 @case(MODEL, "file deleted after it was listed")
 def _(lab: Lab) -> None:
     path = lab.adapter_file("gone.safetensors", sd15_adapter(lab))
-    assert "gone" in host.adapter_choices(refresh=True)
+    assert "gone" in webui_models.adapter_choices(refresh=True)
     path.unlink()
     pick(lab, "gone", r"there is no IP-Adapter named 'gone' \(installed: ")
 
@@ -640,14 +642,14 @@ def _(lab: Lab) -> None:
 @case(MODEL, "file deleted while being loaded")
 def _(lab: Lab) -> None:
     lab.adapter_file("vanishing.safetensors", sd15_adapter(lab))
-    real = host._file_key
+    real = webui_models._file_key
 
     def vanished(path: Path) -> Any:  # removed between the listing's check and the load
         if path.name == "vanishing.safetensors":
             path.unlink()
         return real(path)
 
-    lab.monkeypatch.setattr(host, "_file_key", vanished)
+    lab.monkeypatch.setattr(webui_models, "_file_key", vanished)
     pick(lab, "vanishing", r"vanishing.safetensors was listed but cannot be opened now .*refresh")
 
 
@@ -658,7 +660,7 @@ def _(lab: Lab) -> None:
     lab.encoder_file(
         "a-first-vit/config.json", json.dumps(hf_vision_config(**ENCODER_SHAPE)).encode()
     )
-    host.encoder_choices(refresh=True)
+    webui_models.encoder_choices(refresh=True)
     lab.remove_created()
     assert torch.equal(lab.result(), lab.references["sd15"])
 
@@ -678,7 +680,7 @@ def _(lab: Lab) -> None:
     lab.monkeypatch.setattr(registry, "read_adapter_spec", locked)
     pick(lab, "locked", r"locked.safetensors cannot be read .*Permission denied")
     lab.monkeypatch.setattr(registry, "read_adapter_spec", real)  # permissions fixed
-    host.adapter_choices(refresh=True)  # the refresh button
+    webui_models.adapter_choices(refresh=True)  # the refresh button
     assert torch.isfinite(lab.result(reference_fields(model="locked"))).all()
 
 
@@ -1135,7 +1137,7 @@ def _(lab: Lab) -> None:
         real_check(path)
 
     lab.monkeypatch.setattr(files, "_check_path", spy)
-    reads = host.MODELS.file_reads
+    reads = webui_models.MODELS.file_reads
     relative = os.path.relpath(target, lab.models / "ipadapter")
     forms = [
         "stray-adapter",
@@ -1159,15 +1161,15 @@ def _(lab: Lab) -> None:
             r"(looks like a file path|there is no image encoder named)",
             image_encoder=form,
         )
-    assert host.MODELS.file_reads == reads
+    assert webui_models.MODELS.file_reads == reads
     assert not any(path.is_relative_to(outside.resolve()) for path in opened), opened
-    assert "stray-adapter" not in host.adapter_choices(refresh=True)
+    assert "stray-adapter" not in webui_models.adapter_choices(refresh=True)
 
 
 @case(API, "override_settings cannot move the model folders")
 def _(lab: Lab) -> None:
     labels = shared.opts.data_labels
-    for key in (host.OPT_ADAPTER_DIRS, host.OPT_ENCODER_DIRS, host.OPT_AUTO_DOWNLOAD):
+    for key in (settings.OPT_ADAPTER_DIRS, settings.OPT_ENCODER_DIRS, settings.OPT_AUTO_DOWNLOAD):
         # A1111 1.10 (modules/options.py): Options.set(..., is_api=True) refuses these, which
         # is how both POST /sdapi/v1/options and a request's override_settings are applied.
         assert getattr(labels[key], "restrict_api", False), key
@@ -1178,8 +1180,11 @@ def _(lab: Lab) -> None:
     shared.opts.negip_models_in_memory = 10**9
     shared.opts.negip_images_in_memory = "lots"
     assert torch.equal(lab.result(), lab.references["sd15"])
-    assert host.MODELS.adapters.limit == 8
-    assert host.MODELS.features._features.limit == host.DEFAULTS[host.OPT_IMAGES_IN_MEMORY]
+    assert webui_models.MODELS.adapters.limit == 8
+    assert (
+        webui_models.MODELS.features._features.limit
+        == settings.DEFAULTS[settings.OPT_IMAGES_IN_MEMORY]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1333,11 +1338,13 @@ def out_of_memory_while_encoding(lab: Lab, error: BaseException) -> None:
 
     lab.monkeypatch.setattr(ImageEncoder, "to", to)
     lab.monkeypatch.setattr(ImageEncoder, "encode", encode)
-    features = host.MODELS.features._features.keys()
+    features = webui_models.MODELS.features._features.keys()
     fields = reference_fields(positive_images=[b64(png(picture(s))) for s in (60, 61, 62)])
     message = lab.refused(fields, r"ran out of GPU memory .*: use fewer images per side")
     assert "Keep the image encoder on the GPU" in message
-    assert host.MODELS.features._features.keys() == features  # nothing half-encoded was kept
+    assert (
+        webui_models.MODELS.features._features.keys() == features
+    )  # nothing half-encoded was kept
     assert moves[-1] == torch.device("cpu")  # the encoder left the GPU despite the setting
 
 
@@ -1371,11 +1378,11 @@ def _(lab: Lab) -> None:
     def load(path: Path) -> Any:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    lab.monkeypatch.setattr(host, "_load_adapter", load)
+    lab.monkeypatch.setattr(webui_models, "_load_adapter", load)
     lab.refused(
         reference_fields(model="fresh"), r"ran out of GPU memory .*Tried to allocate 20.00 MiB"
     )
-    assert not any("fresh" in key[0] for key in host.MODELS.adapters._items)
+    assert not any("fresh" in key[0] for key in webui_models.MODELS.adapters._items)
 
 
 @case(FAULTS, "no checkpoint loaded when process runs; the error still reaches the user")
@@ -1510,7 +1517,7 @@ def download_fails(lab: Lab, mode: str, body: bytes, match: str) -> None:
     listed_during: list[list[str]] = []
 
     def during() -> None:
-        listed_during.append(host.adapter_choices(refresh=True))
+        listed_during.append(webui_models.adapter_choices(refresh=True))
 
     shared.opts.negip_auto_download = True
     real_load = modelloader.load_file_from_url
@@ -1522,7 +1529,7 @@ def download_fails(lab: Lab, mode: str, body: bytes, match: str) -> None:
         lab.monkeypatch.setattr(modelloader, "load_file_from_url", load_file_from_url)
         lab.refused(reference_fields(model="ip-adapter_sd15"), match)
     assert sorted(p.name for p in folder.iterdir()) == before  # nothing partial left behind
-    assert "ip-adapter_sd15" not in host.adapter_choices(refresh=True)
+    assert "ip-adapter_sd15" not in webui_models.adapter_choices(refresh=True)
     assert all("ip-adapter_sd15" not in names for names in listed_during)
     assert len(listed_during) == (mode == "cut")
 
@@ -1685,7 +1692,7 @@ def process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
         assert torch.equal(again, references[family])  # deterministic, so bit-exact checks hold
     world.use("sd15")
     yield Process(world, snapshots, references, list(entries))
-    host.shutdown()
+    register.shutdown()
     script_callbacks.clear()
 
 
@@ -1703,11 +1710,11 @@ def reset(process: Process) -> None:
 def check_nothing_left_behind(process: Process, lab: Lab, families: tuple[str, ...]) -> None:
     for snapshot in (*process.snapshots, *lab.extra_unets):
         snapshot.check()
-    current = host.Generation.current
+    current = generation.Generation.current
     assert current is None or (lab.idle_generation and current.session._hijack is None)
-    assert host.Generation.trap is None
-    assert getattr(host.Generation, "failure", None) is None
-    models = host.MODELS
+    assert generation.Generation.trap is None
+    assert getattr(generation.Generation, "failure", None) is None
+    models = webui_models.MODELS
     assert len(models.adapters) <= models.adapters.limit
     assert len(models.encoders) <= models.encoders.limit
     assert len(models.features._features) <= models.features._features.limit
@@ -1737,7 +1744,7 @@ def test_catalogue(process: Process, entry: Case, monkeypatch: pytest.MonkeyPatc
         monkeypatch.undo()
         lab.remove_created()
         reset(process)
-        host.Generation.end()
+        generation.Generation.end()
     if os.environ.get("NEGIP_RELIABILITY_MESSAGES"):
         with open(os.environ["NEGIP_RELIABILITY_MESSAGES"], "a", encoding="utf-8") as out:
             out.write(json.dumps({"id": entry.id, "messages": lab.messages}) + "\n")
@@ -1815,11 +1822,11 @@ def test_soak(process: Process, monkeypatch: pytest.MonkeyPatch) -> None:
             assert torch.isfinite(result).all()
             for modules in watched.values():
                 assert hooked(modules) == 0, i
-            models = host.MODELS
+            models = webui_models.MODELS
             assert len(models.adapters) <= 2
             assert len(models.encoders) <= 2
             assert len(models.features._features) <= 16
-            assert host.Generation.current is None
+            assert generation.Generation.current is None
             if (i + 1) % SOAK_WARM_UP == 0:
                 gc.collect()
                 samples.append(resident_bytes())
@@ -1883,7 +1890,7 @@ def test_real_cuda_out_of_memory() -> None:
     cuda = torch.device("cuda")
     with pytest.raises(torch.cuda.OutOfMemoryError) as raised:
         torch.empty(10**15, dtype=torch.uint8, device=cuda)
-    answer = host.explain_out_of_memory(raised.value)
+    answer = failures.explain_out_of_memory(raised.value)
     assert isinstance(answer, ResourceError)
     assert "ran out of GPU memory" in str(answer)
 

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from lib_negip import args as negip_args
-from lib_negip import download, host, logger
+from lib_negip import download, logger
 from lib_negip.errors import NegIPError
+from lib_negip.webui import TITLE, models
 
 REFRESH_SYMBOL = "\U0001f504"  # the refresh icon A1111's own model lists use
 SWAP_SYMBOL = "\u21c4"
@@ -50,7 +51,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
     defaults = negip_args.DEFAULTS
     components: dict[str, Any] = {}
 
-    enabled = InputAccordion(defaults["enabled"], label=host.TITLE, elem_id=eid("enabled"))
+    enabled = InputAccordion(defaults["enabled"], label=TITLE, elem_id=eid("enabled"))
     components["enabled"] = enabled
     with enabled:
         gr.Markdown(HINT, elem_id=eid("hint"), elem_classes=["negip-hint"])
@@ -88,7 +89,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
         with FormRow(elem_classes=["negip-models"]):
             components["model"] = gr.Dropdown(
                 label="IP-Adapter",
-                choices=_choices(host.adapter_choices),
+                choices=_choices(models.adapter_choices),
                 value=defaults["model"],
                 allow_custom_value=True,  # a restored "name [hash]" label stays as written
                 elem_id=eid("model"),
@@ -99,7 +100,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
             )
             components["image_encoder"] = gr.Dropdown(
                 label="Image encoder",
-                choices=_choices(host.encoder_choices),
+                choices=_choices(models.encoder_choices),
                 value=defaults["image_encoder"],
                 allow_custom_value=True,
                 elem_id=eid("image_encoder"),
@@ -109,12 +110,12 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 REFRESH_SYMBOL, elem_id=eid("encoder_refresh"), tooltip="Refresh the image encoders"
             )
         model_refresh.click(
-            fn=lambda: _dropdown(_choices(host.adapter_choices, refresh=True)),
+            fn=lambda: _dropdown(_choices(models.adapter_choices, refresh=True)),
             outputs=[components["model"]],
             show_progress=False,
         )
         encoder_refresh.click(
-            fn=lambda: _dropdown(_choices(host.encoder_choices, refresh=True)),
+            fn=lambda: _dropdown(_choices(models.encoder_choices, refresh=True)),
             outputs=[components["image_encoder"]],
             show_progress=False,
         )
@@ -227,7 +228,9 @@ def _choices(listing: Callable[..., list[str]], refresh: bool = False) -> list[s
         return listing(refresh=refresh)
     except Exception:
         logger.exception("Negative Image Prompt: cannot list the models")
-        return [negip_args.NO_MODEL if listing is host.adapter_choices else negip_args.AUTO_ENCODER]
+        return [
+            negip_args.NO_MODEL if listing is models.adapter_choices else negip_args.AUTO_ENCODER
+        ]
 
 
 def _dropdown(choices: list[str], value: str | None = None) -> Any:
@@ -264,6 +267,6 @@ def download_model(name: str) -> tuple[str, Any, Any]:
         logger.error("Negative Image Prompt: %s", error)
         done = "".join(f"{line}<br>" for line in lines)
         status = f'<p class="negip-status">{done}<span class="negip-error">{html.escape(str(error))}</span></p>'
-    adapters = _choices(host.adapter_choices, refresh=True)
-    encoders = _choices(host.encoder_choices, refresh=True)
+    adapters = _choices(models.adapter_choices, refresh=True)
+    encoders = _choices(models.encoder_choices, refresh=True)
     return status, _dropdown(adapters, select if select in adapters else None), _dropdown(encoders)

@@ -1,0 +1,83 @@
+"""Errors as they reach the user.
+
+A1111 catches and only logs exceptions raised in Script hooks and callbacks. An exception raised
+inside the UNet's forward reaches the user: the UI shows its message, and the API answers with
+the exception's ``status_code`` and ``detail`` when it is a FastAPI ``HTTPException``. Every
+refusal is therefore raised as a :class:`~lib_negip.errors.NegIPError` that is also an
+``HTTPException`` with status 422 (see :func:`request_error`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lib_negip.errors import NegIPError, ResourceError
+
+
+@functools.cache
+def _request_error_class(error_type: type[NegIPError]) -> type[Exception]:
+    """``error_type`` that is also FastAPI's ``HTTPException`` with status 422.
+
+    The API turns an exception raised while generating into a response from its attributes
+    (``status_code``, ``detail``); an ``HTTPException`` is answered without a traceback in the
+    log. starlette 0.26's ``HTTPException`` has no ``__str__`` of its own and does not
+    initialise ``Exception``: both bases are initialised explicitly.
+    """
+    try:
+        from fastapi import HTTPException
+    except ImportError:  # no web stack: the plain error is just as clear
+        return error_type
+
+    def __init__(self, message: str) -> None:
+        error_type.__init__(self, message)
+        HTTPException.__init__(self, status_code=422, detail=message)
+
+    def __str__(self) -> str:
+        return str(self.detail)
+
+    return type(
+        error_type.__name__,
+        (error_type, HTTPException),
+        {"__init__": __init__, "__str__": __str__, "__module__": __name__},
+    )
+
+
+def request_error(error: BaseException) -> Exception:
+    """The exception to raise for ``error`` so that the UI and the API show its message."""
+    if isinstance(error, NegIPError):
+        return _request_error_class(type(error))(str(error))
+    message = (
+        f"Negative Image Prompt failed: {type(error).__name__}: {error}. The console has the "
+        "details; please report it with them."
+    )
+    return _request_error_class(NegIPError)(message)
+
+
+def explain_out_of_memory(error: BaseException) -> BaseException:
+    """``error`` as a :class:`ResourceError` that says what to change, if it is one of the
+    out-of-memory errors (torch's, A1111's "CUDA out of memory" RuntimeErrors, MemoryError)."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    text = str(error).strip()
+    gpu = isinstance(error, oom) or (
+        isinstance(error, RuntimeError) and "out of memory" in text.lower()
+    )
+    if not gpu and not isinstance(error, MemoryError):
+        return error
+    what = text.splitlines()[0][:200] if text else type(error).__name__
+    if gpu:
+        msg = (
+            f"Negative Image Prompt ran out of GPU memory while preparing the image prompts "
+            f"({what}): use fewer images per side, turn off 'Keep the image encoder on the GPU' "
+            "and lower 'IP-Adapters and image encoders kept loaded' in Settings > Negative Image "
+            "Prompt, or free GPU memory (a smaller batch, --medvram)."
+        )
+    else:
+        msg = (
+            f"Negative Image Prompt ran out of memory while preparing the image prompts ({what}): "
+            "use fewer or smaller images (the encoder sees 224x224 pixels; a few megapixels are "
+            "plenty), and lower 'Encoded images kept in memory' and 'IP-Adapters and image "
+            "encoders kept loaded' in Settings > Negative Image Prompt."
+        )
+    return ResourceError(msg)

@@ -1,0 +1,250 @@
+"""The model folders, the registry that lists them and the caches of loaded models."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lib_negip.cache import LRUCache
+from lib_negip.errors import ArgumentError, ModelFileError, NegIPError
+from lib_negip.hijack import KeyValueWeights
+from lib_negip.session import FeatureCache
+from lib_negip.webui.settings import (
+    IMAGES_IN_MEMORY_RANGE,
+    MODELS_IN_MEMORY_RANGE,
+    OPT_ADAPTER_DIRS,
+    OPT_AUTO_DOWNLOAD,
+    OPT_ENCODER_DIRS,
+    OPT_IMAGES_IN_MEMORY,
+    OPT_MODELS_IN_MEMORY,
+    opt,
+    setting_int,
+)
+
+
+@dataclasses.dataclass
+class LoadedAdapter:
+    """A cached adapter: its projection for the image tokens, its fused key/value weights."""
+
+    adapter: Any  # lib_negip.adapter.IPAdapter, its per-layer modules released
+    weights: list[KeyValueWeights]
+
+    @property
+    def spec(self) -> Any:
+        return self.adapter.spec
+
+    def release(self) -> None:
+        for kv in self.weights:
+            kv.release_device_copies()
+
+
+def _load_adapter(path: Path) -> LoadedAdapter:
+    from torch import nn
+
+    from lib_negip.adapter import load_adapter
+
+    adapter = load_adapter(path)
+    weights = [KeyValueWeights(k, v) for k, v in adapter.layer_weights()]
+    adapter.layers = nn.ModuleList()  # the fused copies are all the attention needs
+    return LoadedAdapter(adapter=adapter, weights=weights)
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    try:
+        stat = path.stat()
+    except OSError as error:
+        msg = (
+            f"{path.name} was listed but cannot be opened now ({error.strerror or error}): it was "
+            "moved, deleted or is not readable; press the refresh button beside the model list"
+        )
+        raise ModelFileError(msg) from error
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Errors while loading a listed file, worded as the registry words them: no server folders
+    (API answers must not reveal them), a file that cannot be opened said so."""
+    from lib_negip.registry import _without_folders
+
+    try:
+        yield
+    except NegIPError as error:
+        raise type(error)(_without_folders(str(error), path)) from error
+    except OSError as error:
+        msg = f"{path} cannot be read ({error.strerror or error}): check that the file is readable"
+        raise ModelFileError(_without_folders(msg, path)) from error
+
+
+class Models:
+    """Registry + bounded caches of loaded adapters and encoders, shared by all generations."""
+
+    def __init__(self) -> None:
+        self._registry: Any = None
+        self._dirs: tuple = ()
+        self.adapters: LRUCache[tuple, LoadedAdapter] = LRUCache(2, lambda _k, v: v.release())
+        self.encoders: LRUCache[tuple, Any] = LRUCache(2)
+        self.features = FeatureCache()
+        self.file_reads = 0  # model files loaded from disk; cache hits do not count
+
+    def folders(self) -> tuple[list[Path], list[Path]]:
+        """Adapter folders and encoder folders, as DESIGN.md lists them."""
+        from modules import paths, shared
+
+        from lib_negip.registry import ModelFolder
+
+        models = Path(paths.models_path)
+        ipadapter = models / "ipadapter"
+        ipadapter.mkdir(parents=True, exist_ok=True)
+        # The ControlNet extension's folders hold other models too: only IP-Adapter names count.
+        adapter_dirs: list = [
+            ipadapter,
+            ModelFolder(models / "ControlNet", only_ip_adapter_names=True),
+        ]
+        encoder_dirs: list = [models / "clip_vision"]
+        data_dir = Path(getattr(shared.cmd_opts, "data_dir", ".") or ".")
+        for extension in _controlnet_folders(data_dir):
+            adapter_dirs.append(ModelFolder(extension / "models", only_ip_adapter_names=True))
+            encoder_dirs.append(extension / "annotator" / "downloads" / "clip_vision")
+        adapter_dirs += _split_dirs(opt(OPT_ADAPTER_DIRS))
+        encoder_dirs += _split_dirs(opt(OPT_ENCODER_DIRS))
+        return adapter_dirs, encoder_dirs
+
+    def registry(self, refresh: bool = False) -> Any:
+        from lib_negip.registry import ModelRegistry
+
+        dirs = self.folders()
+        key = tuple(tuple(map(repr, group)) for group in dirs)
+        if self._registry is None or key != self._dirs:
+            self._registry = ModelRegistry(*dirs, hash_file=_a1111_hash)
+            self._dirs = key
+        elif refresh:
+            self._registry.refresh()
+        return self._registry
+
+    def apply_limits(self) -> None:
+        models = setting_int(OPT_MODELS_IN_MEMORY, *MODELS_IN_MEMORY_RANGE)
+        self.adapters.set_limit(models)
+        self.encoders.set_limit(models)
+        self.features.set_limit(setting_int(OPT_IMAGES_IN_MEMORY, *IMAGES_IN_MEMORY_RANGE))
+
+    def adapter(self, path: Path) -> LoadedAdapter:
+        key = _file_key(path)
+        loaded = self.adapters.get(key)
+        if loaded is None:
+            self.file_reads += 1
+            with _reading(path):
+                loaded = _load_adapter(path)
+            self.adapters.put(key, loaded)
+        return loaded
+
+    def encoder(self, path: Path) -> tuple[Any, tuple]:
+        from lib_negip.encoder import load_image_encoder
+
+        key = _file_key(path)
+        encoder = self.encoders.get(key)
+        if encoder is None:
+            self.file_reads += 1
+            with _reading(path):
+                encoder = load_image_encoder(path)
+            self.encoders.put(key, encoder)
+        return encoder, key
+
+    def clear(self) -> None:
+        self.adapters.clear()
+        self.encoders.clear()
+        self.features.clear()
+
+
+def _a1111_hash(path: Path) -> str | None:
+    """sha256 through A1111's hash cache (cache.json): each file is hashed once, ever; None
+    with --no-hashing."""
+    from modules import hashes
+
+    return hashes.sha256(str(path), f"negip/{path.name}")
+
+
+def _split_dirs(value: str) -> list[Path]:
+    parts = [part.strip() for part in str(value or "").replace("\n", ";").split(";")]
+    return [Path(part).expanduser() for part in parts if part]
+
+
+def _controlnet_folders(data_dir: Path) -> list[Path]:
+    from modules import paths
+
+    roots = {Path(paths.script_path) / "extensions", data_dir / "extensions"}
+    found = []
+    for root in sorted(roots):
+        if root.is_dir():
+            found += [p for p in sorted(root.iterdir()) if "controlnet" in p.name.lower()]
+    return found
+
+
+MODELS = Models()
+
+
+def entry_label(entry: Any) -> str:
+    """ "name [hash]" for the infotext, as A1111 labels checkpoints."""
+    return entry.infotext_name
+
+
+def resolve_adapter(registry: Any, name: str) -> Any:
+    """The registry entry of ``name``, downloading an official file when allowed."""
+    try:
+        return registry.resolve_adapter(name)
+    except ArgumentError:
+        if not (opt(OPT_AUTO_DOWNLOAD) and _download_official(name)):
+            raise
+        registry.refresh()
+        return registry.resolve_adapter(name)
+
+
+def resolve_encoder(registry: Any, name: str, adapter: Any) -> Any:
+    """The registry entry of image encoder ``name`` ("auto" included) for the adapter entry
+    ``adapter`` (its name appears in the answers), downloading the official one when allowed."""
+    try:
+        return registry.resolve_encoder(name, adapter)
+    except NegIPError:
+        if name != "auto" or not opt(OPT_AUTO_DOWNLOAD):
+            raise
+        from lib_negip import download
+
+        needed = download.official_encoder_for(adapter.spec)
+        if needed is None or not _download_official(needed):
+            raise
+        registry.refresh()
+        return registry.resolve_encoder(name, adapter)
+
+
+def _download_official(name: str) -> bool:
+    """Download an official file with A1111's own downloader (progress bar in the console)."""
+    from modules import modelloader, paths
+
+    from lib_negip import download
+
+    if not download.is_official(name):
+        return False
+
+    def fetch(url: str, destination: Path) -> None:
+        modelloader.load_file_from_url(
+            url, model_dir=str(destination.parent), file_name=destination.name, progress=True
+        )
+
+    download.download_official(name, Path(paths.models_path), fetch=fetch)
+    return True
+
+
+def models_listing() -> dict[str, Any]:
+    """The body of ``GET /negip/v1/models``."""
+    return MODELS.registry(refresh=True).describe()
+
+
+def adapter_choices(refresh: bool = False) -> list[str]:
+    return MODELS.registry(refresh=refresh).adapter_names()
+
+
+def encoder_choices(refresh: bool = False) -> list[str]:
+    return MODELS.registry(refresh=refresh).encoder_names()

@@ -1,0 +1,99 @@
+"""The extension's options in A1111's Settings tab (section "Negative Image Prompt")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lib_negip import logger
+
+SECTION = ("negip", "Negative Image Prompt")
+
+
+# Settings (Settings tab, section "Negative Image Prompt"): key -> (default, label).
+OPT_ADAPTER_DIRS = "negip_extra_adapter_dirs"
+OPT_ENCODER_DIRS = "negip_extra_encoder_dirs"
+OPT_MODELS_IN_MEMORY = "negip_models_in_memory"
+OPT_IMAGES_IN_MEMORY = "negip_images_in_memory"
+OPT_ENCODER_ON_GPU = "negip_encoder_on_gpu"
+OPT_AUTO_DOWNLOAD = "negip_auto_download"
+
+#: The sliders' ranges, which also bound values that arrive through the API unchecked.
+MODELS_IN_MEMORY_RANGE = (1, 8)
+IMAGES_IN_MEMORY_RANGE = (0, 512)
+
+DEFAULTS: dict[str, Any] = {
+    OPT_ADAPTER_DIRS: "",
+    OPT_ENCODER_DIRS: "",
+    OPT_MODELS_IN_MEMORY: 2,
+    OPT_IMAGES_IN_MEMORY: 64,
+    OPT_ENCODER_ON_GPU: False,
+    OPT_AUTO_DOWNLOAD: False,
+}
+
+
+# Settings that decide which files the server reads or downloads: never changed through the API
+# (POST /sdapi/v1/options, a request's override_settings); A1111 1.7+ enforces restrict_api.
+RESTRICTED_SETTINGS = (OPT_ADAPTER_DIRS, OPT_ENCODER_DIRS, OPT_AUTO_DOWNLOAD)
+FOLDER_SETTINGS = (OPT_ADAPTER_DIRS, OPT_ENCODER_DIRS)
+
+
+def opt(key: str) -> Any:
+    from modules import shared
+
+    return getattr(shared.opts, key, DEFAULTS[key])
+
+
+def setting_int(key: str, low: int, high: int) -> int:
+    """A numeric setting as an int in [low, high]; A1111 does not check values set through the
+    API (override_settings, POST /sdapi/v1/options), so anything may arrive here."""
+    value = opt(key)
+    try:
+        number = int(float(value))  # sliders store floats
+    except (TypeError, ValueError, OverflowError):
+        logger.warning("Setting %s is %r, not a number: using %s", key, value, DEFAULTS[key])
+        return DEFAULTS[key]
+    return min(max(number, low), high)
+
+
+def on_ui_settings() -> None:
+    import gradio as gr
+    from modules import shared
+
+    options = {
+        OPT_ADAPTER_DIRS: shared.OptionInfo(
+            DEFAULTS[OPT_ADAPTER_DIRS],
+            "Extra folders with IP-Adapter models (separate with ;)",
+        ),
+        OPT_ENCODER_DIRS: shared.OptionInfo(
+            DEFAULTS[OPT_ENCODER_DIRS],
+            "Extra folders with image encoders (CLIP vision; separate with ;)",
+        ),
+        OPT_MODELS_IN_MEMORY: shared.OptionInfo(
+            DEFAULTS[OPT_MODELS_IN_MEMORY],
+            "IP-Adapters and image encoders kept loaded (each)",
+            gr.Slider,
+            {"minimum": MODELS_IN_MEMORY_RANGE[0], "maximum": MODELS_IN_MEMORY_RANGE[1], "step": 1},
+        ),
+        OPT_IMAGES_IN_MEMORY: shared.OptionInfo(
+            DEFAULTS[OPT_IMAGES_IN_MEMORY],
+            "Encoded images kept in memory",
+            gr.Slider,
+            {"minimum": IMAGES_IN_MEMORY_RANGE[0], "maximum": IMAGES_IN_MEMORY_RANGE[1], "step": 1},
+        ),
+        OPT_ENCODER_ON_GPU: shared.OptionInfo(
+            DEFAULTS[OPT_ENCODER_ON_GPU],
+            "Keep the image encoder on the GPU after encoding (faster with new images, uses VRAM)",
+        ),
+        OPT_AUTO_DOWNLOAD: shared.OptionInfo(
+            DEFAULTS[OPT_AUTO_DOWNLOAD],
+            "Download missing official IP-Adapter and image encoder files (h94/IP-Adapter) when a "
+            "generation needs them",
+        ),
+    }
+    for key, info in options.items():
+        info.section = SECTION
+        if key in RESTRICTED_SETTINGS:
+            info.restrict_api = True  # an attribute: an older OptionInfo lacks the argument
+        if key in FOLDER_SETTINGS and getattr(shared, "hide_dirs", None) is not None:
+            info.component_args = shared.hide_dirs  # --hide-ui-dir-config hides and locks it
+        shared.opts.add_option(key, info)
