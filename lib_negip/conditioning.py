@@ -10,11 +10,12 @@ masked), which side's tokens the block holds and a fixed check pattern. Because 
 rides inside the conditioning tensors, it follows its rows through every branch of A1111's CFG denoiser (batched or split cond/uncond,
 AND prompts, skipped uncond rows, edit models) with no guessing from row positions.
 
-The attention recognises a context as carrying our block by its length alone (text contexts
-are whole chunks of 77 tokens; the ControlNet extension strips a one-token marker from the
-front, which keeps that property), so no device synchronisation is needed per layer. The
-check pattern is verified once per UNet call (``verify_blocks``) so that a block another
-extension transformed (for example by rescaling the whole conditioning) is reported, not used.
+The hijack recognises a context as carrying our block by its length (text contexts are whole
+chunks of 77 tokens, possibly after the ControlNet extension's one-token marker, which that
+extension strips inside the UNet), then reads the meta tokens on the host once per UNet call
+(:func:`read_rows`): that one synchronisation checks the pattern, so that a block another
+extension transformed (for example by rescaling the whole conditioning) is reported, not used,
+and tells which side and weight each row has.
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ class TokenLayout:
 
     @classmethod
     def for_tokens(cls, n_tokens: int, chunk_length: int = CHUNK_LENGTH) -> TokenLayout:
-        # A block whose length is a whole number of chunks would make a plain text context
-        # look like ours; one more meta token avoids that.
-        n_meta = 2 if (n_tokens + 1) % chunk_length == 0 else 1
+        # A plain text context is whole chunks, or whole chunks plus the ControlNet extension's
+        # one-token marker; a block of certain lengths would make such a context look like
+        # ours: more meta tokens avoid those lengths.
+        n_meta = 1
+        while (n_tokens + n_meta) % chunk_length in (0, 1, chunk_length - 1):
+            n_meta += 1
         return cls(n_tokens=n_tokens, n_meta=n_meta, chunk_length=chunk_length)
 
     @property
@@ -62,9 +66,10 @@ class TokenLayout:
         return self.n_tokens + self.n_meta
 
     def carries_block(self, context_length: int) -> bool:
-        """Whether a context of this length ends with our block (host-side ints only)."""
+        """Whether a context of this length ends with our block (host-side ints only): its text
+        is whole chunks, possibly after the ControlNet extension's one-token marker."""
         text = context_length - self.total
-        return text > 0 and text % self.chunk_length == 0
+        return text >= self.chunk_length and text % self.chunk_length in (0, 1)
 
 
 def make_block(
@@ -171,59 +176,23 @@ def append_blocks(
 
 
 @dataclass(frozen=True)
-class SplitContext:
-    """A context that carries our block, split into its parts (views, no copies of text)."""
+class BlockRow:
+    """What one row's meta token says: which side's tokens its block holds (see
+    :func:`make_block`), the weight of its image term and how many slots hold real tokens."""
 
-    text: torch.Tensor  # [B, T_text, C]
-    image: torch.Tensor  # [B, N, C]
-    weight: torch.Tensor  # [B, 1, 1]
-    key_mask: torch.Tensor | None  # [B, 1, 1, N] bool (True = attend) or None when all slots used
-    side: torch.Tensor | None = None  # [B] long: each row's side (see make_block), or None
-    side_rows: tuple[int, ...] | None = None  # the same, read on the host (see verify_blocks)
+    side: int
+    weight: float
+    count: int
 
 
-def split_context(
-    context: torch.Tensor,
-    layout: TokenLayout,
-    *,
-    masked: bool,
-    sides: int = 0,
-    side_rows: tuple[int, ...] | None = None,
-) -> SplitContext:
-    """Split a context that :meth:`TokenLayout.carries_block` accepted. No synchronisation.
+def read_rows(context: torch.Tensor, layout: TokenLayout) -> tuple[BlockRow, ...]:
+    """Each row's :class:`BlockRow`, read from the meta tokens of a context that
+    :meth:`TokenLayout.carries_block` accepted; raise :class:`ConditioningError` if the meta
+    tokens are not ours any more.
 
-    side_rows: each row's side as already read on the host (by :func:`verify_blocks`).
-    Otherwise, sides: how many sides' tokens the caller knows; then ``side`` holds each row's
-    side on the device, clamped into range (a device index out of range aborts on CUDA).
-    """
-    text_length = context.shape[1] - layout.total
-    meta = context[:, text_length + layout.n_tokens]  # [B, C]
-    key_mask = None
-    if masked:
-        slots = torch.arange(layout.n_tokens, device=context.device)
-        key_mask = (slots < meta[:, META_COUNT, None])[:, None, None, :]
-    side = None
-    if side_rows is None and sides > 0:
-        side = meta[:, META_SIDE].long().clamp(0, sides - 1)
-    return SplitContext(
-        # Contiguous so that the host's text attention sees exactly the tensor it would see
-        # without us (bit-identical results at weight 0).
-        text=context[:, :text_length].contiguous(),
-        image=context[:, text_length : text_length + layout.n_tokens].contiguous(),
-        weight=meta[:, META_WEIGHT, None, None],
-        key_mask=key_mask,
-        side=side,
-        side_rows=side_rows,
-    )
-
-
-def verify_blocks(context: torch.Tensor, layout: TokenLayout) -> tuple[int, ...]:
-    """Raise :class:`ConditioningError` if the meta tokens of a context are not ours any more;
-    return each row's side (see :func:`make_block`).
-
-    This copies the meta tokens' first channels to the host (one synchronisation) and checks
-    them there; call it once per UNet call, not per layer. The sides come with the same copy,
-    so that the attention needs no device gather to pick each row's keys and values.
+    This copies the meta tokens' first channels to the host (one synchronisation): call it once
+    per UNet call, not per layer. The rows then select keys and values on the host, so the
+    attention needs no device gather and no synchronisation of its own.
     """
     meta = context[:, -layout.n_meta :, : META_SIDE + 1].cpu().tolist()  # [B][n_meta][7]
     pattern = list(PATTERN)
@@ -235,4 +204,9 @@ def verify_blocks(context: torch.Tensor, layout: TokenLayout) -> tuple[int, ...]
             "generation or disable Negative Image Prompt."
         )
         raise ConditioningError(msg)
-    return tuple(int(row[0][META_SIDE]) for row in meta)
+    return tuple(
+        BlockRow(
+            side=int(row[0][META_SIDE]), weight=row[0][META_WEIGHT], count=int(row[0][META_COUNT])
+        )
+        for row in meta
+    )

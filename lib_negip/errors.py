@@ -38,3 +38,11 @@ class ResourceError(NegIPError):
 
 class ConditioningError(NegIPError):
     """The image tokens appended to the conditioning were changed before they reached the UNet."""
+
+
+class UnreachedError(NegIPError):
+    """The image prompts cannot act: the UNet or its attention never received them.
+
+    Raised instead of letting the host make an image without the requested image prompts (a
+    web UI or UNet layout this extension cannot drive, an attention that bypasses its hooks).
+    """

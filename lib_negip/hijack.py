@@ -4,22 +4,34 @@ For every ``attn2`` module the hijack adds ``weight * attention(q, to_k_ip(img),
 to the text attention, before the output projection, exactly as IP-Adapter defines it. It does
 not replace any ``forward``: A1111 swaps ``CrossAttention.forward`` on the class for the chosen
 optimisation (sdp, xformers, InvokeAI, sub-quadratic, ...) and other extensions replace it per
-instance; hooks run around whatever forward is current, so
+instance; hooks run around whatever forward is current.
 
-- the text part is computed by the host's own attention, untouched (weight 0 is bit-exact);
-- the query is the host's own ``to_q`` output (a forward hook captures it) and the image term
-  is added to the input of the host's ``to_out[0]`` (a forward pre-hook), so there is no second
-  query or output projection; where an implementation does not call those submodules, the
-  post-hook computes the term itself;
-- removal is removing our hook handles, which restores the modules exactly whatever other
-  extensions did before or after us.
+Where the work happens:
 
-A context without our appended block (see :mod:`lib_negip.conditioning`) passes through
-untouched; recognising it needs only its length, a host-side integer.
+- **Once per UNet call** (a forward pre-hook on the UNet): a context that carries our block (see
+  :mod:`lib_negip.conditioning`) is recognised by its length, its meta tokens are read on the
+  host (the one synchronisation per call, which also checks them), and the UNet receives the
+  text part only. Every ``attn2`` therefore sees exactly the context it would see without us,
+  so the text attention is the host's own, untouched (weight 0 is bit-exact), and other
+  extensions that read the context inside the attention see plain text.
+- **Per layer, prepared once per generation**: each side's image keys and values, projected
+  from the side's tokens; per row layout and weights (cached per distinct row layout), the
+  keys pre-scaled by ``1/sqrt(d)`` and the values by the row's weight times the layer's block
+  weight; per latent size, each side's mask at the layer's grid.
+- **Per ``attn2`` call**: two hooks. A forward hook on ``to_q`` keeps the host's own query; a
+  forward pre-hook on ``to_out[0]`` adds the image term to its input in six torch calls (no
+  second query or output projection).
+
+An attention implementation that does not call ``to_q`` / ``to_out[0]`` as modules is found in
+the first UNet call after installation, where every layer also has a forward hook that adds the
+term after the output projection if the fast path did not; layers that took the fast path lose
+that hook after the call. A UNet call that carried our block and reached no layer at all is an
+error (the image prompts would silently not act): see :class:`UnreachedError`.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,25 +43,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lib_negip import logger
-from lib_negip.conditioning import SplitContext, TokenLayout, split_context, verify_blocks
-from lib_negip.errors import ConditioningError, IncompatibleModelError
+from lib_negip.conditioning import BlockRow, TokenLayout, read_rows
+from lib_negip.errors import ConditioningError, IncompatibleModelError, UnreachedError
 from lib_negip.unet_layers import CrossAttentionLayer, adapter_key, cross_attention_layers
 
-# attn2(x, context=None, mask=None, **kwargs): the context is keyword or the second argument.
-
-
-def _context_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if "context" in kwargs:
-        return kwargs["context"]
-    return args[1] if len(args) > 1 else None
-
-
-def _with_context(
-    args: tuple[Any, ...], kwargs: dict[str, Any], context: torch.Tensor
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if "context" in kwargs or len(args) <= 1:
-        return args, {**kwargs, "context": context}
-    return (args[0], context, *args[2:]), kwargs
+#: Sides of the image prompt: the index a block's meta token names (see ``make_block``).
+POSITIVE, NEGATIVE = 0, 1
 
 
 class KeyValueWeights:
@@ -72,7 +71,7 @@ class KeyValueWeights:
         self._cast.clear()
 
     def project(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image: [B, N, C] -> keys, values [B, N, inner]."""
+        """image: [..., N, C] -> keys, values [..., N, inner]."""
         key = (image.device, image.dtype)
         weight = self._cast.get(key)
         if weight is None:
@@ -80,160 +79,254 @@ class KeyValueWeights:
         return F.linear(image, weight).split(self.inner_dim, dim=-1)
 
 
-@dataclass
-class _Call:
-    """State of one in-flight ``attn2`` call that carries image tokens."""
+def layer_grid(latent: tuple[int, int], tokens: int) -> tuple[int, int]:
+    """(h, w) of a layer's query grid with ``tokens`` positions, for a latent of size ``latent``.
 
-    split: SplitContext
-    x: torch.Tensor
-    q: torch.Tensor | None = None
-    added: bool = False
+    The UNet halves the grid per level with stride-2 convolutions (padding 1), so odd sizes
+    round up: 75 -> 38 -> 19. A grid that is no halving of the latent (an unknown UNet) falls
+    back to the latent's aspect ratio, as diffusers' mask downsampling does.
+    """
+    h, w = latent
+    while h * w > tokens and (h > 1 or w > 1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h * w == tokens:
+        return h, w
+    h = int(math.sqrt(tokens / (latent[1] / latent[0])))
+    h = max(h + (1 if tokens % max(h, 1) else 0), 1)
+    return h, tokens // h
+
+
+def mask_at_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A side's mask [h, w] (values 0..1) at a layer's grid, flattened: [h_l * w_l].
+
+    Bicubic without antialiasing, as diffusers' ``IPAdapterMaskProcessor.downsample`` does
+    (give the mask at the latent's resolution: see ``ImagePromptSession.set_masks``), then
+    clamped to 0..1 (bicubic overshoots at sharp edges).
+    """
+    if tuple(mask.shape) != grid:
+        mask = F.interpolate(mask[None, None], size=grid, mode="bicubic", align_corners=False)[0, 0]
+    return mask.clamp(0.0, 1.0).flatten()
+
+
+@dataclass
+class _Entry:
+    """What one layer adds for one row layout, in one of two forms.
+
+    Per head (``block_diagonal`` False): keys [B, H, N, d] pre-scaled by 1/sqrt(d), values
+    [B, H, N, d] pre-scaled by each row's weight, an optional additive key bias [B, 1, 1, N]
+    (slots a row does not fill) and an optional query mask [B, Tq, 1, 1].
+
+    Block-diagonal (``block_diagonal`` True): the heads laid side by side, keys [B, inner, H*N]
+    (head h's d rows map to its N columns) and values [B, H*N, inner], so that one matmul
+    gives every head's scores and one ``baddbmm`` adds every head's term to the hidden states:
+    five torch calls per layer and no copies, at H times the multiply-adds of the per-head form
+    (free on a GPU, where the host's calls are the cost; see :func:`use_block_diagonal`).
+    Bias [B, 1, H*N], mask [B, Tq, 1].
+
+    ``cast_q`` / ``cast_out``: the dtype the query is cast to (upcast) and the one the term is
+    returned in, where they differ from the query's and the hidden states'.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    bias: torch.Tensor | None
+    mask: torch.Tensor | None
+    block_diagonal: bool = False
+    cast_q: torch.dtype | None = None
+    cast_out: torch.dtype | None = None
+
+
+#: "auto" (block-diagonal where it costs no real time: see :func:`use_block_diagonal`),
+#: "always" or "never"; tests and the benchmark set it to compare the two forms.
+BLOCK_DIAGONAL = "auto"
+#: Extra multiply-adds the block-diagonal form may cost on a CPU to save one torch call.
+CPU_FLOPS_PER_CALL = 2e5
+
+
+def use_block_diagonal(
+    device: torch.device, batch: int, tokens: int, inner: int, heads: int, n: int
+) -> bool:
+    """Whether a layer computes its term in the block-diagonal form.
+
+    On a GPU the layer's term is a few small kernels whose cost is the host's launches: the
+    block-diagonal form launches the fewest. On a CPU the arithmetic is the cost: the form
+    spends (H-1) times the per-head multiply-adds more, worth it only where that is less than
+    the time of the torch call it saves (tiny layers).
+    """
+    if BLOCK_DIAGONAL != "auto":
+        return BLOCK_DIAGONAL == "always"
+    if device.type != "cpu":
+        return True
+    extra = 4 * batch * tokens * inner * n * (heads - 1)
+    return extra <= CPU_FLOPS_PER_CALL
+
+
+_SKIP = object()  # every row of this layer has weight 0 in this layout: nothing to add
+
+
+class _Plan:
+    """Everything the layers need for one row layout (and latent size), built lazily per layer
+    at its first call and reused by every later UNet call with the same layout."""
+
+    def __init__(
+        self,
+        rows: tuple[BlockRow, ...],
+        latent: tuple[int, int],
+        image: torch.Tensor | None,
+        n_layers: int,
+    ) -> None:
+        self.rows = rows
+        self.latent = latent
+        self.image = image  # [B, N, C] the context's image slots, only for rows of no known side
+        self.entries: list[Any] = [None] * n_layers
 
 
 class _LayerHooks:
-    """The hooks of one ``attn2`` module; they share the call state through ``self.call``."""
+    """The hooks of one ``attn2`` module."""
 
     def __init__(
-        self, hijack: AttentionHijack, layer: CrossAttentionLayer, kv: KeyValueWeights
+        self,
+        hijack: AttentionHijack,
+        index: int,
+        layer: CrossAttentionLayer,
+        kv: KeyValueWeights,
+        scales: tuple[float, float],
     ) -> None:
         self.hijack = hijack
+        self.index = index
         self.module = layer.module
+        self.name = layer.name
+        self.heads = int(layer.module.heads)
         self.kv = kv
-        self.call: _Call | None = None
+        self.scales = scales  # block weight of the positive and the negative side
+        self.q: torch.Tensor | None = None
+        self.added = False
         self.handles: list[RemovableHandle] = []
-        # Keys and values [S, 2, H, N, d] of the hijack's side tokens, per device and dtypes,
-        # and the keys and values [B, H, N, d] of each sequence of row sides seen.
-        self._tables: dict[tuple, torch.Tensor] = {}
-        self._rows: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fallback: RemovableHandle | None = None
+        self.needs_fallback = False
+        # Keys and values [S, 2, H, N, d] of the hijack's side tokens per (device, dtype).
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def install(self) -> None:
-        module = self.module
+    def install(self, probe: bool) -> None:
         self.handles = [
-            module.register_forward_pre_hook(self.before_attention, with_kwargs=True),
-            module.register_forward_hook(self.after_attention, with_kwargs=True),
-            module.to_q.register_forward_hook(self.capture_query),
-            module.to_out[0].register_forward_pre_hook(self.add_image_term),
+            self.module.to_q.register_forward_hook(self.capture_query),
+            self.module.to_out[0].register_forward_pre_hook(self.add_image_term),
         ]
+        if probe or self.needs_fallback:
+            self.fallback = self.module.register_forward_hook(
+                self.after_attention, with_kwargs=True
+            )
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        self.call = None
+        self.drop_fallback()
+        self.q = None
 
-    # attn2(x, context=..., mask=None, **kwargs)
-    def before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        self.call = None
-        context = _context_of(args, kwargs)
-        split = self.hijack.split(context)
-        if split is None:
-            return None
-        self.call = _Call(split=split, x=args[0] if args else kwargs["x"])
-        return _with_context(args, kwargs, split.text)
+    def drop_fallback(self) -> None:
+        if self.fallback is not None:
+            self.fallback.remove()
+            self.fallback = None
 
+    # -- per call -------------------------------------------------------------------------
     def capture_query(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self.call is not None and self.call.q is None:
-            self.call.q = output
+        if self.hijack.plan is not None:
+            self.q = output
 
     def add_image_term(self, module: nn.Module, args: tuple) -> Any:
-        call = self.call
-        if call is None or call.added:
+        q = self.q
+        if q is None:
             return None
-        hidden = args[0]  # [B, Tq, inner], heads already merged
-        if call.q is None or call.q.shape[:2] != hidden.shape[:2]:
-            return None  # not the query we expect: the post-hook computes the term instead
-        call.added = True
-        return (self.add_image_attention(hidden, call, call.q), *args[1:])
+        self.q = None
+        plan = self.hijack.plan
+        hidden = args[0]  # [B, Tq, inner], heads merged
+        entry = plan.entries[self.index]
+        if entry is None:
+            entry = plan.entries[self.index] = self.hijack.entry(self, plan, q, hidden)
+        self.added = True
+        if entry is _SKIP:
+            return None
+        if entry.block_diagonal and entry.cast_q is None and entry.cast_out is None:
+            added = torch.baddbmm(hidden, self.probabilities(entry, q), entry.values)
+        else:
+            added = hidden + self.image_term(entry, q)
+        return (added, *args[1:])
+
+    def probabilities(self, entry: _Entry, q: torch.Tensor) -> torch.Tensor:
+        """Block-diagonal form: every head's attention probabilities [B, Tq, H*N] (masked)."""
+        scores = torch.matmul(q, entry.keys)
+        if entry.bias is not None:
+            scores = scores + entry.bias
+        probs = scores.unflatten(-1, (self.heads, -1)).softmax(-1).flatten(2)
+        return probs if entry.mask is None else probs * entry.mask
+
+    def image_term(self, entry: _Entry, q: torch.Tensor) -> torch.Tensor:
+        """sum over slots of softmax(q k / sqrt(d)) (weight * v), per head: [B, Tq, inner].
+
+        Per-head form: six torch calls without a mask (one more for a mask, one for slots some
+        rows do not fill); the heads are split and merged by views of the query and the term.
+        """
+        if entry.cast_q is not None:
+            q = q.to(entry.cast_q)
+        if entry.block_diagonal:
+            term = torch.bmm(self.probabilities(entry, q), entry.values)
+        else:
+            heads = q.unflatten(-1, (self.heads, -1))
+            scores = torch.einsum("bqhd,bhnd->bqhn", heads, entry.keys)
+            if entry.bias is not None:
+                scores = scores + entry.bias
+            probs = scores.softmax(-1)
+            if entry.mask is not None:
+                probs = probs * entry.mask
+            term = torch.einsum("bqhn,bhnd->bqhd", probs, entry.values).flatten(2)
+        return term if entry.cast_out is None else term.to(entry.cast_out)
 
     def after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        call, self.call = self.call, None
-        if call is None or call.added:
+        """The safety net of the first call after installation (and of layers that need it):
+        the installed attention did not go through ``to_q`` / ``to_out[0]`` as modules, so the
+        term is added after the output projection (``to_out[0]`` is linear, its bias already
+        applied)."""
+        plan = self.hijack.plan
+        if plan is None or self.added:
+            self.q = None
             return None
-        # The installed attention did not go through to_q / to_out[0] as modules: add the term
-        # after the output projection instead (to_out[0] is linear, its bias already applied).
-        q = call.q if call.q is not None else module.to_q(call.x)
-        term = self.image_term(call, q)
-        return output + F.linear(term, module.to_out[0].weight.to(term.dtype))
+        self.needs_fallback = True
+        q = self.q if self.q is not None else module.to_q(args[0] if args else kwargs["x"])
+        self.q = None
+        entry = plan.entries[self.index]
+        if entry is None:
+            entry = plan.entries[self.index] = self.hijack.entry(self, plan, q, None)
+        self.added = True
+        if entry is _SKIP:
+            return None
+        term = self.image_term(entry, q)
+        projected = F.linear(term, module.to_out[0].weight.to(term.dtype))
+        return output + projected.to(output.dtype)
 
-    def image_attention(self, call: _Call, q: torch.Tensor) -> torch.Tensor:
-        """softmax(q k_ip^T / sqrt(d)) v_ip per head: [B, Tq, H, d] (a transposed view)."""
-        split = call.split
-        if self.hijack.upcast:
-            q = q.float()
-        batch, _, inner = q.shape
-        heads = self.module.heads
-        head_dim = inner // heads
-
-        def by_head(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, -1, heads, head_dim).transpose(1, 2)
-
-        if split.side is None and split.side_rows is None:
-            keys, values = map(by_head, self.kv.project(split.image.to(q.dtype)))
-        else:
-            keys, values = self.side_keys_values(split, q.dtype)  # [B, H, N, d]
-        return F.scaled_dot_product_attention(
-            by_head(q), keys, values, attn_mask=split.key_mask
-        ).transpose(1, 2)  # [B, H, Tq, d] -> [B, Tq, H, d]
-
-    def side_keys_values(
-        self, split: SplitContext, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image keys and values [B, H, N, d] in ``dtype`` of rows that name their side.
-
-        They come from keys and values projected once per generation from the hijack's side
-        tokens, kept per layer as [S, 2, H, N, d]: one gather per call, instead of reading the
-        layer's [2*inner, C] weight and rearranging the heads on every call.
-        """
-        image = split.image  # [B, N, C] in the context's dtype
-        key = (image.device, image.dtype, dtype)
-        if split.side_rows is not None:  # known on the host: no work per call after the first
-            cached = self._rows.get((*key, split.side_rows))
-            if cached is None:
-                table = self._table(key)
-                if split.side_rows == tuple(range(table.shape[0])):
-                    rows = table  # the usual batched [cond, uncond]: views, no copy
-                else:
-                    rows = torch.stack([table[side] for side in split.side_rows])
-                if len(self._rows) >= 32:  # a handful of row layouts per generation
-                    self._rows.clear()
-                cached = self._rows[(*key, split.side_rows)] = (rows[:, 0], rows[:, 1])
-            return cached
-        rows = self._table(key).index_select(0, split.side)  # [B, 2, H, N, d]
-        return rows[:, 0], rows[:, 1]
-
-    def _table(self, key: tuple[torch.device, torch.dtype, torch.dtype]) -> torch.Tensor:
-        table = self._tables.get(key)
+    # -- prepared once --------------------------------------------------------------------
+    def side_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Keys and values [S, 2, H, N, d] of the hijack's side tokens, in ``dtype``."""
+        table = self._tables.get((device, dtype))
         if table is None:
-            device, context_dtype, dtype = key
-            tokens = self.hijack.side_token_table(device, context_dtype).to(dtype)
-            sides, n, _ = tokens.shape
-            heads = self.module.heads
-            projected = torch.cat(self.kv.project(tokens), dim=-1)  # [S, N, 2*inner]
-            table = projected.view(sides, n, 2, heads, -1).permute(0, 2, 3, 1, 4).contiguous()
-            self._tables[key] = table
+            tokens = self.hijack.side_token_table(device, dtype)  # [S, N, C]
+            table = self._split_heads(tokens)
+            self._tables[(device, dtype)] = table
         return table
 
-    def add_image_attention(
-        self, hidden: torch.Tensor, call: _Call, q: torch.Tensor
-    ) -> torch.Tensor:
-        """hidden + weight * image attention, hidden [B, Tq, inner] with heads merged.
+    def _split_heads(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[R, N, C] tokens -> their keys and values [R, 2, H, N, d]."""
+        rows, n, _ = tokens.shape
+        projected = torch.cat(self.kv.project(tokens), dim=-1)  # [R, N, 2*inner]
+        return projected.view(rows, n, 2, self.heads, -1).permute(0, 2, 3, 1, 4)
 
-        One fused multiply-add reads the attention in its [B, Tq, H, d] view: no separate copy
-        to merge the heads, no separate product with the weight (two passes over [B, Tq, inner]
-        and two kernel launches less per layer). Where the dtypes differ (an attention that
-        returns float32 under autocast, or the upcast option) it computes in the wider one and
-        returns ``hidden``'s dtype. With weight 0 the result is exactly ``hidden``.
-        """
-        attended = self.image_attention(call, q)  # [B, Tq, H, d]
-        weight = call.split.weight[..., None]  # [B, 1, 1, 1]
-        summed = torch.addcmul(hidden.reshape(attended.shape), attended, weight)
-        summed = summed.reshape(hidden.shape)
-        return summed if summed.dtype == hidden.dtype else summed.to(hidden.dtype)
 
-    def image_term(self, call: _Call, q: torch.Tensor) -> torch.Tensor:
-        """weight * softmax(q k_ip^T / sqrt(d)) v_ip, heads merged: [B, Tq, inner]."""
-        attended = self.image_attention(call, q).flatten(2)  # [B, Tq, H, d] -> [B, Tq, inner]
-        return (attended * call.split.weight.to(attended.dtype)).to(call.x.dtype)
+@dataclass(frozen=True)
+class Reach:
+    """How far the image prompts got in the UNet calls that carried them (for checks)."""
+
+    calls: int = 0  # UNet calls whose context carried our block
+    layers_added: int = 0  # attn2 calls that added the image term (or skipped at weight 0)
 
 
 # The hijack currently installed on each UNet: never two at once.
@@ -247,18 +340,18 @@ class AttentionHijack:
     layers: the adapter's per-layer weights in adapter order, as :class:`KeyValueWeights` or
     ``(to_k_ip, to_v_ip)`` pairs [inner, C].
     layout: how the image tokens are appended to the conditioning of this generation.
-    masked: whether rows may fill fewer than ``layout.n_tokens`` slots (sides of different
-    lengths); without it no mask is built.
-    upcast: compute the image attention in float32 (A1111's "upcast cross attention" option).
-    verify: check the appended meta tokens once per UNet call (one synchronisation), where the
-    first ``attn2`` splits the context; the check sees the context after every other
-    extension's changes, the ControlNet extension's marker stripping included.
     side_tokens: the image tokens [n_s, C] that blocks made with ``make_block(..., side=s)``
-    hold; their keys and values are then projected once per generation, not once per call.
+    hold; their keys and values are projected once per generation. Blocks of another side
+    (-1) have their own tokens projected in every call.
+    layer_scales: per adapter layer, the block weight of the positive and of the negative side
+    (multiplying the row weights); layers where both are 0 get no hooks at all.
+    masks: per side, an optional mask [h, w] with values 0..1 that multiplies the side's image
+    attention, stretched over the latent (see :func:`mask_at_grid`).
+    upcast: compute the image attention in float32 (A1111's "upcast cross attention" option).
     on_abort: called after the hijack removed itself because an exception went through the UNet
     (A1111 then skips postprocess): the owner ends the generation.
-    raise_as: turns the :class:`ConditioningError` of a transformed block into the exception to
-    raise (the host's HTTP 422 error); by default it is raised as it is.
+    raise_as: turns the errors this hijack raises from the UNet (a transformed block, image
+    prompts that reached no layer) into the exception to raise (the host's HTTP 422 error).
     """
 
     def __init__(
@@ -267,37 +360,66 @@ class AttentionHijack:
         layers: Sequence[KeyValueWeights | tuple[torch.Tensor, torch.Tensor]],
         layout: TokenLayout,
         *,
-        masked: bool = False,
-        upcast: bool = False,
-        verify: bool = True,
         side_tokens: Sequence[torch.Tensor] = (),
+        layer_scales: Sequence[tuple[float, float]] | None = None,
+        masks: Sequence[torch.Tensor | None] = (),
+        upcast: bool = False,
         on_abort: Callable[[], None] | None = None,
         raise_as: Callable[[BaseException], BaseException] | None = None,
     ) -> None:
         self.unet = unet
         self.layout = layout
-        self.masked = masked
         self.upcast = upcast
-        self.verify = verify
         self.on_abort = on_abort
         self.raise_as = raise_as
         weights = [w if isinstance(w, KeyValueWeights) else KeyValueWeights(*w) for w in layers]
         targets = cross_attention_layers(unet)
         check_layers_fit(targets, weights)
+        if layer_scales is None:
+            layer_scales = [(1.0, 1.0)] * len(targets)
+        if len(layer_scales) != len(targets):
+            msg = f"{len(layer_scales)} layer scales for {len(targets)} cross-attention layers"
+            raise ValueError(msg)
         self.context_dim = targets[0].context_dim
-        self._layers = [
-            _LayerHooks(self, target, kv) for target, kv in zip(targets, weights, strict=True)
+        self._all_layers = [
+            _LayerHooks(self, index, target, kv, (float(scales[0]), float(scales[1])))
+            for index, (target, kv, scales) in enumerate(
+                zip(targets, weights, layer_scales, strict=True)
+            )
         ]
-        self._unet_handle: RemovableHandle | None = None
-        self._unet_after: RemovableHandle | None = None
-        self._last_context: torch.Tensor | None = None
-        self._last_split: SplitContext | None = None
+        # A layer at block weight 0 on both sides does no work at all: no hooks.
+        self._layers = [layer for layer in self._all_layers if layer.scales != (0.0, 0.0)]
         self._side_tokens = [tokens.detach() for tokens in side_tokens]
         self._side_tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._plans: dict[tuple, _Plan] = {}
+        self._masks: tuple[torch.Tensor | None, ...] = ()
+        self.set_masks(masks)
+        self._unet_before: RemovableHandle | None = None
+        self._unet_after: RemovableHandle | None = None
+        self._probing = True
+        self.plan: _Plan | None = None  # the current UNet call's, while it runs
+        self._expecting = False
+        self.reach = Reach()
+        self._warned_partial = False
 
     @property
     def installed(self) -> bool:
-        return self._unet_handle is not None
+        return self._unet_before is not None
+
+    def set_masks(self, masks: Sequence[torch.Tensor | None]) -> None:
+        """Per side, a mask [h, w] (values 0..1) or None. An all-white mask is no mask."""
+        checked = []
+        for mask in masks:
+            if mask is not None:
+                mask = mask.detach().float()
+                if mask.dim() != 2:
+                    msg = f"a mask must be [h, w], got {list(mask.shape)}"
+                    raise ValueError(msg)
+                if bool((mask >= 1.0).all()):
+                    mask = None
+            checked.append(mask)
+        self._masks = tuple(checked)
+        self._plans.clear()
 
     def install(self) -> None:
         """Add the hooks; a second call is a no-op. Replaces another hijack of the same UNet
@@ -310,60 +432,140 @@ class AttentionHijack:
             previous.remove()
         _INSTALLED[self.unet] = self
         for layer in self._layers:
-            layer.install()
-        self._unet_handle = self.unet.register_forward_pre_hook(self._before_unet)
+            layer.install(self._probing)
+        self._unet_before = self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
         try:  # also called when the forward raises (torch 2.1+)
             self._unet_after = self.unet.register_forward_hook(self._after_unet, always_call=True)
         except TypeError:  # an older torch: an exception leaves the hooks to the next process
-            self._unet_after = None
-        logger.debug("hijacked %d cross-attention layers", len(self._layers))
+            self._unet_after = self.unet.register_forward_hook(self._after_unet)
+        logger.debug(
+            "hijacked %d of %d cross-attention layers", len(self._layers), len(self._all_layers)
+        )
 
     def remove(self) -> None:
         """Remove every hook; the modules are exactly as before :meth:`install`. Idempotent."""
         for layer in self._layers:
             layer.remove()
-        if self._unet_handle is not None:
-            self._unet_handle.remove()
-            self._unet_handle = None
-        if self._unet_after is not None:
-            self._unet_after.remove()
-            self._unet_after = None
+        for handle in (self._unet_before, self._unet_after):
+            if handle is not None:
+                handle.remove()
+        self._unet_before = self._unet_after = None
         if _INSTALLED.get(self.unet) is self:
             del _INSTALLED[self.unet]
-        self._forget_context()
+        self.plan = None
 
-    def split(self, context: Any) -> SplitContext | None:
-        """The parts of a context carrying our block, or None; computed once per UNet call."""
-        if context is self._last_context:
-            return self._last_split
-        split = None
-        if (
-            isinstance(context, torch.Tensor)
-            and context.dim() == 3
-            and context.shape[2] == self.context_dim
-            and self.layout.carries_block(context.shape[1])
-        ):
-            sides = len(self._side_tokens)
-            side_rows = None
-            if self.verify:
-                try:
-                    rows = verify_blocks(context, self.layout)
-                except ConditioningError as error:
-                    # The generation fails here and A1111 skips postprocess: leave nothing behind.
-                    self._abort()
-                    if self.raise_as is None:
-                        raise
-                    raise self.raise_as(error) from error
-                # Rows whose side is out of range project their own tokens (sides=0).
-                side_rows = rows if all(0 <= side < sides for side in rows) else None
-                sides = 0
-            split = split_context(
-                context, self.layout, masked=self.masked, sides=sides, side_rows=side_rows
+    def expect_block(self) -> None:
+        """The conditioning of the coming UNet call carries our block (the owner appended it).
+
+        If the first UNet call after that does not carry it, the host feeds the UNet another
+        conditioning than the one the callback changed: the image prompts would never act, and
+        that call raises :class:`UnreachedError`.
+        """
+        self._expecting = True
+
+    # -- per UNet call ------------------------------------------------------------------------
+    def _before_unet(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        self.plan = None
+        positional = "context" not in kwargs
+        context = args[2] if positional and len(args) > 2 else kwargs.get("context")
+        if not isinstance(context, torch.Tensor) or context.dim() != 3:
+            return None
+        _, length, width = context.shape
+        if width != self.context_dim or not self.layout.carries_block(length):
+            return None
+        try:
+            rows = read_rows(context, self.layout)
+        except ConditioningError as error:
+            # The generation fails here and A1111 skips postprocess: leave nothing behind.
+            self._abort()
+            raise self._raised(error) from error
+        x = args[0] if args else kwargs["x"]
+        self.plan = self._plan_for(rows, tuple(x.shape[-2:]), context)
+        for layer in self._layers:
+            layer.added = False
+        text = context[:, : length - self.layout.total].contiguous()
+        if positional:
+            return (*args[:2], text, *args[3:]), kwargs
+        return args, {**kwargs, "context": text}
+
+    def _plan_for(
+        self, rows: tuple[BlockRow, ...], latent: tuple[int, int], context: torch.Tensor
+    ) -> _Plan:
+        known = all(0 <= row.side < len(self._side_tokens) for row in rows)
+        if not known:  # rows that carry their own tokens: projected in this call
+            start = context.shape[1] - self.layout.total
+            image = context[:, start : start + self.layout.n_tokens]
+            return _Plan(rows, latent, image, len(self._all_layers))
+        key = (rows, latent, context.device, context.dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 16:  # a handful of row layouts and sizes per generation
+                self._plans.clear()
+            plan = self._plans[key] = _Plan(rows, latent, None, len(self._all_layers))
+        return plan
+
+    def _after_unet(self, module: nn.Module, args: tuple, output: Any) -> None:
+        plan, self.plan = self.plan, None
+        if output is None:  # the forward raised (torch calls always_call hooks without output)
+            self._abort()
+            return
+        if plan is None:
+            if self._expecting and self.reach.calls == 0:
+                self._abort()
+                msg = (
+                    "The image prompts were added to the conditioning, but the UNet was called "
+                    "with a conditioning without them: this web UI (or another extension) feeds "
+                    "the UNet in a way this extension cannot follow, so the image would be made "
+                    "without the image prompts. Switch Negative Image Prompt off for this "
+                    "generation, or use a supported web UI."
+                )
+                raise self._raised(UnreachedError(msg))
+            return
+        self._expecting = False
+        added = sum(1 for layer in self._layers if layer.added)
+        self.reach = Reach(self.reach.calls + 1, self.reach.layers_added + added)
+        if self._probing:
+            self._probing = False
+            for layer in self._layers:
+                if not layer.needs_fallback:
+                    layer.drop_fallback()
+            slow = [layer.name for layer in self._layers if layer.needs_fallback]
+            if slow:
+                logger.info(
+                    "%d cross-attention layers do not call to_q/to_out as modules; the image "
+                    "term is added after their output projection (%s, ...)",
+                    len(slow),
+                    slow[0],
+                )
+        if self._layers and added == 0:
+            self._abort()
+            msg = (
+                "The image prompts reached none of the UNet's cross-attention layers: the "
+                "attention in use (another extension's, or a UNet this extension does not know) "
+                "bypasses the modules the image prompts attach to, so the image would be made "
+                "without them. Disable the other extension's attention patch, or this extension."
             )
-        # Every attn2 of one UNet call receives the same context object.
-        self._last_context, self._last_split = context, split
-        return split
+            raise self._raised(UnreachedError(msg))
+        if added < len(self._layers) and not self._warned_partial:
+            self._warned_partial = True
+            logger.warning(
+                "the image prompts reached %d of %d cross-attention layers in a UNet call "
+                "(another extension skips or replaces the others)",
+                added,
+                len(self._layers),
+            )
 
+    def _raised(self, error: BaseException) -> BaseException:
+        return error if self.raise_as is None else self.raise_as(error)
+
+    def _abort(self) -> None:
+        """An exception is going through the UNet, and A1111 will skip postprocess: remove
+        everything now, then tell the owner."""
+        self.remove()
+        if self.on_abort is not None:
+            self.on_abort()
+
+    # -- preparing a layer's entry ------------------------------------------------------------
     def side_token_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The side tokens as :func:`make_block` lays them out: [S, N, C], zeros past n_s,
         cast the same way (so the projections equal those of the appended tokens)."""
@@ -378,23 +580,91 @@ class AttentionHijack:
             self._side_tables[(device, dtype)] = table
         return table
 
-    def _forget_context(self) -> None:
-        self._last_context = self._last_split = None
+    def entry(
+        self, layer: _LayerHooks, plan: _Plan, q: torch.Tensor, hidden: torch.Tensor | None
+    ) -> Any:
+        """What ``layer`` adds for ``plan``'s rows: built at the layer's first call."""
+        weights = []
+        for row in plan.rows:
+            scale = layer.scales[row.side] if row.side in (POSITIVE, NEGATIVE) else 1.0
+            if 0 <= row.side < len(self._masks) and self._is_black(row.side):
+                scale = 0.0
+            weights.append(row.weight * scale)
+        if not any(weights):
+            return _SKIP
+        dtype = torch.float32 if self.upcast else q.dtype
+        out_dtype = q.dtype if hidden is None else hidden.dtype
+        dtype = torch.promote_types(dtype, torch.promote_types(q.dtype, out_dtype))
+        device = q.device
+        if plan.image is not None:
+            keys_values = layer._split_heads(plan.image.to(dtype))  # [B, 2, H, N, d]
+        else:
+            table = layer.side_table(device, dtype)
+            index = torch.tensor([row.side for row in plan.rows], device=device)
+            keys_values = table.index_select(0, index)
+        batch, _, heads, n, head_dim = keys_values.shape
+        keys = keys_values[:, 0] * head_dim**-0.5  # [B, H, N, d]
+        row_weights = torch.tensor(weights, dtype=dtype, device=device)
+        values = keys_values[:, 1] * row_weights[:, None, None, None]
+        tokens, inner = q.shape[1], heads * head_dim
+        block_diagonal = use_block_diagonal(device, batch, tokens, inner, heads, n)
+        bias = None
+        if any(row.count < n for row in plan.rows):
+            slots = torch.arange(n, device=device)
+            counts = torch.tensor([row.count for row in plan.rows], device=device)
+            unused = slots[None] >= counts[:, None]  # [B, N]
+            bias = torch.zeros(batch, 1, 1, n, dtype=dtype, device=device)
+            bias.masked_fill_(unused[:, None, None, :], -math.inf)
+        mask = self._layer_mask(plan, tokens, device, dtype)  # [B, Tq, 1, 1]
+        if block_diagonal:
+            keys, values = _block_diagonal(keys, values)
+            if bias is not None:
+                bias = bias.expand(batch, 1, heads, n).reshape(batch, 1, heads * n)
+            if mask is not None:
+                mask = mask[..., 0]
+        else:
+            keys, values = keys.contiguous(), values.contiguous()
+        return _Entry(
+            keys=keys,
+            values=values,
+            bias=bias,
+            mask=mask,
+            block_diagonal=block_diagonal,
+            cast_q=None if dtype == q.dtype else dtype,
+            cast_out=None if dtype == out_dtype else out_dtype,
+        )
 
-    def _before_unet(self, module: nn.Module, args: tuple) -> None:
-        # A new UNet call: never reuse a split of a tensor that may have been changed in place.
-        self._forget_context()
+    def _is_black(self, side: int) -> bool:
+        mask = self._masks[side]
+        return mask is not None and not bool(mask.any())
 
-    def _after_unet(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if output is None:  # the forward raised (torch calls always_call hooks without output)
-            self._abort()
+    def _layer_mask(
+        self, plan: _Plan, tokens: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """[B, Tq, 1, 1]: each row's side mask at this layer's grid, or None without masks."""
+        sides = [row.side for row in plan.rows]
+        if not any(0 <= s < len(self._masks) and self._masks[s] is not None for s in sides):
+            return None
+        grid = layer_grid(plan.latent, tokens)
+        by_side: dict[int, torch.Tensor] = {}
+        rows = []
+        for side in sides:
+            if side not in by_side:
+                mask = self._masks[side] if 0 <= side < len(self._masks) else None
+                by_side[side] = torch.ones(tokens) if mask is None else mask_at_grid(mask, grid)
+            rows.append(by_side[side])
+        return torch.stack(rows).to(device=device, dtype=dtype)[:, :, None, None]
 
-    def _abort(self) -> None:
-        """An exception is going through the UNet, and A1111 will skip postprocess: remove
-        everything now, then tell the owner."""
-        self.remove()
-        if self.on_abort is not None:
-            self.on_abort()
+
+def _block_diagonal(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head keys and values [B, H, N, d] laid out block-diagonally: keys [B, H*d, H*N]
+    (query channels of head h against its N slots) and values [B, H*N, H*d]."""
+    batch, heads, n, head_dim = keys.shape
+    eye = torch.eye(heads, dtype=keys.dtype, device=keys.device)
+    # [B, H, d, H, N]: head h's keys at (h, :, h, :), zeros elsewhere
+    k = torch.einsum("bhnd,hg->bhdgn", keys, eye).reshape(batch, heads * head_dim, heads * n)
+    v = torch.einsum("bhnd,hg->bhngd", values, eye).reshape(batch, heads * n, heads * head_dim)
+    return k.contiguous(), v.contiguous()
 
 
 def check_layers_fit(targets: list[CrossAttentionLayer], layers: Sequence[KeyValueWeights]) -> None:

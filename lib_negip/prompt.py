@@ -14,6 +14,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from lib_negip.blocks import ALL_LAYERS, LayerSpec
 from lib_negip.conditioning import TokenLayout, make_block
 from lib_negip.errors import ArgumentError
 
@@ -43,11 +44,14 @@ class StepWindow:
 
 @dataclass(frozen=True)
 class SidePrompt:
-    """What one CFG side appends: tokens [n, C], their weight and step window."""
+    """What one CFG side appends: tokens [n, C], their weight and step window, the UNet blocks
+    they act on and an optional mask [h, w] (values 0..1) over the image."""
 
     tokens: torch.Tensor
     weight: float
     window: StepWindow = StepWindow()
+    layers: LayerSpec = ALL_LAYERS
+    mask: torch.Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.weight):
@@ -79,11 +83,6 @@ class ImagePrompt:
     def sides(self) -> tuple[SidePrompt, SidePrompt]:
         """Positive then negative: a block's ``side`` index (see ``make_block``) points here."""
         return (self.positive, self.negative)
-
-    @property
-    def masked(self) -> bool:
-        """Whether one side fills fewer slots than the other (the attention then masks)."""
-        return self.positive.tokens.shape[0] != self.negative.tokens.shape[0]
 
     def blocks_at(
         self, progress: float, device: torch.device, dtype: torch.dtype

@@ -21,12 +21,13 @@ from PIL import Image
 from torch import nn
 
 from lib_negip import logger
+from lib_negip.blocks import ALL_LAYERS, LayerSpec, block_weights, layer_scales
 from lib_negip.cache import LRUCache, image_digest
 from lib_negip.conditioning import PadMode, append_blocks
-from lib_negip.errors import IncompatibleModelError
+from lib_negip.errors import ArgumentError, IncompatibleModelError
 from lib_negip.hijack import AttentionHijack, KeyValueWeights
 from lib_negip.prompt import Combine, ImagePrompt, SidePrompt, StepWindow, side_tokens
-from lib_negip.unet_layers import cross_attention_layers
+from lib_negip.unet_layers import block_indices, cross_attention_layers, transformer_blocks
 
 HIRES_PASSES = ("both", "first", "second")
 
@@ -99,6 +100,8 @@ class SideImages:
     images: Sequence[Image.Image]
     weight: float
     window: StepWindow
+    layers: LayerSpec = ALL_LAYERS
+    mask: torch.Tensor | None = None  # [h, w], values 0..1
 
 
 def build_image_prompt(
@@ -115,7 +118,7 @@ def build_image_prompt(
 
     features(images) -> [I, ...] encoder outputs; unconditional() -> [1, ...] the reference's
     "no image" features. A side without images takes the unconditional tokens with the other
-    side's weight and window, as plain IP-Adapter does for its uncond rows.
+    side's weight, window, blocks and mask, as plain IP-Adapter does for its uncond rows.
     """
     if not positive.images and not negative.images:
         msg = "An image prompt needs at least one positive or negative image."
@@ -126,11 +129,13 @@ def build_image_prompt(
         for side, other in ((positive, negative), (negative, positive)):
             if side.images:
                 tokens = side_tokens(adapter, features(side.images), combine)
-                sides.append(SidePrompt(tokens, side.weight, side.window))
+                sides.append(SidePrompt(tokens, side.weight, side.window, side.layers, side.mask))
             else:
                 if none_tokens is None:
                     none_tokens = adapter.project(unconditional())[0]
-                sides.append(SidePrompt(none_tokens, other.weight, other.window))
+                sides.append(
+                    SidePrompt(none_tokens, other.weight, other.window, other.layers, other.mask)
+                )
     logger.debug(
         "image prompt: %s positive tokens, %s negative tokens (%s)",
         sides[0].tokens.shape[0],
@@ -166,6 +171,32 @@ class Appended:
     padded: bool  # cond and uncond text lengths differed and were padded here
 
 
+MaskRegion = tuple[float, float, float, float]  # left, top, right, bottom as fractions
+
+
+def crop_mask(mask: torch.Tensor, region: MaskRegion | None) -> torch.Tensor:
+    """The part of ``mask`` [h, w] inside ``region`` (fractions of its width and height): the
+    masks cover the whole image, and inpainting "only masked" samples a part of it."""
+    if region is None:
+        return mask
+    h, w = mask.shape
+    left, top, right, bottom = region
+    x0, x1 = round(left * w), max(round(right * w), round(left * w) + 1)
+    y0, y1 = round(top * h), max(round(bottom * h), round(top * h) + 1)
+    return mask[min(y0, h - 1) : min(y1, h), min(x0, w - 1) : min(x1, w)]
+
+
+def resolve_layers(prompt: ImagePrompt, unet: nn.Module) -> tuple[list[tuple[float, float]], int]:
+    """Each cross-attention layer's (positive, negative) block weight on ``unet``, and the
+    UNet's number of transformer blocks; raises :class:`ArgumentError` for a block the UNet
+    does not have."""
+    layers = cross_attention_layers(unet)
+    n_blocks = len(transformer_blocks(layers))
+    positive = block_weights("positive_layers", prompt.positive.layers, n_blocks)
+    negative = block_weights("negative_layers", prompt.negative.layers, n_blocks)
+    return layer_scales(positive, negative, block_indices(layers)), n_blocks
+
+
 class ImagePromptSession:
     """Keeps the sampling UNet hijacked and appends the image blocks in every denoiser call."""
 
@@ -176,7 +207,6 @@ class ImagePromptSession:
         *,
         hires_pass: str = "both",
         upcast: bool = False,
-        verify: bool = True,
         on_abort: Callable[[], None] | None = None,
         raise_as: Callable[[BaseException], BaseException] | None = None,
     ) -> None:
@@ -188,16 +218,39 @@ class ImagePromptSession:
         self.weights = list(weights)
         self.hires_pass = hires_pass
         self.upcast = upcast
-        self.verify = verify
         self.on_abort = on_abort
         self.raise_as = raise_as
         self.context_dim = self.weights[0].shape[1]
+        self.mask_region: MaskRegion | None = None
         self._unet: nn.Module | None = None
         self._hijack: AttentionHijack | None = None
 
+    @property
+    def hijack(self) -> AttentionHijack | None:
+        """The hijack of the UNet now sampling (None before the first call or on a UNet the
+        adapter does not fit)."""
+        return self._hijack
+
     def check_fits(self, unet: nn.Module) -> None:
-        """Raise :class:`IncompatibleModelError` unless the adapter fits this UNet."""
-        AttentionHijack(unet, self.weights, self.prompt.layout)
+        """Raise :class:`IncompatibleModelError` unless the adapter fits this UNet, and
+        :class:`ArgumentError` for block weights it does not have."""
+        scales, _ = resolve_layers(self.prompt, unet)
+        AttentionHijack(unet, self.weights, self.prompt.layout, layer_scales=scales)
+
+    def set_mask_region(self, region: MaskRegion | None) -> None:
+        """The part of the image the sampling covers (inpainting "only masked"); the masks are
+        cropped to it. None: the whole image."""
+        if region == self.mask_region:
+            return
+        self.mask_region = region
+        if self._hijack is not None:
+            self._hijack.set_masks(self._masks())
+
+    def _masks(self) -> list[torch.Tensor | None]:
+        return [
+            None if side.mask is None else crop_mask(side.mask, self.mask_region)
+            for side in self.prompt.sides
+        ]
 
     def applies_to_pass(self, hires: bool) -> bool:
         if self.hires_pass == "both":
@@ -239,6 +292,7 @@ class ImagePromptSession:
         )
         padded = pad is not None and crossattn.shape[1] != uncond_crossattn.shape[1]
         cond, uncond = append_blocks(text_cond, text_uncond, *blocks, pad=pad, empty=empty)
+        hijack.expect_block()
         return Appended(cond=cond, uncond=uncond, padded=padded)
 
     def _hijack_for(self, unet: nn.Module) -> AttentionHijack | None:
@@ -257,18 +311,21 @@ class ImagePromptSession:
             )
             return None
         try:
+            scales, _ = resolve_layers(self.prompt, unet)
+            if all(scale == (0.0, 0.0) for scale in scales):
+                return None  # every block at weight 0: exactly the UNet without image prompts
             hijack = AttentionHijack(
                 unet,
                 self.weights,
                 self.prompt.layout,
-                masked=self.prompt.masked,
-                upcast=self.upcast,
-                verify=self.verify,
                 side_tokens=[side.tokens for side in self.prompt.sides],
+                layer_scales=scales,
+                masks=self._masks(),
+                upcast=self.upcast,
                 on_abort=self.on_abort,
                 raise_as=self.raise_as,
             )
-        except IncompatibleModelError as error:
+        except (IncompatibleModelError, ArgumentError) as error:
             logger.info(
                 "Negative Image Prompt: skipping a model the adapter does not fit: %s", error
             )

@@ -68,3 +68,40 @@ def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:
 def adapter_key(layer_index: int) -> int:
     """The number in the adapter's ``"{k}.to_k_ip.weight"`` key of layer ``layer_index``."""
     return 2 * layer_index + 1
+
+
+# Group order of the transformer blocks' numbering: input, middle, output (ComfyUI's
+# IPAdapter_plus counts them so; the adapter file numbers its layers input, output, middle).
+_BLOCK_GROUP_ORDER = {"input_blocks": 0, "middle_block": 1, "output_blocks": 2}
+
+
+def transformer_block_of(name: str) -> str:
+    """The transformer block (SpatialTransformer) an ``attn2`` belongs to, by module path:
+    "input_blocks.4.1.transformer_blocks.3.attn2" -> "input_blocks.4.1"."""
+    head, marker, _ = name.partition(".transformer_blocks.")
+    if not marker:
+        msg = f"Cross-attention layer '{name}' is not inside a transformer block."
+        raise IncompatibleModelError(msg)
+    return head
+
+
+def _block_order_key(path: str) -> tuple[int, tuple[int, ...]]:
+    parts = path.split(".")
+    for position, part in enumerate(parts):
+        if part in _BLOCK_GROUP_ORDER:
+            numbers = tuple(int(p) for p in parts[position + 1 :] if _NUMBER.match(p))
+            return _BLOCK_GROUP_ORDER[part], numbers
+    msg = f"Transformer block '{path}' is not inside input_blocks, middle_block or output_blocks."
+    raise IncompatibleModelError(msg)
+
+
+def transformer_blocks(layers: list[CrossAttentionLayer]) -> list[str]:
+    """The distinct transformer blocks of ``layers``, numbered input, middle, output (SD1.x:
+    16 blocks, SDXL: 11; every layer of a block's depth shares its block's index)."""
+    return sorted({transformer_block_of(layer.name) for layer in layers}, key=_block_order_key)
+
+
+def block_indices(layers: list[CrossAttentionLayer]) -> list[int]:
+    """For each layer of ``layers`` (in their order), the index of its transformer block."""
+    index = {path: i for i, path in enumerate(transformer_blocks(layers))}
+    return [index[transformer_block_of(layer.name)] for layer in layers]

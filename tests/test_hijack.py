@@ -33,6 +33,15 @@ TIMESTEPS = torch.tensor([700.0, 700.0])
 FLOAT32_NOISE = 2e-5
 
 
+@pytest.fixture(params=["never", "always"])
+def term_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both forms of the image term: per head (the CPU's) and block-diagonal (the GPU's)."""
+    from lib_negip import hijack as hijack_module
+
+    monkeypatch.setattr(hijack_module, "BLOCK_DIAGONAL", request.param)
+    return request.param
+
+
 @functools.cache
 def ldm_unet(family: str) -> nn.Module:
     return make_ldm_unet(config_of(family))
@@ -140,7 +149,7 @@ def ours(
         make_block(positive, weights[0], layout),
         make_block(negative, weights[1], layout),
     )
-    hijack = AttentionHijack(unet, layers, layout, masked=positive.shape[0] != negative.shape[0])
+    hijack = AttentionHijack(unet, layers, layout)
     hijack.install()
     try:
         return unet(x, TIMESTEPS[: x.shape[0]], context=torch.cat([cond, uncond]))
@@ -150,7 +159,7 @@ def ours(
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("n_tokens", [4, 16])
-def test_matches_diffusers_ip_adapter(family: str, n_tokens: int) -> None:
+def test_matches_diffusers_ip_adapter(family: str, n_tokens: int, term_form: str) -> None:
     unet, twin = unet_pair(family)
     width = config_of(family).context_dim
     layers = adapter_layers(unet)
@@ -168,7 +177,7 @@ def test_matches_diffusers_ip_adapter(family: str, n_tokens: int) -> None:
     assert (got - plain).abs().max().item() > 100 * FLOAT32_NOISE
 
 
-def test_per_side_weights_and_unequal_token_counts() -> None:
+def test_per_side_weights_and_unequal_token_counts(term_form: str) -> None:
     """Cond rows at weight 1.3 with two concatenated images, uncond rows at -0.5 with one."""
     unet, twin = unet_pair("sd15")
     width = SD15.context_dim
@@ -231,7 +240,9 @@ def attention_forward(request: pytest.FixtureRequest):
     CrossAttention.forward = original
 
 
-def test_every_attention_implementation_matches_diffusers(attention_forward: str) -> None:
+def test_every_attention_implementation_matches_diffusers(
+    attention_forward: str, term_form: str
+) -> None:
     unet, twin = unet_pair("sd15")
     width = SD15.context_dim
     layers = adapter_layers(unet, seed=7)
@@ -244,7 +255,7 @@ def test_every_attention_implementation_matches_diffusers(attention_forward: str
     assert (got - expected).abs().max().item() < FLOAT32_NOISE
 
 
-def test_weight_zero_is_bit_exact(attention_forward: str) -> None:
+def test_weight_zero_is_bit_exact(attention_forward: str, term_form: str) -> None:
     unet = ldm_unet("sd15")
     width = SD15.context_dim
     x = latents(2, seed=12)
@@ -290,7 +301,11 @@ def test_context_without_block_passes_through_and_remove_restores() -> None:
     hijack.install()
     hijack.install()  # idempotent
     assert hook_state(unet) != before_state
-    assert len(cross_attention_layers(unet)[0].module._forward_pre_hooks) == 1
+    # Two hooks per layer (to_q, to_out[0]) and, until the first call carrying our block, the
+    # attn2 safety net.
+    first = cross_attention_layers(unet)[0].module
+    assert len(first.to_out[0]._forward_pre_hooks) == 1
+    assert len(first.to_q._forward_hooks) == 1
     # A step outside both windows appends nothing: the hijacked UNet is exact.
     assert torch.equal(unet(x, TIMESTEPS, context=text), before)
     hijack.remove()
@@ -459,7 +474,7 @@ def test_adapter_for_another_family_is_refused() -> None:
 
 
 @pytest.mark.parametrize("attention_forward", ["sdp"], indirect=True)
-def test_half_precision_close_to_float32(attention_forward: str) -> None:
+def test_half_precision_close_to_float32(attention_forward: str, term_form: str) -> None:
     """bfloat16 on the CPU (ldm's stock attention mixes dtypes there; A1111 replaces it)."""
     unet = ldm_unet("sd15")
     width = SD15.context_dim
@@ -523,14 +538,12 @@ def test_image_term_goes_through_the_hosts_projections(
     assert added_before_out == [expected] * (16 if expected else 0)
 
 
-@pytest.mark.parametrize("verify", [True, False])
 def test_side_tokens_project_keys_and_values_once_with_the_same_result(
-    monkeypatch: pytest.MonkeyPatch, attention_forward: str, verify: bool
+    monkeypatch: pytest.MonkeyPatch, attention_forward: str
 ) -> None:
     """Blocks that name their side take keys and values projected once per generation from the
-    hijack's side tokens (rows read on the host with the check on, gathered on the device with
-    it off): the same output as projecting the context's tokens in every call, in any row
-    order."""
+    hijack's side tokens (the rows' sides read on the host): the same output as projecting the
+    context's tokens in every call, in any row order."""
     unet = ldm_unet("sd15")
     width = SD15.context_dim
     layers = [KeyValueWeights(k, v) for k, v in adapter_layers(unet, seed=30)]
@@ -556,12 +569,7 @@ def test_side_tokens_project_keys_and_values_once_with_the_same_result(
             make_block(negative, 0.6, layout, side=sides[1]),
         )
         hijack = AttentionHijack(
-            unet,
-            layers,
-            layout,
-            masked=True,
-            verify=verify,
-            side_tokens=[positive, negative] if named else (),
+            unet, layers, layout, side_tokens=[positive, negative] if named else ()
         )
         hijack.install()
         try:

@@ -135,9 +135,7 @@ def check_every_call(
         contexts = rows_c + rows_u + (rows_u if edit else [])
         skipped = denoiser.skipped[call.index]
         computed = len(rows_c) if skipped else len(contexts)
-        hijack = AttentionHijack(
-            call.unet, adapter.layer_weights(), layout, masked=len(pos) != len(neg)
-        )
+        hijack = AttentionHijack(call.unet, adapter.layer_weights(), layout)
         hijack.install()
         try:
             for row in range(computed):

@@ -8,13 +8,14 @@ from tiny_unets import SD15, SDXL, make_ldm_unet
 
 from lib_negip.conditioning import (
     PATTERN,
+    BlockRow,
     TokenLayout,
     append_blocks,
     make_block,
     pad_text_to_same_length,
-    split_context,
+    read_rows,
 )
-from lib_negip.errors import ArgumentError, IncompatibleModelError
+from lib_negip.errors import ArgumentError, ConditioningError, IncompatibleModelError
 from lib_negip.prompt import ImagePrompt, SidePrompt, StepWindow
 from lib_negip.unet_layers import adapter_key, cross_attention_layers
 
@@ -108,37 +109,46 @@ def test_prefix_of_the_outer_model_is_ignored_and_foreign_layouts_refused() -> N
         cross_attention_layers(stray)
 
 
-@pytest.mark.parametrize(("n_tokens", "n_meta"), [(4, 1), (16, 1), (257, 1), (76, 2), (153, 2)])
+@pytest.mark.parametrize(
+    ("n_tokens", "n_meta"), [(4, 1), (16, 1), (257, 1), (76, 3), (153, 3), (75, 4)]
+)
 def test_layout_never_looks_like_plain_text(n_tokens: int, n_meta: int) -> None:
+    """Plain text is whole chunks of 77, or that plus the ControlNet extension's marker token:
+    neither may look like text + our block, with or without the marker."""
     layout = TokenLayout.for_tokens(n_tokens)
     assert layout.n_meta == n_meta
     for chunks in range(1, 6):
-        assert not layout.carries_block(77 * chunks)
-        assert layout.carries_block(77 * chunks + layout.total)
-        assert not layout.carries_block(77 * chunks + layout.total + 1)
+        for marker in (0, 1):
+            assert not layout.carries_block(77 * chunks + marker)
+            assert layout.carries_block(77 * chunks + marker + layout.total)
+        assert not layout.carries_block(77 * chunks + layout.total + 2)
     assert not layout.carries_block(layout.total)
+    assert not layout.carries_block(layout.total + 1)
 
 
-def test_block_and_split_round_trip() -> None:
+def test_block_and_rows_round_trip() -> None:
     layout = TokenLayout.for_tokens(6)
     positive = torch.randn(6, 8)
     negative = torch.randn(3, 8)
     cond, uncond = append_blocks(
         torch.randn(2, 77, 8),
         torch.randn(1, 77, 8),
-        make_block(positive, 0.5, layout),
-        make_block(negative, -1.0, layout),
+        make_block(positive, 0.5, layout, side=0),
+        make_block(negative, -1.0, layout, side=1),
     )
     assert cond.shape == (2, 84, 8)
     assert uncond.shape == (1, 84, 8)
-    split = split_context(torch.cat([cond, uncond]), layout, masked=True)
-    assert torch.equal(split.text, torch.cat([cond, uncond])[:, :77])
-    assert torch.equal(split.image[0], positive)
-    assert torch.equal(split.image[2, :3], negative)
-    assert split.weight.flatten().tolist() == [0.5, 0.5, -1.0]
-    assert split.key_mask.flatten(1).tolist() == [[True] * 6, [True] * 6, [True] * 3 + [False] * 3]
-    assert split.text.is_contiguous()
+    context = torch.cat([cond, uncond])
+    assert torch.equal(context[0, 77:83], positive)
+    assert torch.equal(context[2, 77:80], negative)
+    assert read_rows(context, layout) == (
+        BlockRow(side=0, weight=0.5, count=6),
+        BlockRow(side=0, weight=0.5, count=6),
+        BlockRow(side=1, weight=-1.0, count=3),
+    )
     assert torch.equal(cond[0, -1, 2:6], torch.tensor(PATTERN))
+    with pytest.raises(ConditioningError, match="changed before they reached the UNet"):
+        read_rows(context * 1.1, layout)
 
 
 class DictWithShape(dict):
@@ -216,7 +226,6 @@ def test_image_prompt_blocks_follow_windows_and_are_reused() -> None:
     assert prompt.blocks_at(0.1, device, dtype) is first  # no new allocation per call
     both = prompt.blocks_at(0.3, device, dtype)
     assert both[1][0, -1, 0].item() == pytest.approx(0.7)
-    assert not prompt.masked
     outside = ImagePrompt(
         positive=SidePrompt(torch.randn(4, 8), 1.0, StepWindow(0.0, 0.5)),
         negative=SidePrompt(torch.randn(4, 8), 1.0, StepWindow(0.0, 0.5)),

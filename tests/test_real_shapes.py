@@ -110,6 +110,18 @@ def make_sdxl_meta_unet() -> nn.Module:
     return unet
 
 
+class OneLayerAtATime(nn.Module):
+    """A "UNet" whose call runs one of its attn2 layers: the hijack splits the context at the
+    UNet's call, as in a real UNet, and the layers are compared one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_blocks = nn.ModuleList()
+
+    def forward(self, x, timesteps=None, context=None, layer: int = 0):
+        return self.input_blocks[layer].attn2(x, context=context)
+
+
 def test_sdxl_70_real_layers_with_full_size_plus_adapter_match_diffusers() -> None:
     reference_library("diffusers", "UNet2DConditionModel")
     from diffusers.loaders.unet import UNet2DConditionLoadersMixin
@@ -149,8 +161,7 @@ def test_sdxl_70_real_layers_with_full_size_plus_adapter_match_diffusers() -> No
     positive, negative = tokens[0], tokens[1]
 
     # One layer at a time (a whole SDXL UNet in float32 twice over would not fit in RAM here).
-    container = nn.Module()
-    container.input_blocks = nn.ModuleList()
+    container = OneLayerAtATime()
     references = []
     for inner in SDXL_INNER_DIMS:
         heads = inner // 64
@@ -191,7 +202,7 @@ def test_sdxl_70_real_layers_with_full_size_plus_adapter_match_diffusers() -> No
             reference.set_processor(processor)
             inner = reference.inner_dim
             x = torch.randn(2, 64, inner, generator=generator)
-            got = holder.attn2(x, context=context)
+            got = container(x, None, context=context, layer=index)
             rows = []
             for row, (image, scale) in enumerate(((positive, 0.8), (negative, 0.5))):
                 processor.scale = [scale]

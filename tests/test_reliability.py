@@ -62,7 +62,7 @@ from webui_harness import (
 from lib_negip import files
 from lib_negip.encoder import ImageEncoder
 from lib_negip.errors import NegIPError
-from lib_negip.hijack import AttentionHijack
+from lib_negip.hijack import AttentionHijack, _LayerHooks
 from lib_negip.session import ImagePromptSession
 from lib_negip.unet_layers import cross_attention_layers
 from lib_negip.webui import failures, generation, register, settings
@@ -1216,17 +1216,17 @@ def _(lab: Lab) -> None:
 
 @case(FAULTS, "an error inside our attention hook")
 def _(lab: Lab) -> None:
-    real = AttentionHijack.split
+    real = _LayerHooks.add_image_term
     calls = {"n": 0}
 
-    def failing(self: Any, context: Any) -> Any:
+    def failing(self: Any, module: Any, args: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 20:  # the second UNet call, in the middle of the down blocks
             msg = "forced failure inside the image attention"
             raise RuntimeError(msg)
-        return real(self, context)
+        return real(self, module, args)
 
-    lab.monkeypatch.setattr(AttentionHijack, "split", failing)
+    lab.monkeypatch.setattr(_LayerHooks, "add_image_term", failing)
     with pytest.raises(RuntimeError, match="forced failure inside the image attention"):
         lab.run()
 
@@ -1617,21 +1617,21 @@ def coexist(lab: Lab, *, wrapper_first: bool, removed_first: bool) -> torch.Tens
     wrapper = ForwardWrapper(0.05)
     script = WrapperScript(lab, wrapper, at_first_step=not wrapper_first)
     terms = {"n": 0}
-    real = AttentionHijack.split
+    real = _LayerHooks.add_image_term
 
-    def counting(self: Any, context: Any) -> Any:
-        split = real(self, context)
-        terms["n"] += split is not None
-        return split
+    def counting(self: Any, module: Any, args: Any) -> Any:
+        added = real(self, module, args)
+        terms["n"] += added is not None
+        return added
 
-    lab.monkeypatch.setattr(AttentionHijack, "split", counting)
+    lab.monkeypatch.setattr(_LayerHooks, "add_image_term", counting)
     placement = {"before": (script,)} if removed_first else {"after": (script,)}
     result = lab.run(**placement).result
     layers = len(attn2_modules(lab.world.sd15))
     assert wrapper.calls == terms["n"] == 2 * layers  # both acted on every attn2 call
     assert wrapper.context_lengths == {77}  # our tokens were split off before its forward
     assert not torch.equal(result, lab.references["sd15"])
-    lab.monkeypatch.setattr(AttentionHijack, "split", real)
+    lab.monkeypatch.setattr(_LayerHooks, "add_image_term", real)
     return result
 
 

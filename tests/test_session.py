@@ -158,7 +158,7 @@ def test_combine_average_and_concat() -> None:
     concat = build("base", images, [picture(7)], combine="concat")
     assert concat.positive.tokens.shape == (8, SD15.context_dim)
     assert torch.allclose(concat.positive.tokens, ip.project(embeds).reshape(8, -1), atol=1e-6)
-    assert concat.masked  # 8 positive tokens, 4 negative
+    assert concat.negative.tokens.shape[0] == 4  # the attention masks the 4 unused slots
     assert concat.layout.n_tokens == 8
 
 
@@ -249,7 +249,7 @@ def test_a_second_hijack_replaces_a_leftover_one() -> None:
     leftover.conditioning(unet(), text, text, progress=0.0)  # never closed
     fresh = session_for(build("base", [picture(2)], []))
     fresh.conditioning(unet(), text, text, progress=0.0)
-    assert len(cross_attention_layers(unet())[0].module._forward_pre_hooks) == 1
+    assert len(cross_attention_layers(unet())[0].module.to_out[0]._forward_pre_hooks) == 1
     fresh.close()
     assert hook_state(unet()) == clean
     leftover.close()
