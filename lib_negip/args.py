@@ -36,10 +36,14 @@ import numpy as np
 from PIL import Image
 
 from lib_negip import images as image_io
+from lib_negip import noise as noise_module
+from lib_negip.blocks import LayerSpec, parse_layers
 from lib_negip.errors import ArgumentError, ImageError
 from lib_negip.prompt import Combine, StepWindow
+from lib_negip.store import format_references, parse_references
 
 HiresPass = Literal["both", "first", "second"]
+NoiseType = Literal["fade", "dissolve", "gaussian", "shuffle"]
 Side = Literal["positive", "negative"]
 
 #: The UI's components in this order are the script's positional args (and the API's list form).
@@ -57,6 +61,14 @@ FIELD_ORDER: tuple[str, ...] = (
     "negative_end",
     "hires_pass",
     "combine",
+    # Round 2 (appended, so that round 1's positional lists keep their meaning):
+    "positive_layers",
+    "negative_layers",
+    "positive_mask",
+    "negative_mask",
+    "negative_noise",
+    "negative_noise_type",
+    "infotext_images",
 )
 
 #: Default of every field, in :data:`FIELD_ORDER`; floats stay floats (A1111 converts restored
@@ -64,7 +76,7 @@ FIELD_ORDER: tuple[str, ...] = (
 DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
         "enabled": False,
-        "model": "None",
+        "model": "auto",
         "image_encoder": "auto",
         "positive_images": (),
         "negative_images": (),
@@ -76,6 +88,13 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "negative_end": 1.0,
         "hires_pass": "both",
         "combine": "average",
+        "positive_layers": "all",
+        "negative_layers": "all",
+        "positive_mask": None,
+        "negative_mask": None,
+        "negative_noise": 0.0,
+        "negative_noise_type": "fade",
+        "infotext_images": "",
     }
 )
 
@@ -84,11 +103,18 @@ WEIGHT_MIN, WEIGHT_MAX = -1.0, 5.0
 HIRES_PASSES: tuple[str, ...] = get_args(HiresPass)
 COMBINES: tuple[str, ...] = get_args(Combine)
 NO_MODEL = "None"
+AUTO_MODEL = "auto"
 AUTO_ENCODER = "auto"
+NOISE_TYPES: tuple[str, ...] = get_args(NoiseType)
+assert NOISE_TYPES == noise_module.NOISE_TYPES
+#: Decoded pixels of all image prompts and masks of one generation together (the encoder sees
+#: 224x224 of each image; masks are scaled to the latent): a request beyond it is refused.
+MAX_PIXELS_PER_GENERATION = 48 * 1024 * 1024
 #: An uploaded file larger than this is refused before it is read (no image prompt needs it).
 MAX_UPLOAD_BYTES = 256 * 1024 * 1024
 
 IMAGE_FIELDS: tuple[str, ...] = ("positive_images", "negative_images")
+MASK_FIELDS: tuple[str, ...] = ("positive_mask", "negative_mask")
 _SIDES: tuple[Side, ...] = ("positive", "negative")
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +174,9 @@ def _check_model(name: str, value: Any) -> str:
         )
         raise ArgumentError(msg)
     text = value.strip()
-    return NO_MODEL if not text or text.lower() == NO_MODEL.lower() else text
+    if not text or text.lower() == NO_MODEL.lower():
+        return NO_MODEL
+    return AUTO_MODEL if text.lower() == AUTO_MODEL else text
 
 
 def _check_encoder(name: str, value: Any) -> str:
@@ -160,6 +188,16 @@ def _check_encoder(name: str, value: Any) -> str:
         raise ArgumentError(msg)
     text = value.strip()
     return AUTO_ENCODER if text.lower() == AUTO_ENCODER else text
+
+
+def _check_references(name: str, value: Any) -> str:
+    """Stored image references (see :mod:`lib_negip.store`) in their canonical text."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        msg = f"{name} must be a text of stored image references; got {_show(value)}."
+        raise ArgumentError(msg)
+    return format_references(parse_references(name, value))
 
 
 def _weight(name: str, value: Any) -> float:
@@ -184,6 +222,11 @@ _SCALAR_CHECKS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType(
         "negative_end": _fraction,
         "hires_pass": lambda name, value: _check_choice(name, value, HIRES_PASSES),
         "combine": lambda name, value: _check_choice(name, value, COMBINES),
+        "positive_layers": lambda name, value: parse_layers(name, value).text(),
+        "negative_layers": lambda name, value: parse_layers(name, value).text(),
+        "negative_noise": _fraction,
+        "negative_noise_type": lambda name, value: _check_choice(name, value, NOISE_TYPES),
+        "infotext_images": lambda name, value: _check_references(name, value),
     }
 )
 
@@ -212,7 +255,7 @@ class NegIPArgs:
     """
 
     enabled: bool = False
-    model: str = NO_MODEL
+    model: str = AUTO_MODEL
     image_encoder: str = AUTO_ENCODER
     positive_images: tuple[Image.Image, ...] = field(default=(), hash=False, repr=False)
     negative_images: tuple[Image.Image, ...] = field(default=(), hash=False, repr=False)
@@ -224,6 +267,13 @@ class NegIPArgs:
     negative_end: float = 1.0
     hires_pass: HiresPass = "both"
     combine: Combine = "average"
+    positive_layers: str = "all"
+    negative_layers: str = "all"
+    positive_mask: Image.Image | None = field(default=None, hash=False, repr=False)
+    negative_mask: Image.Image | None = field(default=None, hash=False, repr=False)
+    negative_noise: float = 0.0
+    negative_noise_type: NoiseType = "fade"
+    infotext_images: str = ""
 
     def __post_init__(self) -> None:
         for name, check in _SCALAR_CHECKS.items():
@@ -232,15 +282,26 @@ class NegIPArgs:
             _check_window(side, getattr(self, f"{side}_start"), getattr(self, f"{side}_end"))
         for name in IMAGE_FIELDS:
             object.__setattr__(self, name, _checked_images(name, getattr(self, name)))
+        for name in MASK_FIELDS:
+            object.__setattr__(self, name, _checked_mask(name, getattr(self, name)))
         if self.enabled:
             _require_model(self.model, self.image_encoder)
-            _require_images(self.positive_images, self.negative_images)
+            _check_noise(
+                self.negative_noise, self.negative_images, self.positive_images, self.references
+            )
+            _require_images(self.positive_images, self.negative_images, self.references)
 
     def __repr__(self) -> str:
         scalars = ", ".join(
-            f"{name}={getattr(self, name)!r}" for name in FIELD_ORDER if name not in IMAGE_FIELDS
+            f"{name}={getattr(self, name)!r}"
+            for name in FIELD_ORDER
+            if name not in IMAGE_FIELDS + MASK_FIELDS
         )
-        counts = f"positive_images={len(self.positive_images)}, negative_images={len(self.negative_images)}"
+        counts = (
+            f"positive_images={len(self.positive_images)}, "
+            f"negative_images={len(self.negative_images)}, "
+            f"masks={[name for name in MASK_FIELDS if getattr(self, name) is not None]}"
+        )
         return f"NegIPArgs({scalars}, {counts})"
 
     @property
@@ -262,6 +323,19 @@ class NegIPArgs:
     def image_counts(self) -> tuple[int, int]:
         """(positive, negative) number of images."""
         return len(self.positive_images), len(self.negative_images)
+
+    @property
+    def positive_layer_spec(self) -> LayerSpec:
+        return parse_layers("positive_layers", self.positive_layers)
+
+    @property
+    def negative_layer_spec(self) -> LayerSpec:
+        return parse_layers("negative_layers", self.negative_layers)
+
+    @property
+    def references(self) -> dict[str, tuple[str, ...]]:
+        """Stored images named by ``infotext_images`` (restored from an infotext), by field."""
+        return parse_references("infotext_images", self.infotext_images)
 
     def as_fields(self) -> dict[str, Any]:
         """Every field by name, in :data:`FIELD_ORDER` (images as tuples of PIL RGB images)."""
@@ -290,15 +364,54 @@ def _checked_images(name: str, images: Any) -> tuple[Image.Image, ...]:
     return tuple(checked)
 
 
+def _checked_mask(name: str, mask: Any) -> Image.Image | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, Image.Image):
+        msg = f"{name} must be a PIL image or None; got {_show(mask)}."
+        raise ArgumentError(msg)
+    return mask if mask.mode == "L" else _luminance(name, mask)
+
+
+def _check_noise(
+    noise: float,
+    negative: Sequence[Any],
+    positive: Sequence[Any],
+    references: Mapping[str, Sequence[str]],
+) -> None:
+    if noise <= 0.0:
+        return
+    if negative or references.get("negative_images"):
+        msg = (
+            "negative_noise and negative_images were both given: the noise is the negative side "
+            "when it has no images. Remove the negative images or set negative_noise to 0."
+        )
+        raise ArgumentError(
+            msg,
+            ui="Noise makes the negative side when it has no images, but negative images were "
+            "given: remove the negative images or set Noise to 0.",
+        )
+    if not positive and not references.get("positive_images"):
+        msg = (
+            "negative_noise makes the negative side from the positive images, but "
+            "positive_images is empty: give positive images or set negative_noise to 0."
+        )
+        raise ArgumentError(msg)
+
+
 def _require_model(model: str, image_encoder: str) -> None:
     """An enabled generation needs an adapter (and an encoder choice, 'auto' by default)."""
     if model == NO_MODEL:
         msg = (
             "model: image prompts are enabled but no IP-Adapter model is chosen ('None', an empty "
-            "name or null). Choose one of the adapters listed by GET /negip/v1/models, or set "
-            "enabled to false."
+            "name or null). Use 'auto' or one of the adapters listed by GET /negip/v1/models, or "
+            "set enabled to false."
         )
-        raise ArgumentError(msg)
+        raise ArgumentError(
+            msg,
+            ui="No IP-Adapter is chosen: choose one (or 'auto') in the IP-Adapter dropdown of "
+            "Negative Image Prompt, or untick Negative Image Prompt.",
+        )
     if not image_encoder:
         msg = (
             "image_encoder is empty. Use 'auto' (an installed encoder that fits the adapter) or a "
@@ -307,14 +420,29 @@ def _require_model(model: str, image_encoder: str) -> None:
         raise ArgumentError(msg)
 
 
-def _require_images(positive: Sequence[Any], negative: Sequence[Any]) -> None:
-    if not positive and not negative:
-        msg = (
-            "positive_images and negative_images are both empty, but image prompts are enabled: "
-            "give at least one image on either side, or switch Negative Image Prompt off "
-            "(enabled: false)."
-        )
-        raise ArgumentError(msg)
+def _require_images(
+    positive: Sequence[Any],
+    negative: Sequence[Any],
+    references: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    references = references or {}
+    if (
+        positive
+        or negative
+        or references.get("positive_images")
+        or references.get("negative_images")
+    ):
+        return
+    msg = (
+        "positive_images and negative_images are both empty, but image prompts are enabled: "
+        "give at least one image on either side, or switch Negative Image Prompt off "
+        "(enabled: false)."
+    )
+    raise ArgumentError(
+        msg,
+        ui="Negative Image Prompt is on but has no image: drop an image on the positive or the "
+        "negative side, or untick Negative Image Prompt.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,8 +546,9 @@ def _read_upload(label: str, upload: Any) -> Image.Image:
     return _decode(label, data)
 
 
-def _parse_image(label: str, item: Any) -> Image.Image | None:
-    """One image prompt of any accepted form as an RGB image; None for an empty gradio dict."""
+def _parse_image(label: str, item: Any, *, rgb: bool = True) -> Image.Image | None:
+    """One image prompt of any accepted form as an RGB image (or as decoded, ``rgb`` False);
+    None for an empty gradio dict."""
     if isinstance(item, Mapping):
         # gradio's sketch/upload value {"image": ..., "mask": ...}; the mask is not used.
         if "image" not in item:
@@ -436,7 +565,7 @@ def _parse_image(label: str, item: Any) -> Image.Image | None:
         if isinstance(inner, Mapping):
             msg = f"{label}: the 'image' entry of a gradio image dict must be an image, not a dict."
             raise ArgumentError(msg)
-        return _parse_image(label, inner)
+        return _parse_image(label, inner, rgb=rgb)
     if isinstance(item, Image.Image):
         image = item
     elif isinstance(item, np.ndarray):
@@ -451,13 +580,35 @@ def _parse_image(label: str, item: Any) -> Image.Image | None:
             f"numpy array or a gradio image value; got {_show(item)}."
         )
         raise ArgumentError(msg)
-    return _rgb(label, image)
+    return _rgb(label, image) if rgb else image
 
 
-def _parse_side(name: str, value: Any) -> tuple[Image.Image, ...]:
+class _PixelBudget:
+    """The pixels the image prompts of one generation may hold once decoded."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = MAX_PIXELS_PER_GENERATION if limit is None else limit
+        self.used = 0
+
+    def take(self, label: str, image: Image.Image) -> Image.Image:
+        self.used += image.width * image.height
+        if self.used > self.limit:
+            msg = (
+                f"{label}: the image prompts of this generation hold {self.used:,} pixels "
+                f"together; at most {self.limit:,} are accepted. Send smaller images (the image "
+                "encoder sees each at 224x224 pixels; masks are scaled to the latent)."
+            )
+            raise ImageError(msg)
+        return image
+
+
+def _parse_side(
+    name: str, value: Any, budget: _PixelBudget | None = None
+) -> tuple[Image.Image, ...]:
     """A side's images: a list (or one image, or None) of any accepted form, as RGB images."""
     if value is None:
         return ()
+    budget = budget or _PixelBudget()
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     present = [(index, item) for index, item in enumerate(items) if item is not None]
     # Count before decoding, so a request with 10,000 images costs nothing.
@@ -467,8 +618,50 @@ def _parse_side(name: str, value: Any) -> tuple[Image.Image, ...]:
             "accepted (with 'average' more add nothing; with 'concat' each adds tokens)."
         )
         raise ArgumentError(msg)
-    images = (_parse_image(f"{name}[{index}]", item) for index, item in present)
-    return tuple(image for image in images if image is not None)
+    parsed = []
+    for index, item in present:
+        label = f"{name}[{index}]"
+        image = _parse_image(label, item)
+        if image is not None:
+            parsed.append(budget.take(label, image))
+    return tuple(parsed)
+
+
+def _luminance(label: str, image: Image.Image) -> Image.Image:
+    """A mask's values: the luminance of the image; transparent pixels count as black (no
+    effect), so white strokes on a transparent background mark where the side acts."""
+    try:
+        image.load()
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            return Image.alpha_composite(black, rgba).convert("L")
+        return image.convert("L")
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        msg = f"{label}: the mask cannot be read ({error}). Save it again and send the new file."
+        raise ImageError(msg) from error
+
+
+def _parse_mask(name: str, value: Any, budget: _PixelBudget | None = None) -> Image.Image | None:
+    """A side's mask: one image of any accepted form (or gradio's sketch value, whose drawn
+    strokes win over the uploaded image), as an "L" image; None for none."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, (list, tuple)):
+        msg = f"{name} must be one image (a base64 string or data URL), not a list."
+        raise ArgumentError(msg)
+    if isinstance(value, Mapping) and value.get("mask") is not None:
+        drawn = _parse_image(f"{name} (drawn)", value["mask"], rgb=False)
+        if drawn is not None and _luminance(name, drawn).getbbox() is not None:
+            value = drawn
+        else:
+            value = value.get("image")
+            if value is None:
+                return None
+    image = _parse_image(name, value, rgb=False)
+    if image is None:
+        return None
+    return (budget or _PixelBudget()).take(name, _luminance(name, image))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,8 +676,10 @@ def _build(raw: Mapping[str, Any]) -> NegIPArgs:
     if scalars["enabled"]:
         # Before decoding possibly large images: this answer does not depend on them.
         _require_model(scalars["model"], scalars["image_encoder"])
-    images = {name: _parse_side(name, raw[name]) for name in IMAGE_FIELDS}
-    return NegIPArgs(**scalars, **images)
+    budget = _PixelBudget()
+    images = {name: _parse_side(name, raw[name], budget) for name in IMAGE_FIELDS}
+    masks = {name: _parse_mask(name, raw[name], budget) for name in MASK_FIELDS}
+    return NegIPArgs(**scalars, **images, **masks)
 
 
 def _parse_fields(fields: Mapping[str, Any], base: Mapping[str, Any]) -> NegIPArgs:
@@ -570,9 +765,22 @@ INFOTEXT_FIELDS: tuple[tuple[str, str], ...] = (
     ("NegIP negative end", "negative_end"),
     ("NegIP hires pass", "hires_pass"),
     ("NegIP combine", "combine"),
+    ("NegIP positive layers", "positive_layers"),
+    ("NegIP negative layers", "negative_layers"),
+    ("NegIP negative noise", "negative_noise"),
+    ("NegIP noise type", "negative_noise_type"),
 )
-#: Informational: "<n> positive / <m> negative" (images are not stored in the infotext). The
-#: value must never look like "<int>x<int>": A1111 splits such values into "<key>-1"/"<key>-2".
+#: The stored image prompts by reference (see :mod:`lib_negip.store`): key -> the part of the
+#: ``infotext_images`` field it restores.
+INFOTEXT_REFERENCES: tuple[tuple[str, str], ...] = (
+    ("NegIP positive images", "positive_images"),
+    ("NegIP negative images", "negative_images"),
+    ("NegIP positive mask", "positive_mask"),
+    ("NegIP negative mask", "negative_mask"),
+)
+#: Informational, where the images are not stored (the setting is off): "<n> positive / <m>
+#: negative". The value must never look like "<int>x<int>": A1111 splits such values into
+#: "<key>-1"/"<key>-2".
 INFOTEXT_IMAGES = "NegIP images"
 #: Read but never written: lets a hand-written infotext (e.g. the API's) turn the prompts off.
 INFOTEXT_ENABLED = "NegIP enabled"
@@ -602,20 +810,33 @@ def _label(name: str, label: Any) -> str:
     return label.strip()
 
 
-def to_infotext(args: NegIPArgs, model_label: str, encoder_label: str) -> dict[str, str | float]:
+def to_infotext(
+    args: NegIPArgs,
+    model_label: str,
+    encoder_label: str,
+    references: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, str | float]:
     """The generation parameters to add to ``p.extra_generation_params``; empty when disabled.
 
     ``model_label``/``encoder_label`` name the files actually used (e.g. "name [hash]"; the
-    encoder that 'auto' picked). Values are raw: A1111's ``create_infotext`` quotes those with a
-    comma, colon or newline itself. Images are not stored, only their number per side.
+    adapter and the encoder that 'auto' picked). Values are raw: A1111's ``create_infotext``
+    quotes those with a comma, colon or newline itself. ``references``: the stored images by
+    field (see :mod:`lib_negip.store`); without them only the number of images per side.
     """
     if not args.enabled:
         return {}
-    positive, negative = args.image_counts
-    return {
+    info: dict[str, str | float] = {
         "NegIP model": _label("model_label", model_label),
         "NegIP encoder": _label("encoder_label", encoder_label),
-        INFOTEXT_IMAGES: f"{positive} positive / {negative} negative",
+    }
+    if references is None:
+        positive, negative = args.image_counts
+        info[INFOTEXT_IMAGES] = f"{positive} positive / {negative} negative"
+    else:
+        for key, name in INFOTEXT_REFERENCES:
+            if references.get(name):
+                info[key] = " ".join(references[name])
+    return info | {
         "NegIP positive weight": _infotext_float(args.positive_weight),
         "NegIP positive start": _infotext_float(args.positive_start),
         "NegIP positive end": _infotext_float(args.positive_end),
@@ -624,6 +845,10 @@ def to_infotext(args: NegIPArgs, model_label: str, encoder_label: str) -> dict[s
         "NegIP negative end": _infotext_float(args.negative_end),
         "NegIP hires pass": args.hires_pass,
         "NegIP combine": args.combine,
+        "NegIP positive layers": args.positive_layers,
+        "NegIP negative layers": args.negative_layers,
+        "NegIP negative noise": _infotext_float(args.negative_noise),
+        "NegIP noise type": args.negative_noise_type,
     }
 
 
@@ -675,7 +900,9 @@ def parse_infotext(params: Mapping[str, Any]) -> dict[str, Any]:
     Keys that are not ours are ignored; without any "NegIP" key the result is empty. A present
     NegIP key means ``enabled`` True (unless "NegIP enabled" says otherwise). Numbers and booleans
     are converted here, not by ``type(value)(text)``: ``bool("False")`` is True. Fields whose key
-    is absent are left out. A malformed value raises :class:`ArgumentError` naming its key.
+    is absent are left out, except ``infotext_images``, always present ("" without stored
+    images), so that restoring an infotext clears the references of an earlier one. A malformed
+    value raises :class:`ArgumentError` naming its key.
     """
     if not any(_is_ours(key) for key in params):
         return {}
@@ -692,7 +919,13 @@ def parse_infotext(params: Mapping[str, Any]) -> dict[str, Any]:
                 raise ArgumentError(msg)
             text = restore_model_label(value)
             result[name] = AUTO_ENCODER if name == "image_encoder" and text == NO_MODEL else text
-        elif name in ("hires_pass", "combine"):
+        elif name in (
+            "hires_pass",
+            "combine",
+            "negative_noise_type",
+            "positive_layers",
+            "negative_layers",
+        ):
             choice = value.strip() if isinstance(value, str) else value
             try:
                 result[name] = _SCALAR_CHECKS[name](name, choice)
@@ -701,7 +934,20 @@ def parse_infotext(params: Mapping[str, Any]) -> dict[str, Any]:
                 raise ArgumentError(msg) from error
         else:
             result[name] = _infotext_number(key, name, value)
+    references = infotext_references(params)
+    result["infotext_images"] = format_references(references)
     return result
+
+
+def infotext_references(params: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The stored images an infotext names, by field (empty without any)."""
+    parts = {}
+    for key, name in INFOTEXT_REFERENCES:
+        value = params.get(key)
+        if isinstance(value, str) and value.strip():
+            label = name.replace("_", " ")
+            parts[name] = parse_references(key, f"{label}: {value}")[name]
+    return parts
 
 
 def infotext_enabled(params: Mapping[str, Any]) -> bool:

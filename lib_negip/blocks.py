@@ -63,7 +63,9 @@ PRESET_TABLES: Mapping[int, Mapping[str, Mapping[int, float]]] = MappingProxyTyp
     }
 )
 
-_PAIR = re.compile(r"^\s*(\d+)\s*:\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+_PAIR = re.compile(
+    r"^\s*(\d+)\s*:\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf|infinity))\s*$"
+)
 EXAMPLE = '"3:1, 6:0.8"'
 
 
@@ -82,7 +84,7 @@ class LayerSpec:
         """The canonical text (the infotext's and the API's form)."""
         if self.preset is not None:
             return self.preset
-        return ", ".join(f"{index}:{weight:g}" for index, weight in self.pairs)
+        return ", ".join(f"{index}:{weight:.12g}" for index, weight in self.pairs)
 
 
 def _normalised(text: str) -> str:
@@ -107,6 +109,12 @@ def parse_layers(field: str, value: object) -> LayerSpec:
         return LayerSpec(preset=text)
     pairs: dict[int, float] = {}
     for part in text.split(","):
+        if not part.strip():
+            msg = (
+                f"{field}: an empty entry between commas; write 'index:weight' pairs such as "
+                f"{EXAMPLE}."
+            )
+            raise ArgumentError(msg)
         match = _PAIR.match(part)
         if match is None:
             msg = (
@@ -140,6 +148,9 @@ def block_weights(field: str, spec: LayerSpec, n_blocks: int) -> tuple[float, ..
         return (1.0,) * n_blocks
     if spec.preset is not None:
         table = PRESET_TABLES.get(n_blocks)
+        if spec.preset not in PRESETS:
+            msg = f"{field}: unknown preset {spec.preset!r}; the presets are {', '.join(PRESETS)}."
+            raise ArgumentError(msg)
         if table is None:
             msg = (
                 f"{field}: the preset {spec.preset!r} is defined for SD1.x (16 transformer "

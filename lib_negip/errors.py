@@ -9,7 +9,24 @@ from __future__ import annotations
 
 
 class NegIPError(Exception):
-    """Base class: a request that cannot be honoured, with a message meant for the user."""
+    """Base class: a request that cannot be honoured, with a message meant for the user.
+
+    ``str(error)`` is the API's wording (field names, ``GET /negip/v1/models``); :attr:`ui` is
+    the accordion's (its labels and controls), given where more than the names differ and
+    otherwise derived by :func:`lib_negip.wording.for_ui`.
+    """
+
+    def __init__(self, message: str = "", *, ui: str | None = None) -> None:
+        # Exception's own __init__, not super(): the host mixes this class with FastAPI's
+        # HTTPException, whose __init__ takes a status code (see webui/failures.py).
+        Exception.__init__(self, message)
+        self._ui = ui
+
+    @property
+    def ui(self) -> str:
+        from lib_negip.wording import for_ui
+
+        return self._ui if self._ui is not None else for_ui(str(self))
 
 
 class ModelFileError(NegIPError):

@@ -96,12 +96,24 @@ def layer_grid(latent: tuple[int, int], tokens: int) -> tuple[int, int]:
     return h, tokens // h
 
 
-def mask_at_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """A side's mask [h, w] (values 0..1) at a layer's grid, flattened: [h_l * w_l].
+def mask_at_latent(mask: torch.Tensor, latent: tuple[int, int]) -> torch.Tensor:
+    """A side's mask [h, w] stretched over the latent [H, W]: an antialiased (area-weighted)
+    resize, so a large mask keeps thin regions that plain interpolation would skip."""
+    if tuple(mask.shape) == latent:
+        return mask
+    antialias = mask.shape[0] > latent[0] or mask.shape[1] > latent[1]
+    resized = F.interpolate(
+        mask[None, None], size=latent, mode="bilinear", align_corners=False, antialias=antialias
+    )
+    return resized[0, 0]
 
-    Bicubic without antialiasing, as diffusers' ``IPAdapterMaskProcessor.downsample`` does
-    (give the mask at the latent's resolution: see ``ImagePromptSession.set_masks``), then
-    clamped to 0..1 (bicubic overshoots at sharp edges).
+
+def mask_at_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A mask at the latent's resolution [H, W] (values 0..1) at a layer's grid, flattened:
+    [h_l * w_l].
+
+    Bicubic without antialiasing, as diffusers' ``IPAdapterMaskProcessor.downsample`` does,
+    then clamped to 0..1 (bicubic overshoots at sharp edges).
     """
     if tuple(mask.shape) != grid:
         mask = F.interpolate(mask[None, None], size=grid, mode="bicubic", align_corners=False)[0, 0]
@@ -179,6 +191,7 @@ class _Plan:
         self.latent = latent
         self.image = image  # [B, N, C] the context's image slots, only for rows of no known side
         self.entries: list[Any] = [None] * n_layers
+        self.masks: dict[int, torch.Tensor] = {}  # side -> its mask at the latent's size
 
 
 class _LayerHooks:
@@ -346,7 +359,7 @@ class AttentionHijack:
     layer_scales: per adapter layer, the block weight of the positive and of the negative side
     (multiplying the row weights); layers where both are 0 get no hooks at all.
     masks: per side, an optional mask [h, w] with values 0..1 that multiplies the side's image
-    attention, stretched over the latent (see :func:`mask_at_grid`).
+    attention, stretched over the latent (see :func:`mask_at_latent`, :func:`mask_at_grid`).
     upcast: compute the image attention in float32 (A1111's "upcast cross attention" option).
     on_abort: called after the hijack removed itself because an exception went through the UNet
     (A1111 then skips postprocess): the owner ends the generation.

@@ -80,7 +80,12 @@ GENERIC_FOLDER_NAMES = ("image_encoder",)
 #: File names that mark a file in a shared folder (the ControlNet extension's) as an IP-Adapter.
 IP_ADAPTER_NAME_MARKERS = ("ip-adapter", "ip_adapter", "ipadapter")
 
+#: Transformer blocks (the index range of ``positive_layers`` / ``negative_layers``) of the UNet
+#: an adapter with this many cross-attention layers is for: SD1.x 16 (depth 1), SDXL 11.
+BLOCKS_BY_LAYERS = {16: 16, 70: 11}
+
 NO_ADAPTER = "None"
+AUTO_ADAPTER = "auto"  # resolved by the host, which knows the loaded checkpoint's family
 AUTO_ENCODER = "auto"
 
 ADAPTER_FOLDER_HINT = "models/ipadapter"
@@ -527,9 +532,9 @@ def _order(found: _Found) -> tuple[Any, ...]:
     )
 
 
-def _unique_names(found: Sequence[_Found], reserved: str) -> list[str]:
+def _unique_names(found: Sequence[_Found], *reserved: str) -> list[str]:
     """Deterministic unique names: the first of a name keeps it, later ones are qualified."""
-    taken = {reserved.casefold()}
+    taken = {name.casefold() for name in reserved}
     per_folder = Counter((item.path.parent, item.base_name.casefold()) for item in found)
     names: list[str] = []
     for item in found:
@@ -642,7 +647,9 @@ class ModelRegistry:
             encoders = _scan(self._encoder_folders, ENCODER_SUFFIXES, with_config=True)
             self._adapters = tuple(
                 AdapterEntry(**self._entry_fields(item, name, "adapter", live))
-                for item, name in zip(adapters, _unique_names(adapters, NO_ADAPTER), strict=True)
+                for item, name in zip(
+                    adapters, _unique_names(adapters, NO_ADAPTER, AUTO_ADAPTER), strict=True
+                )
             )
             self._encoders = tuple(
                 EncoderEntry(**self._entry_fields(item, name, "encoder", live))
@@ -667,9 +674,9 @@ class ModelRegistry:
         return list(self._encoders)
 
     def adapter_names(self) -> list[str]:
-        """Choices for the UI: "None" first, then every adapter (broken ones too: choosing one
+        """Choices for the UI: "auto" first, then every adapter (broken ones too: choosing one
         shows why it cannot be used)."""
-        return [NO_ADAPTER, *(e.name for e in self.adapters())]
+        return [AUTO_ADAPTER, *(e.name for e in self.adapters())]
 
     def encoder_names(self) -> list[str]:
         """Choices for the UI: "auto" first, then every encoder."""
@@ -688,6 +695,8 @@ class ModelRegistry:
                     "family": spec.family if spec else None,
                     "tokens": _tokens(spec) if spec else None,
                     "encoder": spec.encoder_architecture if spec else None,
+                    "layers": spec.num_layers if spec else None,
+                    "blocks": BLOCKS_BY_LAYERS.get(spec.num_layers) if spec else None,
                     "error": entry.error,
                 }
             )

@@ -222,8 +222,16 @@ class ImagePromptSession:
         self.raise_as = raise_as
         self.context_dim = self.weights[0].shape[1]
         self.mask_region: MaskRegion | None = None
+        self.appended = 0  # denoiser calls whose conditioning got the image blocks
+        self._carried = 0  # UNet calls that carried them, of hijacks already removed
         self._unet: nn.Module | None = None
         self._hijack: AttentionHijack | None = None
+
+    @property
+    def acted(self) -> bool:
+        """Whether the image prompts reached the UNet in at least one call."""
+        current = self._hijack.reach.calls if self._hijack is not None else 0
+        return self._carried + current > 0
 
     @property
     def hijack(self) -> AttentionHijack | None:
@@ -293,6 +301,7 @@ class ImagePromptSession:
         padded = pad is not None and crossattn.shape[1] != uncond_crossattn.shape[1]
         cond, uncond = append_blocks(text_cond, text_uncond, *blocks, pad=pad, empty=empty)
         hijack.expect_block()
+        self.appended += 1
         return Appended(cond=cond, uncond=uncond, padded=padded)
 
     def _hijack_for(self, unet: nn.Module) -> AttentionHijack | None:
@@ -341,6 +350,7 @@ class ImagePromptSession:
     def _remove(self) -> None:
         if self._hijack is not None:
             self._hijack.remove()
+            self._carried += self._hijack.reach.calls
         self._hijack = None
         self._unet = None
 

@@ -39,6 +39,7 @@ from lib_negip.args import (
     NegIPArgs,
     infotext_enabled,
     infotext_image_counts,
+    infotext_references,
     parse_api_dict,
     parse_infotext,
     parse_script_args,
@@ -48,6 +49,8 @@ from lib_negip.args import (
 )
 from lib_negip.errors import ArgumentError, ImageError, NegIPError
 from lib_negip.prompt import StepWindow
+from lib_negip.store import format_references
+from lib_negip.wording import UI_FORBIDDEN
 
 RED = (200, 30, 40)
 BLUE = (20, 40, 220)
@@ -107,13 +110,51 @@ def full_positional(**overrides: Any) -> list[Any]:
         "negative_end": 1.0,
         "hires_pass": "both",
         "combine": "average",
+        # Round 2's fields, at their UI defaults.
+        "positive_layers": "all",
+        "negative_layers": "all",
+        "positive_mask": None,
+        "negative_mask": None,
+        "negative_noise": 0.0,
+        "negative_noise_type": "fade",
+        "infotext_images": "",
     }
     values.update(overrides)
     return [values[name] for name in FIELD_ORDER]
 
 
+#: Round 1's positional order (13 fields): lists of this length must keep their meaning.
+ROUND1_ORDER = (
+    "enabled",
+    "model",
+    "image_encoder",
+    "positive_images",
+    "negative_images",
+    "positive_weight",
+    "negative_weight",
+    "positive_start",
+    "positive_end",
+    "negative_start",
+    "negative_end",
+    "hires_pass",
+    "combine",
+)
+#: Round 2's fields, appended in this order.
+ROUND2_ORDER = (
+    "positive_layers",
+    "negative_layers",
+    "positive_mask",
+    "negative_mask",
+    "negative_noise",
+    "negative_noise_type",
+    "infotext_images",
+)
+PICTURE_FIELDS = (*negip_args.IMAGE_FIELDS, *negip_args.MASK_FIELDS)
+
+
 def scalars(args: NegIPArgs) -> dict[str, Any]:
-    return {k: v for k, v in args.as_fields().items() if k not in negip_args.IMAGE_FIELDS}
+    """Every field but the images and masks (PIL objects compare by identity of pixels)."""
+    return {k: v for k, v in args.as_fields().items() if k not in PICTURE_FIELDS}
 
 
 def colors(images: Sequence[Image.Image]) -> list[tuple[int, ...]]:
@@ -166,8 +207,9 @@ def a1111_parse(infotext: str, param: re.Pattern[str] = A1111_PARAM) -> dict[str
 
 
 def ui_defaults() -> list[Any]:
-    """default_script_args: the UI components' values (gradio File components start as None)."""
-    return [None if name in negip_args.IMAGE_FIELDS else DEFAULTS[name] for name in FIELD_ORDER]
+    """default_script_args: the UI components' values (gradio File and Image components start as
+    None)."""
+    return [None if name in PICTURE_FIELDS else DEFAULTS[name] for name in FIELD_ORDER]
 
 
 def a1111_script_args(request_args: Sequence[Any], infotext: str | None = None) -> list[Any]:
@@ -180,8 +222,12 @@ def a1111_script_args(request_args: Sequence[Any], infotext: str | None = None) 
             if params.get(key) is not None:
                 index = FIELD_ORDER.index(name)
                 script_args[index] = type(script_args[index])(params[key])
-        # ... and the enabled checkbox with a callable target.
+        # ... the enabled checkbox with a callable target, and the stored images' references
+        # (one hidden field for several keys) with another.
         script_args[0] = infotext_enabled(params)
+        script_args[FIELD_ORDER.index("infotext_images")] = format_references(
+            infotext_references(params)
+        )
     for index, value in enumerate(request_args[: len(FIELD_ORDER)]):
         script_args[index] = value
     return script_args
@@ -283,8 +329,47 @@ def a1111_script_args(request_args: Sequence[Any], infotext: str | None = None) 
         ),
         pytest.param(
             [{"enabled": False, "model": "m", "positive_weight": 2.0}],
-            {"enabled": False, "model": "None", "positive_weight": 1.0},
+            {"enabled": False, "positive_weight": 1.0, "positive_layers": "all"},
             id="dict-disabled-gives-defaults",
+        ),
+        pytest.param(
+            full_positional()[: len(ROUND1_ORDER)],
+            {
+                "enabled": True,
+                "model": "ip-adapter_sd15",
+                "combine": "average",
+                "positive_layers": "all",
+                "negative_layers": "all",
+                "negative_noise": 0.0,
+                "negative_noise_type": "fade",
+                "infotext_images": "",
+            },
+            id="round1-positional-list-new-fields-default",
+        ),
+        pytest.param(
+            [True, "m", "auto", [b64()], None, 0.7, 1.0, 0.0, 1.0, 0.0, 1.0, "second", "concat"],
+            {"positive_weight": 0.7, "hires_pass": "second", "combine": "concat"},
+            id="round1-positional-list-keeps-its-meaning",
+        ),
+        pytest.param(
+            full_positional(
+                positive_layers=" Style  ",
+                negative_layers="6:0.8,3:1",
+                negative_noise=0.25,
+                negative_noise_type="shuffle",
+            ),
+            {
+                "positive_layers": "style",
+                "negative_layers": "3:1, 6:0.8",
+                "negative_noise": 0.25,
+                "negative_noise_type": "shuffle",
+            },
+            id="positional-full-round2",
+        ),
+        pytest.param(
+            [{"positive_images": [b64()]}],
+            {"enabled": True, "model": "auto", "image_encoder": "auto"},
+            id="dict-without-model-is-auto",
         ),
     ],
 )
@@ -294,20 +379,40 @@ def test_valid_script_args(values: list[Any], expected: dict[str, Any]) -> None:
     for name, value in expected.items():
         assert fields[name] == value, name
         assert type(fields[name]) is type(value), name
-    assert set(fields) | set(negip_args.IMAGE_FIELDS) == set(FIELD_ORDER)
+    assert set(fields) | set(PICTURE_FIELDS) == set(FIELD_ORDER)
 
 
 def test_defaults_follow_field_order() -> None:
     assert tuple(DEFAULTS) == FIELD_ORDER
-    assert len(FIELD_ORDER) == 13
-    assert scalars(NegIPArgs()) == {
-        k: v for k, v in DEFAULTS.items() if k not in negip_args.IMAGE_FIELDS
+    assert len(FIELD_ORDER) == 20
+    # Round 2 appended its fields: round 1's positional lists keep their meaning.
+    assert FIELD_ORDER == ROUND1_ORDER + ROUND2_ORDER
+    assert DEFAULTS["model"] == "auto"
+    assert {name: DEFAULTS[name] for name in ROUND2_ORDER} == {
+        "positive_layers": "all",
+        "negative_layers": "all",
+        "positive_mask": None,
+        "negative_mask": None,
+        "negative_noise": 0.0,
+        "negative_noise_type": "fade",
+        "infotext_images": "",
     }
     assert all(
         type(DEFAULTS[name]) is float
         for name in FIELD_ORDER
-        if name.endswith(("weight", "start", "end"))
+        if name.endswith(("weight", "start", "end", "noise"))
     )
+
+
+@pytest.mark.parametrize("written", ["Auto", " AUTO "])
+def test_model_auto_is_case_insensitive_like_the_encoder(written: str) -> None:
+    args = parse_script_args(full_positional(model=written, image_encoder=written))
+    assert args.image_encoder == "auto"
+    assert args.model == "auto"
+
+
+def test_args_object_defaults_are_the_defaults() -> None:
+    assert scalars(NegIPArgs()) == {k: v for k, v in DEFAULTS.items() if k not in PICTURE_FIELDS}
 
 
 # --- image forms ----------------------------------------------------------------------------------
@@ -438,7 +543,7 @@ INVALID = [
     pytest.param(
         [*full_positional(), "extra"],
         ArgumentError,
-        [r"14 values", r"at most 13"],
+        [r"21 values", r"at most 20"],
         id="too-many-positional",
     ),
     pytest.param(
@@ -776,6 +881,14 @@ GARBAGE_POSITIONAL = [
     "x",
     None,
     "third",
+    # round 2's fields
+    "no such preset",
+    ["3:1"],
+    "not a mask",
+    {"image": "garbage", "mask": "garbage"},
+    math.inf,
+    "perlin",
+    "positive images: not-a-reference",
 ]
 
 
@@ -790,6 +903,8 @@ GARBAGE_POSITIONAL = [
                     "enabled": False,
                     "positive_images": "garbage",
                     "negative_images": [{"name": "/etc/passwd"}],
+                    "positive_mask": "garbage",
+                    "negative_mask": {"image": b64(), "mask": "garbage"},
                 }
             ],
             id="dict-disabled-garbage-images",
@@ -814,6 +929,14 @@ def test_disabled_dict_still_reports_its_own_mistakes() -> None:
         parse_script_args([{"enabled": False, "positive_weight": "high"}])
     with pytest.raises(ArgumentError, match=r"'weight'"):
         parse_script_args([{"enabled": False, "weight": 1.0}])
+    with pytest.raises(ArgumentError, match=r"^negative_layers"):
+        parse_script_args([{"enabled": False, "negative_layers": "no such preset"}])
+    with pytest.raises(ArgumentError, match=r"^negative_noise must be from 0 to 1"):
+        parse_script_args([{"enabled": False, "negative_noise": 2.0}])
+    with pytest.raises(ArgumentError, match=r"^negative_noise_type must be one of"):
+        parse_script_args([{"enabled": False, "negative_noise_type": "perlin"}])
+    with pytest.raises(ArgumentError, match=r"^infotext_images: "):
+        parse_script_args([{"enabled": False, "infotext_images": "positive images: 12"}])
 
 
 # --- A1111's request flow: infotext-restored positional values under a dict ----------------------
@@ -937,6 +1060,10 @@ EXPECTED_KEYS = [
     "NegIP negative end",
     "NegIP hires pass",
     "NegIP combine",
+    "NegIP positive layers",
+    "NegIP negative layers",
+    "NegIP negative noise",
+    "NegIP noise type",
 ]
 
 
@@ -946,10 +1073,19 @@ def test_infotext_keys_and_values() -> None:
     assert params["NegIP images"] == "1 positive / 2 negative"
     assert params["NegIP positive weight"] == 0.6
     assert params["NegIP hires pass"] == "first"
+    # Round 2's keys are always written, at their defaults too.
+    assert params["NegIP positive layers"] == "all"
+    assert params["NegIP negative layers"] == "all"
+    assert params["NegIP negative noise"] == 0.0
+    assert type(params["NegIP negative noise"]) is float
+    assert params["NegIP noise type"] == "fade"
     assert [key for key, _ in INFOTEXT_FIELDS] == [k for k in EXPECTED_KEYS if k != INFOTEXT_IMAGES]
+    # Every field has a key, except enabled (implied), the images and masks (stored, named by
+    # reference) and infotext_images (restored from the reference keys).
     assert {name for _, name in INFOTEXT_FIELDS} == set(FIELD_ORDER) - {
         "enabled",
-        *negip_args.IMAGE_FIELDS,
+        *PICTURE_FIELDS,
+        "infotext_images",
     }
     for key, value in params.items():
         assert re.fullmatch(r"\w[\w /-]+", key), key  # A1111's key pattern
@@ -1010,6 +1146,33 @@ def test_infotext_needs_labels(label: Any) -> None:
             "auto-picked",
             id="edge-values",
         ),
+        pytest.param(
+            NegIPArgs(
+                enabled=True,
+                model="m",
+                positive_images=(solid(),),
+                positive_layers="3:1, 6:0.8",
+                negative_layers="strong style",
+                negative_noise=0.35,
+                negative_noise_type="gaussian",
+            ),
+            "m",
+            "e",
+            id="layer-pairs-with-comma-and-colon-and-noise",
+        ),
+        pytest.param(
+            NegIPArgs(
+                enabled=True,
+                model="m",
+                negative_images=(solid(),),
+                positive_layers="0:-1, 15:5, 7:0.125",
+                negative_layers="style and composition",
+                negative_noise_type="dissolve",
+            ),
+            "m",
+            "e",
+            id="layer-pairs-edge-weights",
+        ),
     ],
 )
 def test_infotext_round_trip(args: NegIPArgs, model_label: str, encoder_label: str) -> None:
@@ -1046,7 +1209,9 @@ def test_infotext_round_trip(args: NegIPArgs, model_label: str, encoder_label: s
 def test_parse_infotext_ignores_other_keys() -> None:
     assert parse_infotext({"Steps": "20", "Negative prompt": "NegIP model: x", "NegIPx": "1"}) == {}
     fields = parse_infotext({"Steps": "20", "NegIP combine": "concat", "NegIP future key": "7"})
-    assert fields == {"enabled": True, "combine": "concat"}
+    # infotext_images is always there (empty without references): a pasted infotext replaces
+    # the references of an earlier paste.
+    assert fields == {"enabled": True, "combine": "concat", "infotext_images": ""}
 
 
 @pytest.mark.parametrize(
@@ -1164,3 +1329,959 @@ def test_helpers_match_a1111_checkout() -> None:
     assert ours.split("\n")[-1] == line
     theirs = {k: names["unquote"](v) for k, v in names["re_param"].findall(line)}
     assert a1111_parse(ours) == a1111_parse(ours, names["re_param"]) == theirs
+
+
+# =================================================================================================
+# Round 2: block weights, masks, negative noise, stored image references, the pixel budget
+# =================================================================================================
+
+REF_A = "0123456789abcdef"
+REF_B = "fedcba9876543210"
+REF_M = "00112233445566ff"
+
+
+def _enabled(**fields: Any) -> NegIPArgs:
+    """The API dict form with a model and (unless given) one positive image."""
+    return parse_api_dict({"model": "m", "positive_images": [b64()], **fields})
+
+
+# --- positive_layers / negative_layers ------------------------------------------------------------
+
+LAYER_TEXTS = [
+    pytest.param(None, "all", id="none-is-all"),
+    pytest.param("", "all", id="empty-is-all"),
+    pytest.param("   ", "all", id="blank-is-all"),
+    pytest.param("all", "all", id="all"),
+    pytest.param(" ALL ", "all", id="all-upper-spaced"),
+    pytest.param("style", "style", id="style"),
+    pytest.param("Style", "style", id="style-capital"),
+    pytest.param("composition", "composition", id="composition"),
+    pytest.param("COMPOSITION", "composition", id="composition-upper"),
+    pytest.param("style and composition", "style and composition", id="style-and-composition"),
+    pytest.param(
+        "  Style   AND\tcomposition ", "style and composition", id="style-and-composition-spaces"
+    ),
+    pytest.param("strong style", "strong style", id="strong-style"),
+    pytest.param("Strong  Style", "strong style", id="strong-style-case-spaces"),
+    pytest.param("3:1, 6:0.8", "3:1, 6:0.8", id="pairs-canonical"),
+    pytest.param("6:0.8,3:1", "3:1, 6:0.8", id="pairs-sorted-by-index"),
+    pytest.param(" 3 : 1 ,  6:.8 ", "3:1, 6:0.8", id="pairs-spaces-and-leading-dot"),
+    pytest.param("3:1.50", "3:1.5", id="trailing-zero-dropped"),
+    pytest.param("3:+2", "3:2", id="explicit-plus"),
+    pytest.param("3:-0", "3:0", id="negative-zero"),
+    pytest.param("03:1", "3:1", id="leading-zero-index"),
+    pytest.param("0:-1, 15:5", "0:-1, 15:5", id="weight-range-ends"),
+    pytest.param("4:2.5e-1", "4:0.25", id="exponent"),
+    pytest.param("99:1", "99:1", id="index-range-needs-the-model"),
+]
+
+
+@pytest.mark.parametrize(("written", "canonical"), LAYER_TEXTS)
+@pytest.mark.parametrize("field", ["positive_layers", "negative_layers"])
+def test_layers_canonical_text(field: str, written: Any, canonical: str) -> None:
+    assert getattr(_enabled(**{field: written}), field) == canonical
+    # The positional form (the UI) and the arguments object agree.
+    positional = parse_script_args(full_positional(**{field: written}))
+    assert getattr(positional, field) == canonical
+    direct = NegIPArgs(enabled=True, model="m", positive_images=(solid(),), **{field: written})
+    assert getattr(direct, field) == canonical
+    other = "negative_layers" if field == "positive_layers" else "positive_layers"
+    assert getattr(direct, other) == "all"
+
+
+def test_layer_specs_of_the_args() -> None:
+    args = _enabled(positive_layers="6:0.8, 3:1", negative_layers="Strong Style")
+    assert args.positive_layer_spec.preset is None
+    assert args.positive_layer_spec.pairs == ((3, 1.0), (6, 0.8))
+    assert args.negative_layer_spec.preset == "strong style"
+    assert NegIPArgs().positive_layer_spec.is_all
+
+
+LAYER_ERRORS = [
+    pytest.param(
+        "styles",
+        ["'styles'", "'strong style'", "0-15", "0-10", '"3:1, 6:0.8"'],
+        id="unknown-preset",
+    ),
+    pytest.param("style, composition", ["'style'", '"3:1, 6:0.8"'], id="two-presets"),
+    pytest.param("3", ["'3'", '"3:1, 6:0.8"', "0-15"], id="index-without-weight"),
+    pytest.param("3:", ["'3:'", '"3:1, 6:0.8"'], id="colon-without-weight"),
+    pytest.param(":1", ["':1'", '"3:1, 6:0.8"'], id="weight-without-index"),
+    pytest.param("3:1:2", ["'3:1:2'", '"3:1, 6:0.8"'], id="two-colons"),
+    pytest.param("a:1", ["'a:1'", '"3:1, 6:0.8"'], id="letter-index"),
+    pytest.param("-3:1", ["'-3:1'", '"3:1, 6:0.8"'], id="negative-index"),
+    pytest.param("3.5:1", ["'3.5:1'", '"3:1, 6:0.8"'], id="fractional-index"),
+    pytest.param("3:1; 6:1", ["'3:1; 6:1'", '"3:1, 6:0.8"'], id="semicolon"),
+    pytest.param("3:1,", ["an empty entry between commas", '"3:1, 6:0.8"'], id="trailing-comma"),
+    pytest.param("3:nan", ["finite number from -1 to 5; got nan", '"3:1, 6:0.8"'], id="nan-weight"),
+    pytest.param("3:inf", ["finite number from -1 to 5; got inf", '"3:1, 6:0.8"'], id="inf-weight"),
+    pytest.param(
+        "3:1e400",
+        ["block 3", "finite", "-1 to 5", "1e400", '"3:1, 6:0.8"'],
+        id="overflowing-weight",
+    ),
+    pytest.param("3:5.5", ["block 3", "-1 to 5", "5.5", '"3:1, 6:0.8"'], id="weight-above-5"),
+    pytest.param(
+        "6:-1.01", ["block 6", "-1 to 5", "-1.01", '"3:1, 6:0.8"'], id="weight-below-minus-1"
+    ),
+    pytest.param(
+        "3:1, 6:1, 3:0.5", ["block 3 is listed twice", '"3:1, 6:0.8"'], id="duplicate-index"
+    ),
+    pytest.param("3:1, 03:1", ["block 3 is listed twice"], id="duplicate-index-leading-zero"),
+    pytest.param(5, ["5 (int)", "'style'", '"3:1, 6:0.8"'], id="int"),
+    pytest.param(["3:1"], ["(list)"], id="list"),
+    pytest.param(True, ["True (bool)"], id="bool"),
+]
+
+
+@pytest.mark.parametrize(("value", "patterns"), LAYER_ERRORS)
+@pytest.mark.parametrize("field", ["positive_layers", "negative_layers"])
+def test_layers_errors_name_the_field(field: str, value: Any, patterns: list[str]) -> None:
+    other = "negative_layers" if field == "positive_layers" else "positive_layers"
+    for attempt in (
+        lambda: _enabled(**{field: value}),
+        lambda: parse_script_args(full_positional(**{field: value})),
+        lambda: dataclasses.replace(_enabled(), **{field: value}),
+    ):
+        with pytest.raises(ArgumentError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert message.startswith(field), message
+        assert other not in message, message
+        for pattern in patterns:
+            assert pattern in message, (pattern, message)
+
+
+# --- negative_noise / negative_noise_type -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("noise", "expected"),
+    [
+        pytest.param(0, 0.0, id="int-zero"),
+        pytest.param(0.5, 0.5, id="half"),
+        pytest.param(1, 1.0, id="int-one"),
+        pytest.param(-0.0, 0.0, id="negative-zero"),
+    ],
+)
+@pytest.mark.parametrize("noise_type", ["fade", "dissolve", "gaussian", "shuffle"])
+def test_noise_values(noise: Any, expected: float, noise_type: str) -> None:
+    args = _enabled(negative_noise=noise, negative_noise_type=noise_type)
+    assert args.negative_noise == expected
+    assert type(args.negative_noise) is float
+    assert str(args.negative_noise) != "-0.0"
+    assert args.negative_noise_type == noise_type
+    positional = parse_script_args(
+        full_positional(negative_noise=noise, negative_noise_type=noise_type)
+    )
+    assert (positional.negative_noise, positional.negative_noise_type) == (expected, noise_type)
+
+
+@pytest.mark.parametrize(
+    ("fields", "patterns"),
+    [
+        pytest.param(
+            {"negative_noise": -0.1}, [r"^negative_noise ", r"0 to 1", r"-0\.1"], id="below-0"
+        ),
+        pytest.param(
+            {"negative_noise": 1.5}, [r"^negative_noise ", r"0 to 1", r"1\.5"], id="above-1"
+        ),
+        pytest.param({"negative_noise": math.nan}, [r"^negative_noise ", r"finite"], id="nan"),
+        pytest.param({"negative_noise": math.inf}, [r"^negative_noise ", r"finite"], id="inf"),
+        pytest.param(
+            {"negative_noise": "0.5"}, [r"^negative_noise ", r"'0\.5' \(str\)"], id="string"
+        ),
+        pytest.param({"negative_noise": True}, [r"^negative_noise ", r"bool"], id="bool"),
+        pytest.param({"negative_noise": None}, [r"^negative_noise ", r"None"], id="null"),
+        pytest.param(
+            {"negative_noise_type": "perlin"},
+            [r"^negative_noise_type ", r"'fade', 'dissolve', 'gaussian', 'shuffle'", r"'perlin'"],
+            id="unknown-type",
+        ),
+        pytest.param(
+            {"negative_noise_type": "Fade"}, [r"^negative_noise_type ", r"'Fade'"], id="type-case"
+        ),
+        pytest.param(
+            {"negative_noise_type": None}, [r"^negative_noise_type ", r"None"], id="type-null"
+        ),
+        pytest.param(
+            {"negative_noise_type": 1}, [r"^negative_noise_type ", r"1 \(int\)"], id="type-int"
+        ),
+    ],
+)
+def test_noise_errors_name_the_field(fields: dict[str, Any], patterns: list[str]) -> None:
+    with pytest.raises(ArgumentError) as caught:
+        _enabled(**fields)
+    for pattern in patterns:
+        assert re.search(pattern, str(caught.value)), (pattern, str(caught.value))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"negative_images": [b64()]}, id="negative-images"),
+        pytest.param({"negative_images": [b64(solid(BLUE)), b64()]}, id="two-negative-images"),
+        pytest.param({"infotext_images": f"negative images: {REF_A}"}, id="negative-references"),
+        pytest.param(
+            {"positive_images": [], "negative_images": [b64()]}, id="negative-images-only"
+        ),
+        pytest.param(
+            {"positive_images": [], "infotext_images": f"negative images: {REF_A}"},
+            id="negative-references-only",
+        ),
+    ],
+)
+def test_noise_and_negative_images_conflict(fields: dict[str, Any]) -> None:
+    with pytest.raises(ArgumentError) as caught:
+        _enabled(negative_noise=0.4, **fields)
+    message = str(caught.value)
+    assert "negative_noise" in message
+    assert "negative_images" in message
+    # Without noise the same request is valid.
+    _enabled(negative_noise=0.0, **fields)
+
+
+def test_noise_conflict_in_every_form() -> None:
+    with pytest.raises(ArgumentError, match=r"negative_noise.*negative_images"):
+        parse_script_args(full_positional(negative_images=[b64()], negative_noise=0.1))
+    with pytest.raises(ArgumentError, match=r"negative_noise.*negative_images"):
+        NegIPArgs(
+            enabled=True,
+            model="m",
+            positive_images=(solid(),),
+            negative_images=(solid(),),
+            negative_noise=1.0,
+        )
+    valid = _enabled(negative_noise=0.5)
+    with pytest.raises(ArgumentError, match=r"negative_noise.*negative_images"):
+        dataclasses.replace(valid, negative_images=(solid(),))
+    # A disabled positional list never fails; a disabled dict checks fields one by one only.
+    assert (
+        parse_script_args(
+            full_positional(enabled=False, negative_images=[b64()], negative_noise=0.5)
+        )
+        == NegIPArgs()
+    )
+    assert (
+        parse_script_args([{"enabled": False, "negative_images": [b64()], "negative_noise": 0.5}])
+        == NegIPArgs()
+    )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({}, id="positive-images"),
+        pytest.param(
+            {"positive_images": [], "infotext_images": f"positive images: {REF_A} {REF_B}"},
+            id="positive-references-only",
+        ),
+        pytest.param(
+            {"infotext_images": f"positive mask: {REF_M}", "negative_mask": b64()},
+            id="masks-are-not-negative-images",
+        ),
+    ],
+)
+def test_noise_with_positive_images_is_valid(fields: dict[str, Any]) -> None:
+    args = _enabled(negative_noise=0.7, negative_noise_type="dissolve", **fields)
+    assert (args.negative_noise, args.negative_noise_type) == (0.7, "dissolve")
+    assert args.negative_images == ()
+
+
+def test_noise_without_positive_images_is_refused() -> None:
+    with pytest.raises(ArgumentError) as caught:
+        _enabled(positive_images=[], negative_noise=0.5)
+    assert "positive_images" in str(caught.value)
+
+
+def test_noise_without_positive_images_names_the_noise() -> None:
+    with pytest.raises(ArgumentError, match=r"negative_noise"):
+        _enabled(positive_images=[], negative_noise=0.5)
+
+
+# --- infotext_images (stored image references) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("written", "canonical"),
+    [
+        pytest.param(None, "", id="none"),
+        pytest.param("", "", id="empty"),
+        pytest.param("  ;  ", "", id="only-separators"),
+        pytest.param(
+            f"positive images: {REF_A} {REF_B}; negative mask: {REF_M}",
+            f"positive images: {REF_A} {REF_B}; negative mask: {REF_M}",
+            id="canonical",
+        ),
+        pytest.param(
+            f" Negative  Mask :{REF_M.upper()} ;Positive Images:  {REF_A.upper()}   {REF_B} ",
+            f"positive images: {REF_A} {REF_B}; negative mask: {REF_M}",
+            id="case-spaces-and-order-normalised",
+        ),
+        pytest.param(
+            f"negative images: {REF_B}; positive mask: {REF_M}; positive images: {REF_A}",
+            f"positive images: {REF_A}; negative images: {REF_B}; positive mask: {REF_M}",
+            id="parts-in-field-order",
+        ),
+    ],
+)
+def test_infotext_images_canonical(written: Any, canonical: str) -> None:
+    assert _enabled(infotext_images=written).infotext_images == canonical
+    assert parse_script_args(full_positional(infotext_images=written)).infotext_images == canonical
+
+
+def test_references_by_field() -> None:
+    args = _enabled(infotext_images=f"negative images: {REF_B} {REF_A}; positive mask: {REF_M}")
+    assert args.references == {"negative_images": (REF_B, REF_A), "positive_mask": (REF_M,)}
+    assert NegIPArgs().references == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "patterns"),
+    [
+        pytest.param("junk", ["'junk'", "'positive images'"], id="no-part"),
+        pytest.param(
+            f"side images: {REF_A}", ["'side images", "'negative mask'"], id="unknown-part"
+        ),
+        pytest.param(
+            "positive images: 0123456789abcdeg", ["'0123456789abcdeg'", "16 hex"], id="not-hex"
+        ),
+        pytest.param(
+            "positive images: 0123456789abcde", ["'0123456789abcde'", "16 hex"], id="too-short"
+        ),
+        pytest.param(f"positive images: {REF_A}0", [f"'{REF_A}0'", "16 hex"], id="too-long"),
+        pytest.param(
+            f"negative mask: {REF_A} {REF_B}",
+            ["negative mask names 2 images", "one image"],
+            id="mask-with-two",
+        ),
+        pytest.param(5, ["5 (int)"], id="int"),
+        pytest.param([REF_A], ["(list)"], id="list"),
+    ],
+)
+def test_infotext_images_errors(value: Any, patterns: list[str]) -> None:
+    with pytest.raises(ArgumentError) as caught:
+        _enabled(infotext_images=value)
+    message = str(caught.value)
+    assert message.startswith("infotext_images"), message
+    for pattern in patterns:
+        assert pattern in message, (pattern, message)
+
+
+@pytest.mark.parametrize(
+    "references",
+    [
+        pytest.param(f"positive images: {REF_A}", id="positive"),
+        pytest.param(f"negative images: {REF_A} {REF_B}", id="negative"),
+    ],
+)
+def test_references_count_as_images(references: str) -> None:
+    args = parse_api_dict({"model": "m", "infotext_images": references})
+    assert args.enabled
+    assert args.image_counts == (0, 0)
+    assert args.infotext_images == references
+    positional = parse_script_args(
+        full_positional(positive_images=None, infotext_images=references)
+    )
+    assert positional.enabled
+    assert positional.image_counts == (0, 0)
+
+
+def test_mask_references_alone_are_no_images() -> None:
+    with pytest.raises(ArgumentError, match=r"positive_images and negative_images are both empty"):
+        parse_api_dict({"model": "m", "infotext_images": f"positive mask: {REF_M}"})
+
+
+# --- positive_mask / negative_mask ----------------------------------------------------------------
+
+
+def rgba(pixels: list[tuple[int, int, int, int]]) -> Image.Image:
+    """A one-row RGBA image of the given pixels."""
+    return Image.fromarray(np.array([pixels], np.uint8))
+
+
+def halves(size: tuple[int, int] = (4, 2)) -> Image.Image:
+    """An RGB image: left half white, right half grey 100."""
+    image = Image.new("RGB", size, (100, 100, 100))
+    image.paste((255, 255, 255), (0, 0, size[0] // 2, size[1]))
+    return image
+
+
+HALVES = [[255, 255, 100, 100], [255, 255, 100, 100]]
+STROKES = rgba([(255, 255, 255, 255), (0, 0, 0, 0), (0, 0, 0, 0), (255, 255, 255, 255)])
+
+
+def _palette_with_transparency() -> Image.Image:
+    image = Image.new("P", (2, 1))
+    image.putpalette([255, 255, 255, 100, 100, 100] + [0] * 762)
+    image.putpixel((1, 0), 1)
+    image.info["transparency"] = 0  # index 0 (white) is transparent
+    return image
+
+
+MASK_FORMS = [
+    pytest.param(lambda: b64(halves()), HALVES, id="base64-png"),
+    pytest.param(lambda: data_url(halves()), HALVES, id="data-url"),
+    pytest.param(lambda: file_bytes(halves()), HALVES, id="raw-bytes"),
+    pytest.param(lambda: halves(), HALVES, id="pil-rgb"),
+    pytest.param(lambda: solid(77, mode="L"), [[77] * 6] * 4, id="pil-l"),
+    pytest.param(lambda: b64(solid(77, mode="L")), [[77] * 6] * 4, id="base64-l"),
+    pytest.param(
+        lambda: rgba(
+            [(255, 255, 255, 255), (255, 255, 255, 0), (0, 0, 0, 0), (255, 255, 255, 128)]
+        ),
+        [[255, 0, 0, 128]],
+        id="pil-rgba-transparent-is-black",
+    ),
+    pytest.param(
+        lambda: b64(rgba([(200, 200, 200, 255), (255, 255, 255, 0)])),
+        [[200, 0]],
+        id="base64-rgba-transparent-is-black",
+    ),
+    pytest.param(
+        lambda: Image.fromarray(np.array([[[200, 0], [200, 255]]], np.uint8), mode="LA"),
+        [[0, 200]],
+        id="pil-la",
+    ),
+    pytest.param(_palette_with_transparency, [[0, 100]], id="palette-with-transparent-index"),
+    pytest.param(lambda: np.array([[0, 255, 30]], np.uint8), [[0, 255, 30]], id="numpy-hw"),
+    pytest.param(lambda: np.full((2, 3, 3), 120, np.uint8), [[120] * 3] * 2, id="numpy-hwc3"),
+    pytest.param(
+        lambda: np.array([[[255, 255, 255, 0], [90, 90, 90, 255]]], np.uint8),
+        [[0, 90]],
+        id="numpy-hwc4-transparent-is-black",
+    ),
+    pytest.param(
+        lambda: {"image": halves(), "mask": Image.new("RGB", (4, 2))},
+        HALVES,
+        id="sketch-black-drawing-keeps-image",
+    ),
+    pytest.param(
+        lambda: {"image": halves(), "mask": rgba([(0, 0, 0, 0)] * 4)},
+        HALVES,
+        id="sketch-transparent-black-drawing-keeps-image",
+    ),
+    pytest.param(
+        lambda: {"image": halves((4, 1)), "mask": STROKES},
+        [[255, 0, 0, 255]],
+        id="sketch-drawing-wins",
+    ),
+    pytest.param(
+        lambda: {"image": b64(halves((4, 1))), "mask": b64(STROKES)},
+        [[255, 0, 0, 255]],
+        id="sketch-base64-drawing-wins",
+    ),
+    pytest.param(
+        lambda: {"image": None, "mask": STROKES}, [[255, 0, 0, 255]], id="sketch-drawing-only"
+    ),
+    pytest.param(
+        lambda: {"image": halves(), "mask": np.zeros((2, 4), np.uint8)},
+        HALVES,
+        id="sketch-numpy-black-drawing-keeps-image",
+    ),
+    pytest.param(
+        lambda: {"image": np.full((1, 2, 3), 60, np.uint8), "mask": None},
+        [[60, 60]],
+        id="sketch-no-drawing",
+    ),
+    pytest.param(lambda: {"image": halves()}, HALVES, id="image-dict-without-mask"),
+    pytest.param(lambda: None, None, id="none"),
+    pytest.param(lambda: "", None, id="empty-string"),
+    pytest.param(lambda: "  ", None, id="blank-string"),
+    pytest.param(lambda: {"image": None, "mask": None}, None, id="empty-sketch"),
+    pytest.param(
+        lambda: {"image": None, "mask": Image.new("L", (4, 2))},
+        None,
+        id="sketch-black-drawing-only",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_mask", "expected"), MASK_FORMS)
+@pytest.mark.parametrize("field", ["positive_mask", "negative_mask"])
+@pytest.mark.parametrize("form", ["dict", "positional"])
+def test_mask_forms(form: str, field: str, make_mask: Any, expected: Any) -> None:
+    if form == "dict":
+        args = _enabled(**{field: make_mask()})
+    else:
+        args = parse_script_args(full_positional(**{field: make_mask()}))
+    mask = getattr(args, field)
+    other = "negative_mask" if field == "positive_mask" else "positive_mask"
+    assert getattr(args, other) is None
+    if expected is None:
+        assert mask is None
+        return
+    assert isinstance(mask, Image.Image)
+    assert mask.mode == "L"
+    assert np.asarray(mask).tolist() == expected
+
+
+def test_sketch_transparent_white_drawing_keeps_image() -> None:
+    args = _enabled(positive_mask={"image": halves(), "mask": rgba([(255, 255, 255, 0)] * 4)})
+    assert np.asarray(args.positive_mask).tolist() == HALVES
+
+
+def test_mask_size_is_kept_and_shown_in_repr() -> None:
+    args = _enabled(negative_mask=b64(solid(size=(9, 5))), negative_noise=0.0)
+    assert args.negative_mask.size == (9, 5)
+    assert "masks=['negative_mask']" in repr(args)
+    assert "masks=[]" in repr(_enabled())
+
+
+def test_mask_of_the_args_object() -> None:
+    args = NegIPArgs(
+        enabled=True,
+        model="m",
+        positive_images=(solid(),),
+        positive_mask=rgba([(255, 255, 255, 0), (255, 255, 255, 255)]),
+        negative_mask=solid(33, mode="L"),
+    )
+    assert args.positive_mask.mode == "L"
+    assert np.asarray(args.positive_mask).tolist() == [[0, 255]]
+    assert np.asarray(args.negative_mask).tolist() == [[33] * 6] * 4
+    with pytest.raises(
+        ArgumentError, match=r"^positive_mask must be a PIL image or None; got 'abc'"
+    ):
+        dataclasses.replace(args, positive_mask="abc")
+    with pytest.raises(ArgumentError, match=r"^negative_mask must be a PIL image or None"):
+        dataclasses.replace(args, negative_mask=np.zeros((2, 2), np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "patterns"),
+    [
+        pytest.param(
+            [b64()], ArgumentError, [r"^{field} must be one image", r"not a list"], id="list"
+        ),
+        pytest.param((b64(),), ArgumentError, [r"^{field} must be one image"], id="tuple"),
+        pytest.param("%%%", ImageError, [r"^{field}: ", r"not valid base64"], id="bad-base64"),
+        pytest.param(
+            "bm90IGFuIGltYWdl", ImageError, [r"^{field}: ", r"not an image file"], id="not-an-image"
+        ),
+        pytest.param(5, ArgumentError, [r"^{field}: ", r"5 \(int\)"], id="int"),
+        pytest.param(
+            np.zeros((2, 2), np.float32), ArgumentError, [r"^{field}: ", r"uint8"], id="numpy-float"
+        ),
+        pytest.param(
+            {"path": "/etc/passwd"}, ArgumentError, [r"^{field}: ", r"never read"], id="file-dict"
+        ),
+        pytest.param(
+            {"image": b64(), "mask": "%%%"},
+            ImageError,
+            [r"^{field} \(drawn\): ", r"not valid base64"],
+            id="bad-drawing",
+        ),
+        pytest.param(
+            {"image": "%%%", "mask": None},
+            ImageError,
+            [r"^{field}: ", r"base64"],
+            id="bad-sketch-image",
+        ),
+    ],
+)
+@pytest.mark.parametrize("field", ["positive_mask", "negative_mask"])
+def test_mask_errors_name_the_field(
+    field: str, value: Any, error: type[NegIPError], patterns: list[str]
+) -> None:
+    with pytest.raises(error) as caught:
+        _enabled(**{field: value})
+    message = str(caught.value)
+    for pattern in patterns:
+        assert re.search(pattern.format(field=field), message), (pattern, message)
+
+
+# --- the pixel budget of one generation -------------------------------------------------------------
+
+
+@pytest.fixture
+def budget_100(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most 100 decoded pixels per generation (solid() is 6x4 = 24 pixels)."""
+    monkeypatch.setattr(negip_args, "MAX_PIXELS_PER_GENERATION", 100)
+    # Also where the constant is bound as a default argument (see the xfail test below).
+    init = negip_args._PixelBudget.__init__
+    if init.__defaults__:
+        monkeypatch.setattr(init, "__defaults__", (100,))
+
+
+@pytest.mark.usefixtures("budget_100")
+@pytest.mark.parametrize(
+    ("fields", "label"),
+    [
+        pytest.param({"positive_images": [b64()] * 5}, r"positive_images\[4\]", id="one-side"),
+        pytest.param(
+            {"positive_images": [None, b64(), None, b64(), b64(), b64(), b64()]},
+            r"positive_images\[6\]",
+            id="index-counts-none-entries",
+        ),
+        pytest.param(
+            {"positive_images": [b64()] * 3, "negative_images": [solid(), solid()]},
+            r"negative_images\[1\]",
+            id="both-sides-together",
+        ),
+        pytest.param(
+            {"positive_images": [b64()] * 4, "positive_mask": solid(size=(3, 2))},
+            r"positive_mask",
+            id="masks-count",
+        ),
+        pytest.param(
+            {
+                "positive_images": [b64()] * 4,
+                "positive_mask": solid(size=(2, 2)),  # 100: exactly the limit
+                "negative_mask": {"image": None, "mask": STROKES},
+            },
+            r"negative_mask",
+            id="drawn-mask-counts",
+        ),
+        pytest.param(
+            {"positive_images": [b64(solid(size=(11, 10)))]},
+            r"positive_images\[0\]",
+            id="one-large",
+        ),
+    ],
+)
+def test_pixel_budget(fields: dict[str, Any], label: str) -> None:
+    with pytest.raises(ImageError) as caught:
+        parse_api_dict({"model": "m", **fields})
+    message = str(caught.value)
+    assert re.match(label + ": ", message), message
+    assert re.search(r"at most 100 ", message), message
+    ui = caught.value.ui
+    assert UI_FORBIDDEN.search(ui) is None, ui
+
+
+@pytest.mark.usefixtures("budget_100")
+def test_pixel_budget_at_the_limit_is_accepted() -> None:
+    args = parse_api_dict(
+        {
+            "model": "m",
+            "positive_images": [b64()] * 3,  # 72
+            "negative_images": [solid(size=(6, 4))],  # 96
+            "negative_mask": solid(size=(2, 2)),  # 100
+        }
+    )
+    assert args.image_counts == (3, 1)
+    # Each generation has its own budget.
+    assert parse_api_dict({"model": "m", "positive_images": [b64()] * 4}).image_counts == (4, 0)
+
+
+@pytest.mark.usefixtures("budget_100")
+def test_disabled_positional_has_no_budget() -> None:
+    assert parse_script_args(full_positional(enabled=False, positive_images=[b64()] * 16)) == (
+        NegIPArgs()
+    )
+
+
+def test_pixel_budget_follows_the_module_constant(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(negip_args, "MAX_PIXELS_PER_GENERATION", 100)
+    with pytest.raises(ImageError, match=r"positive_images\[4\]"):
+        parse_api_dict({"model": "m", "positive_images": [b64()] * 5})
+
+
+def test_pixel_budget_real_limit() -> None:
+    """48 Mi pixels: three 4096x4096 images are accepted, one more pixel (a mask) is not."""
+    assert negip_args.MAX_PIXELS_PER_GENERATION == 48 * 1024 * 1024
+    big = [Image.new("RGB", (4096, 4096), RED) for _ in range(3)]
+    args = parse_api_dict({"model": "m", "positive_images": big[:2], "negative_images": big[2:]})
+    assert args.image_counts == (2, 1)
+    with pytest.raises(ImageError, match=r"^positive_mask: .*50,331,649 pixels"):
+        parse_api_dict(
+            {
+                "model": "m",
+                "positive_images": big[:2],
+                "negative_images": big[2:],
+                "positive_mask": Image.new("L", (1, 1)),
+            }
+        )
+
+
+# --- infotext, round 2 -------------------------------------------------------------------------------
+
+ROUND2 = NegIPArgs(
+    enabled=True,
+    model="m",
+    positive_images=(solid(), solid(BLUE)),
+    positive_weight=0.75,
+    positive_layers="6:0.8, 3:1",
+    negative_layers="Style",
+    negative_noise=0.3,
+    negative_noise_type="shuffle",
+    positive_mask=solid(255, mode="L"),
+)
+
+
+def test_infotext_with_references_keys() -> None:
+    references = {
+        "positive_images": [REF_A, REF_B],
+        "negative_images": [],
+        "positive_mask": [REF_M],
+    }
+    params = to_infotext(ROUND2, "ip-adapter_sd15 [a1b2c3d4]", "ViT-H-14", references)
+    assert list(params) == [
+        "NegIP model",
+        "NegIP encoder",
+        "NegIP positive images",
+        "NegIP positive mask",
+        *EXPECTED_KEYS[3:],
+    ]
+    assert INFOTEXT_IMAGES not in params  # the references replace the counts
+    assert params["NegIP positive images"] == f"{REF_A} {REF_B}"
+    assert params["NegIP positive mask"] == REF_M
+    assert params["NegIP positive layers"] == "3:1, 6:0.8"
+    assert params["NegIP negative layers"] == "style"
+    assert params["NegIP negative noise"] == 0.3
+    assert params["NegIP noise type"] == "shuffle"
+    for key, value in params.items():
+        assert re.fullmatch(r"\w[\w /-]+", key), key
+        assert not A1111_IMAGE_SIZE.match(str(value)), key
+        assert str(value).strip(), key
+
+
+@pytest.mark.parametrize(
+    ("references", "combined", "by_field"),
+    [
+        pytest.param(
+            {"positive_images": [REF_A, REF_B], "positive_mask": [REF_M]},
+            f"positive images: {REF_A} {REF_B}; positive mask: {REF_M}",
+            {"positive_images": (REF_A, REF_B), "positive_mask": (REF_M,)},
+            id="positive-images-and-mask",
+        ),
+        pytest.param(
+            {"negative_mask": [REF_M], "positive_images": [REF_B], "negative_images": [REF_A]},
+            f"positive images: {REF_B}; negative images: {REF_A}; negative mask: {REF_M}",
+            {
+                "positive_images": (REF_B,),
+                "negative_images": (REF_A,),
+                "negative_mask": (REF_M,),
+            },
+            id="all-but-positive-mask",
+        ),
+        pytest.param(
+            {"positive_images": ["1234567890123456"]},
+            "positive images: 1234567890123456",
+            {"positive_images": ("1234567890123456",)},
+            id="all-digit-reference",
+        ),
+        pytest.param({}, "", {}, id="none-stored"),
+    ],
+)
+def test_infotext_round_trip_with_references(
+    references: dict[str, list[str]], combined: str, by_field: dict[str, tuple[str, ...]]
+) -> None:
+    params = {"Steps": 20, "Sampler": "Euler a", "Size": "512x512"}
+    params.update(to_infotext(ROUND2, "ip-adapter, plus [0a1b2c3d]", "ViT-H-14", references))
+    params["Version"] = "v1.10.1"
+    restored = a1111_parse(a1111_infotext("a house", "", params))
+    assert restored["Version"] == "v1.10.1"
+    assert infotext_references(restored) == by_field
+    assert infotext_image_counts(restored) is None
+    fields = parse_infotext(restored)
+    assert fields["infotext_images"] == combined
+    expected = {**scalars(ROUND2), "infotext_images": combined}
+    expected["model"] = "ip-adapter, plus [0a1b2c3d]"
+    expected["image_encoder"] = "ViT-H-14"
+    assert fields == expected
+    assert fields["positive_layers"] == "3:1, 6:0.8"
+    assert fields["negative_noise"] == 0.3
+    # The restored fields are accepted by the dict form; positive references count as images.
+    overrides: dict[str, Any] = {"positive_images": [] if references else [b64()]}
+    if "negative_images" in by_field:
+        # ROUND2's noise and stored negative images exclude each other.
+        with pytest.raises(ArgumentError, match=r"negative_noise.*negative_images"):
+            parse_api_dict({**fields, **overrides})
+        overrides["negative_noise"] = 0.0
+    again = parse_api_dict({**fields, **overrides})
+    expected_again = {**fields, "enabled": True}
+    expected_again["negative_noise"] = overrides.get("negative_noise", fields["negative_noise"])
+    assert scalars(again) == expected_again
+    assert again.references == by_field
+
+
+def test_round1_infotext_still_parses() -> None:
+    """An infotext written before round 2: no layers, noise or reference keys."""
+    line = (
+        "Steps: 20, Sampler: Euler a, NegIP model: ip-adapter_sd15 [a1b2c3d4], "
+        "NegIP encoder: ViT-H-14, NegIP images: 1 positive / 2 negative, NegIP positive weight: 0.6, "
+        "NegIP positive start: 0.0, NegIP positive end: 0.8, NegIP negative weight: 0.3, "
+        "NegIP negative start: 0.0, NegIP negative end: 1.0, NegIP hires pass: first, "
+        "NegIP combine: concat, Version: v1.10.1"
+    )
+    restored = a1111_parse(f"a house\nNegative prompt: \n{line}")
+    fields = parse_infotext(restored)
+    assert fields == {
+        "enabled": True,
+        "model": "ip-adapter_sd15 [a1b2c3d4]",
+        "image_encoder": "ViT-H-14",
+        "positive_weight": 0.6,
+        "positive_start": 0.0,
+        "positive_end": 0.8,
+        "negative_weight": 0.3,
+        "negative_start": 0.0,
+        "negative_end": 1.0,
+        "hires_pass": "first",
+        "combine": "concat",
+        "infotext_images": "",
+    }
+    assert infotext_image_counts(restored) == (1, 2)
+    assert infotext_references(restored) == {}
+    # A1111's restore leaves round 2's components at their defaults; the request gives images.
+    args = parse_script_args(a1111_script_args([{"positive_images": [b64()]}], f"p\n{line}"))
+    assert (args.positive_weight, args.hires_pass, args.combine) == (0.6, "first", "concat")
+    assert (args.positive_layers, args.negative_layers) == ("all", "all")
+    assert (args.negative_noise, args.negative_noise_type) == (0.0, "fade")
+    assert args.infotext_images == ""
+
+
+def round2_infotext(references: dict[str, list[str]]) -> str:
+    params = {"Steps": 20, "Sampler": "Euler a", "Size": "512x768"}
+    params.update(to_infotext(ROUND2, "ip-adapter_sd15", "ViT-H-14 [6ca9667d]", references))
+    return a1111_infotext("a house", "", params)
+
+
+def test_request_over_infotext_with_references() -> None:
+    infotext = round2_infotext({"positive_images": [REF_A, REF_B], "positive_mask": [REF_M]})
+    # An empty dict: everything, the stored images included, comes from the infotext.
+    args = parse_script_args(a1111_script_args([{}], infotext))
+    assert args.enabled
+    assert args.model == "ip-adapter_sd15"
+    assert args.image_counts == (0, 0)
+    assert args.references == {"positive_images": (REF_A, REF_B), "positive_mask": (REF_M,)}
+    assert (args.positive_layers, args.negative_layers) == ("3:1, 6:0.8", "style")
+    assert (args.negative_noise, args.negative_noise_type) == (0.3, "shuffle")
+    # The request can clear the references (the infotext's noise then has no positive images).
+    with pytest.raises(ArgumentError, match=r"negative_noise makes the negative side"):
+        parse_script_args(a1111_script_args([{"infotext_images": ""}], infotext))
+
+
+def test_noise_over_infotext_with_negative_references_conflicts() -> None:
+    infotext = round2_infotext({"positive_images": [REF_A], "negative_images": [REF_B]})
+    with pytest.raises(ArgumentError, match=r"negative_noise.*negative_images"):
+        parse_script_args(a1111_script_args([{}], infotext))
+    args = parse_script_args(a1111_script_args([{"negative_noise": 0}], infotext))
+    assert args.references["negative_images"] == (REF_B,)
+
+
+@pytest.mark.parametrize(
+    ("params", "patterns"),
+    [
+        pytest.param(
+            {"NegIP positive layers": "bogus"},
+            ["'NegIP positive layers'", "positive_layers", "'bogus'"],
+            id="bad-layers",
+        ),
+        pytest.param(
+            {"NegIP negative layers": "3:9"},
+            ["'NegIP negative layers'", "negative_layers", "-1 to 5"],
+            id="bad-layer-weight",
+        ),
+        pytest.param(
+            {"NegIP negative noise": "2"},
+            ["'NegIP negative noise'", "negative_noise", "0 to 1"],
+            id="noise-out-of-range",
+        ),
+        pytest.param(
+            {"NegIP negative noise": "loud"},
+            ["'NegIP negative noise'", "negative_noise"],
+            id="noise-not-a-number",
+        ),
+        pytest.param(
+            {"NegIP noise type": "perlin"},
+            ["'NegIP noise type'", "negative_noise_type", "'fade'"],
+            id="bad-noise-type",
+        ),
+        pytest.param(
+            {"NegIP positive images": "xyz"},
+            ["NegIP positive images", "'xyz'", "16 hex"],
+            id="bad-reference",
+        ),
+        pytest.param(
+            {"NegIP negative mask": f"{REF_A} {REF_B}"},
+            ["NegIP negative mask", "one image"],
+            id="mask-with-two-references",
+        ),
+    ],
+)
+def test_parse_infotext_round2_errors_name_the_key(
+    params: dict[str, str], patterns: list[str]
+) -> None:
+    with pytest.raises(ArgumentError) as caught:
+        parse_infotext(params)
+    for pattern in patterns:
+        assert pattern in str(caught.value), (pattern, str(caught.value))
+
+
+def test_infotext_layers_and_type_are_normalised() -> None:
+    fields = parse_infotext(
+        {"NegIP positive layers": " Strong  STYLE ", "NegIP negative layers": "6:0.5,  3:1"}
+    )
+    assert (fields["positive_layers"], fields["negative_layers"]) == ("strong style", "3:1, 6:0.5")
+
+
+# --- the UI's wording of the main refusals ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "api_words", "ui_words"),
+    [
+        pytest.param(
+            full_positional(model="None"),
+            ["model", "GET /negip/v1/models", "enabled"],
+            ["IP-Adapter"],
+            id="no-model",
+        ),
+        pytest.param(
+            full_positional(model=None),
+            ["model", "GET /negip/v1/models"],
+            ["IP-Adapter"],
+            id="no-model-cleared-dropdown",
+        ),
+        pytest.param(
+            full_positional(positive_images=None),
+            ["positive_images", "negative_images", "enabled"],
+            ["image"],
+            id="no-images",
+        ),
+        pytest.param(
+            full_positional(negative_images=[b64()], negative_noise=0.5),
+            ["negative_noise", "negative_images"],
+            ["Noise", "negative images"],
+            id="noise-conflict",
+        ),
+        pytest.param(
+            full_positional(positive_layers="bogus"),
+            ["positive_layers"],
+            ["Positive blocks"],
+            id="layers-derived",
+        ),
+        pytest.param(
+            full_positional(negative_noise_type="perlin"),
+            ["negative_noise_type"],
+            ["Noise type"],
+            id="noise-type-derived",
+        ),
+        pytest.param(
+            full_positional(negative_mask="%%%"),
+            ["negative_mask"],
+            ["Negative mask"],
+            id="mask-derived",
+        ),
+        pytest.param(
+            full_positional(positive_images=[b64(), "%%%"]),
+            ["positive_images[1]"],
+            ["positive image 2"],
+            id="image-index-derived",
+        ),
+    ],
+)
+def test_ui_wording_has_no_api_names(
+    values: list[Any], api_words: list[str], ui_words: list[str]
+) -> None:
+    with pytest.raises(NegIPError) as caught:
+        parse_script_args(values)
+    api, ui = str(caught.value), caught.value.ui
+    for word in api_words:
+        assert word in api, (word, api)
+    assert UI_FORBIDDEN.search(api) is not None, api  # the API's wording names its fields
+    assert UI_FORBIDDEN.search(ui) is None, ui
+    for word in ui_words:
+        assert word in ui, (word, ui)
+    assert "enabled" not in ui.lower().replace("negative image prompt", ""), ui

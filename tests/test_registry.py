@@ -126,7 +126,7 @@ def test_lists_adapters_of_every_container_recursively(tmp_path: Path) -> None:
     assert all(e.error is None for e in entries)
     assert by_name(entries, "d").file_name == "d.pt"
     assert by_name(entries, "a").size == (root / "a.safetensors").stat().st_size
-    assert reg.adapter_names() == ["None", "a", "b", "c", "d"]
+    assert reg.adapter_names() == ["auto", "a", "b", "c", "d"]
 
 
 def test_controlnet_folders_list_only_ip_adapter_names(tmp_path: Path) -> None:
@@ -274,7 +274,7 @@ def test_missing_folders_are_fine(tmp_path: Path) -> None:
     reg = ModelRegistry([tmp_path / "nope"], [tmp_path / "nothing"])
     assert reg.adapters() == []
     assert reg.encoders() == []
-    assert reg.adapter_names() == ["None"]
+    assert reg.adapter_names() == ["auto"]
     assert reg.encoder_names() == ["auto"]
 
 
@@ -360,6 +360,8 @@ def test_published_shapes_are_read_from_headers_only(tmp_path: Path, monkeypatch
             "family": "SD1.x",
             "tokens": 257,
             "encoder": "ViT-H-14",
+            "layers": 16,
+            "blocks": 16,
             "error": None,
         },
         {
@@ -369,6 +371,8 @@ def test_published_shapes_are_read_from_headers_only(tmp_path: Path, monkeypatch
             "family": "SDXL",
             "tokens": 16,
             "encoder": "ViT-H-14",
+            "layers": 70,
+            "blocks": 11,
             "error": None,
         },
         {
@@ -378,6 +382,8 @@ def test_published_shapes_are_read_from_headers_only(tmp_path: Path, monkeypatch
             "family": "SD1.x",
             "tokens": 4,
             "encoder": "ViT-H-14",
+            "layers": 16,
+            "blocks": 16,
             "error": None,
         },
     ]
@@ -767,6 +773,8 @@ def test_describe_has_no_paths(tiny_models: ModelRegistry, tmp_path: Path) -> No
         "family",
         "tokens",
         "encoder",
+        "layers",
+        "blocks",
         "error",
     }
     encoders = {e["name"]: e for e in described["encoders"]}

@@ -1102,7 +1102,7 @@ def _(lab: Lab) -> None:
 
 @case(API, "too many positional args")
 def _(lab: Lab) -> None:
-    lab.refused(None, r"The script's args have 20 values; at most 13", args=[True] + [None] * 19)
+    lab.refused(None, r"The script's args have 30 values; at most 20", args=[True] + [None] * 29)
 
 
 @case(API, "model name with ../")

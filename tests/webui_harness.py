@@ -103,6 +103,7 @@ class World:
         write_models(models, self.sd15, self.sdxl)
         paths.models_path = str(models)
         paths.script_path = str(models.parent)
+        paths.data_path = str(models.parent)  # the stored image prompts go under it
         shared.opts = shared.default_opts()
         shared.state.interrupted = shared.state.skipped = False
         script_callbacks.clear()

@@ -15,44 +15,65 @@ import torch
 
 from lib_negip.errors import NegIPError, ResourceError
 
+#: The name the UI shows before the message (A1111 shows "<exception class name>: <message>"):
+#: the extension's title, not a Python class name.
+UI_NAME = "Negative Image Prompt"
+
 
 @functools.cache
-def _request_error_class(error_type: type[NegIPError]) -> type[Exception]:
+def _request_error_class(error_type: type[NegIPError], for_ui: bool) -> type[Exception]:
     """``error_type`` that is also FastAPI's ``HTTPException`` with status 422.
 
     The API turns an exception raised while generating into a response from its attributes
     (``status_code``, ``detail``); an ``HTTPException`` is answered without a traceback in the
     log. starlette 0.26's ``HTTPException`` has no ``__str__`` of its own and does not
-    initialise ``Exception``: both bases are initialised explicitly.
+    initialise ``Exception``: both bases are initialised explicitly. For the UI the class is
+    named after the extension, since A1111 shows the class name before the message.
     """
     try:
         from fastapi import HTTPException
     except ImportError:  # no web stack: the plain error is just as clear
         return error_type
 
-    def __init__(self, message: str) -> None:
-        error_type.__init__(self, message)
+    def __init__(self, message: str, *, api: str = "", ui: str = "") -> None:
+        error_type.__init__(self, message, ui=ui or None)
         HTTPException.__init__(self, status_code=422, detail=message)
+        self.api_message = api or message
+        self.ui_message = ui or message
 
     def __str__(self) -> str:
         return str(self.detail)
 
     return type(
-        error_type.__name__,
+        UI_NAME if for_ui else error_type.__name__,
         (error_type, HTTPException),
         {"__init__": __init__, "__str__": __str__, "__module__": __name__},
     )
 
 
-def request_error(error: BaseException) -> Exception:
-    """The exception to raise for ``error`` so that the UI and the API show its message."""
+def request_error(error: BaseException, *, for_ui: bool = False) -> Exception:
+    """The exception to raise for ``error`` so that the UI (``for_ui``) or the API shows its
+    message in its audience's words; both wordings stay on it (``api_message``,
+    ``ui_message``)."""
     if isinstance(error, NegIPError):
-        return _request_error_class(type(error))(str(error))
-    message = (
-        f"Negative Image Prompt failed: {type(error).__name__}: {error}. The console has the "
-        "details; please report it with them."
-    )
-    return _request_error_class(NegIPError)(message)
+        api, ui = str(error), error.ui
+        cls = _request_error_class(type(error), for_ui)
+    else:
+        api = (
+            f"Negative Image Prompt failed: {type(error).__name__}: {error}. The console has the "
+            "details; please report it with them."
+        )
+        ui = (
+            f"something went wrong ({error}). The console has the details; please report them, "
+            "and untick Negative Image Prompt to generate without image prompts meanwhile."
+        )
+        cls = _request_error_class(NegIPError, for_ui)
+    return cls(ui if for_ui else api, api=api, ui=ui)
+
+
+def wants_ui_words(p: object) -> bool:
+    """Whether the generation ``p`` came from the UI (A1111 marks API requests ``is_api``)."""
+    return getattr(p, "is_api", True) is False
 
 
 def explain_out_of_memory(error: BaseException) -> BaseException:

@@ -1,39 +1,122 @@
 """One generation, from ``process`` to ``postprocess``.
 
 ``process``
-    parse and validate the arguments, resolve the model files through the registry, load the
-    adapter and the encoder (cached), encode the images (cached by content), build the
-    :class:`~lib_negip.prompt.ImagePrompt` and start an
-    :class:`~lib_negip.session.ImagePromptSession`; write the infotext.
+    parse and validate the arguments, find the UNet, resolve the model files through the
+    registry ("auto" by the loaded checkpoint's family), load the adapter and the encoder
+    (cached), make the noise negative, store the image prompts by content, encode the images
+    (cached by content), build the :class:`~lib_negip.prompt.ImagePrompt` and start an
+    :class:`~lib_negip.session.ImagePromptSession`.
 ``on_cfg_denoiser`` (registered to run after every other extension's callback)
     hijack the UNet that is about to run, if not yet, and append the image blocks to the cond and
     uncond conditioning.
-``post_sample`` / ``postprocess``
-    remove the hijack.
+``post_sample``
+    write the infotext (only when the image prompts acted, or had nothing to do by the user's
+    own settings) and take the hijack off before the VAE decodes.
+``postprocess``
+    remove everything.
 
 A1111 catches and only logs exceptions raised in Script hooks and callbacks, so an error found
 there would still give an image without the requested image prompts. Every such error is kept
-and raised from the UNet's next forward call instead (:class:`~lib_negip.hijack.FailureTrap`),
-where it reaches the user (see :mod:`lib_negip.webui.failures`).
+and raised where it reaches the user (see :mod:`lib_negip.webui.failures`): from the UNet's next
+call (:class:`~lib_negip.hijack.FailureTrap`) and, where no UNet can be found, from the
+generation's ``p.sample`` (:class:`SampleTrap`).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from lib_negip import logger
-from lib_negip.errors import ArgumentError, IncompatibleModelError, ModelFileError, NegIPError
+from lib_negip.errors import (
+    ArgumentError,
+    IncompatibleModelError,
+    ModelFileError,
+    NegIPError,
+    UnreachedError,
+)
 from lib_negip.hijack import FailureTrap
 from lib_negip.session import ImagePromptSession, SideImages, build_image_prompt, pass_progress
-from lib_negip.webui.failures import explain_out_of_memory, request_error
-from lib_negip.webui.models import MODELS, entry_label, resolve_adapter, resolve_encoder
-from lib_negip.webui.settings import OPT_ENCODER_ON_GPU, opt
+from lib_negip.webui import backend
+from lib_negip.webui.failures import explain_out_of_memory, request_error, wants_ui_words
+from lib_negip.webui.models import (
+    MODELS,
+    entry_label,
+    resolve_adapter,
+    resolve_auto_adapter,
+    resolve_encoder,
+)
+from lib_negip.webui.settings import (
+    OPT_ENCODER_ON_GPU,
+    OPT_STORE_IMAGES,
+    opt,
+    setting_bool,
+    store_folder,
+)
+
+
+class SampleTrap:
+    """Raises a stored error from the generation's ``p.sample``, then removes itself.
+
+    The raise path where no UNet can be found (an unknown web UI): A1111 and its forks call
+    ``p.sample`` from ``process_images`` outside every Script hook, so an exception there
+    reaches the user like one from the UNet.
+    """
+
+    def __init__(self, p: Any, error: BaseException, cleanup: Callable[[], None]) -> None:
+        self.p = p
+        self._saved = vars(p).get("sample")
+
+        def sample(*args: Any, **kwargs: Any) -> Any:
+            self.disarm()
+            cleanup()
+            raise error
+
+        self._ours = sample
+        p.sample = sample
+
+    def disarm(self) -> None:
+        if vars(self.p).get("sample") is self._ours:
+            if self._saved is None:
+                del self.p.sample
+            else:
+                self.p.sample = self._saved
+
+
+class CallbackWatch:
+    """Checks, at the UNet's first call of a generation, that our denoiser callback ran before
+    it: a web UI that samples without calling ``on_cfg_denoiser`` would make the image without
+    the image prompts. Removes itself after the first call."""
+
+    def __init__(self, unet: nn.Module, generation: Generation, raise_as: Callable) -> None:
+        self.generation = generation
+        self.raise_as = raise_as
+        self._handle: RemovableHandle | None = unet.register_forward_pre_hook(self._check)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _check(self, module: nn.Module, args: tuple) -> None:
+        self.remove()
+        if self.generation.callback_calls == 0 and Generation.current is self.generation:
+            Generation.end()
+            msg = (
+                "The UNet was called without the extension's conditioning callback "
+                f"(on_cfg_denoiser) running first: {backend.host_kind()} samples in a way this "
+                "extension cannot follow, so the image would be made without the image prompts. "
+                "Switch Negative Image Prompt off for this generation, or use a supported web UI."
+            )
+            raise self.raise_as(UnreachedError(msg))
 
 
 class Generation:
@@ -43,10 +126,14 @@ class Generation:
     current: Generation | None = None
     failure: BaseException | None = None  # kept until raised from a UNet call, or end()
     trap: FailureTrap | None = None
+    sample_trap: SampleTrap | None = None
 
-    def __init__(self, p: Any, session: ImagePromptSession) -> None:
+    def __init__(self, p: Any, session: ImagePromptSession, infotext: dict[str, Any]) -> None:
         self.p = p
         self.session = session
+        self.infotext = infotext  # written at post_sample, when the image prompts acted
+        self.callback_calls = 0
+        self.watch: CallbackWatch | None = None
 
     @classmethod
     def end(cls) -> None:
@@ -54,23 +141,31 @@ class Generation:
         with cls.lock:
             current, cls.current = cls.current, None
             trap, cls.trap = cls.trap, None
+            sample_trap, cls.sample_trap = cls.sample_trap, None
             cls.failure = None
         if current is not None:
             current.session.close()
-        if trap is not None:
-            trap.disarm()
+            if current.watch is not None:
+                current.watch.remove()
+        for pending in (trap, sample_trap):
+            if pending is not None:
+                pending.disarm()
 
     @classmethod
-    def fail(cls, error: BaseException) -> None:
-        """Keep ``error`` and raise it from the next UNet call (A1111 swallows it here)."""
+    def fail(cls, error: BaseException, p: Any = None) -> None:
+        """Keep ``error`` and raise it where it reaches the user (A1111 swallows it here): the
+        next UNet call, or ``p.sample`` where no UNet is known."""
         if isinstance(error, NegIPError):
             logger.error("Negative Image Prompt: %s", error)
         else:
             logger.exception("Negative Image Prompt failed", exc_info=error)
         cls.end()
+        raised = request_error(error, for_ui=wants_ui_words(p))
         with cls.lock:
-            cls.failure = request_error(error)
-        unet = _current_unet()
+            cls.failure = raised
+            if p is not None and hasattr(p, "sample"):
+                cls.sample_trap = SampleTrap(p, raised, cleanup=cls.end)
+        unet = backend.current_unet()
         if unet is not None:  # else armed at the first denoiser call, on the UNet loaded by then
             cls.rearm_on(unet)
 
@@ -87,15 +182,8 @@ class Generation:
             cls.trap = FailureTrap(unet, failure, cleanup=cls.end)
 
 
-def _current_unet() -> Any:
-    from modules import shared
-
-    model = getattr(shared, "sd_model", None)
-    return getattr(getattr(model, "model", None), "diffusion_model", None)
-
-
 def process(p: Any, values: Sequence[Any]) -> None:
-    """Script.process: validate, load, encode; any failure is raised at the first UNet call."""
+    """Script.process: validate, load, encode; any failure is raised where it reaches the user."""
     Generation.end()  # whatever an earlier failed generation left behind
     try:
         from lib_negip.args import parse_script_args
@@ -110,36 +198,185 @@ def process(p: Any, values: Sequence[Any]) -> None:
             return
         start(p, args)
     except Exception as error:  # every failure must reach the user: see Generation.fail
-        Generation.fail(explain_out_of_memory(error))
+        Generation.fail(explain_out_of_memory(error), p)
+
+
+def _loaded_model() -> Any:
+    from modules import shared
+
+    return getattr(shared, "sd_model", None)
 
 
 def start(p: Any, args: Any) -> None:
     """Load what ``args`` asks for and begin the generation's session."""
-    from modules import devices, shared
+    from modules import shared
 
     from lib_negip.args import to_infotext
 
+    sd_model = _loaded_model()
+    unet = backend.find_unet(sd_model)
+    if sd_model is not None and unet is None:
+        raise UnreachedError(backend.unsupported_message())
     if args.hires_pass == "second" and not getattr(p, "enable_hr", False):
         msg = (
             "hires_pass is 'second' but Hires. fix is off, so the image prompts would never "
             "apply: enable Hires. fix or choose 'both' / 'first'."
         )
         raise ArgumentError(msg)
+    args = _with_stored_images(args, for_api=not wants_ui_words(p))
     MODELS.apply_limits()
-    registry = MODELS.registry()
-    adapter_entry = resolve_adapter(registry, args.model)
-    encoder_entry = resolve_encoder(registry, args.image_encoder, adapter_entry)
-    if not (Path(adapter_entry.path).is_file() and Path(encoder_entry.path).is_file()):
-        # Removed since the last scan: scan again, so that "auto" takes an encoder that is
-        # there and a name that is gone is answered as unknown.
-        registry.refresh()
-        adapter_entry = resolve_adapter(registry, args.model)
-        encoder_entry = resolve_encoder(registry, args.image_encoder, adapter_entry)
+    adapter_entry, encoder_entry = _resolve_models(args, unet)
     loaded = MODELS.adapter(Path(adapter_entry.path))
     encoder, encoder_key = MODELS.encoder(Path(encoder_entry.path))
     adapter_entry.spec.check_encoder(
         encoder.spec, adapter_name=adapter_entry.name, encoder_name=encoder_entry.name
     )
+    if unet is not None:  # a wrong family fails now, before any image is encoded
+        check_family(loaded.spec, adapter_entry.name, unet)
+
+    negative_images = args.negative_images
+    if args.negative_noise > 0.0:
+        from lib_negip.noise import noise_images
+
+        negative_images = noise_images(
+            args.positive_images, args.negative_noise, args.negative_noise_type, _seed_of(p)
+        )
+    references = _store(args) if setting_bool(OPT_STORE_IMAGES) else None
+    prompt = _encode(
+        args,
+        negative_images,
+        loaded,
+        encoder,
+        encoder_key,
+        names=(adapter_entry.name, encoder_entry.name),
+    )
+    for_ui = wants_ui_words(p)
+    session = ImagePromptSession(
+        prompt,
+        loaded.weights,
+        hires_pass=args.hires_pass,
+        upcast=bool(getattr(shared.opts, "upcast_attn", False)),
+        # An exception through the UNet ends the generation at once (A1111 skips postprocess);
+        # a transformed block is answered like every other refusal.
+        on_abort=Generation.end,
+        raise_as=functools.partial(request_error, for_ui=for_ui),
+    )
+    if unet is not None:  # block weights for blocks this UNet lacks fail now too
+        session.check_fits(unet)
+    infotext = to_infotext(args, entry_label(adapter_entry), entry_label(encoder_entry), references)
+    generation = Generation(p, session, infotext)
+    with Generation.lock:
+        Generation.current = generation
+    if unet is not None:
+        generation.watch = CallbackWatch(
+            unet, generation, functools.partial(request_error, for_ui=for_ui)
+        )
+
+
+def _resolve_models(args: Any, unet: Any) -> tuple[Any, Any]:
+    """The registry entries of the adapter ("auto": by the loaded checkpoint) and encoder."""
+    from lib_negip.args import AUTO_MODEL
+
+    registry = MODELS.registry()
+
+    def resolve() -> tuple[Any, Any]:
+        if args.model == AUTO_MODEL:
+            if unet is None:
+                msg = (
+                    "model is 'auto', which chooses the IP-Adapter that fits the loaded "
+                    "checkpoint, but no checkpoint is loaded: load one, or name the IP-Adapter."
+                )
+                raise ArgumentError(msg)
+            adapter = resolve_auto_adapter(registry, unet, args.image_encoder)
+        else:
+            adapter = resolve_adapter(registry, args.model)
+        return adapter, resolve_encoder(registry, args.image_encoder, adapter)
+
+    adapter_entry, encoder_entry = resolve()
+    if not (Path(adapter_entry.path).is_file() and Path(encoder_entry.path).is_file()):
+        # Removed since the last scan: scan again, so that "auto" takes a file that is there
+        # and a name that is gone is answered as unknown.
+        registry.refresh()
+        adapter_entry, encoder_entry = resolve()
+    return adapter_entry, encoder_entry
+
+
+def _seed_of(p: Any) -> int:
+    """The generation's seed (the first image's, once A1111 has drawn a random one)."""
+    seeds = getattr(p, "all_seeds", None)
+    seed = seeds[0] if seeds else getattr(p, "seed", 0)
+    try:
+        return int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+    except (TypeError, ValueError):
+        return 0
+
+
+def image_store() -> Any:
+    from lib_negip.store import ImageStore
+
+    folder, shown = store_folder()
+    return ImageStore(folder, shown_as=shown)
+
+
+def _with_stored_images(args: Any, *, for_api: bool) -> Any:
+    """API requests restored from an infotext name their image prompts by reference
+    (``infotext_images``): load them from the store for every side or mask the request does
+    not give itself. The UI restores them into its own components instead (see ui.py)."""
+    import dataclasses
+
+    references = args.references
+    if not references or not for_api:
+        return args
+    store = image_store()
+    changes: dict[str, Any] = {}
+    for field in ("positive_images", "negative_images"):
+        if references.get(field) and not getattr(args, field):
+            changes[field] = tuple(store.load(ref) for ref in references[field])
+    for field in ("positive_mask", "negative_mask"):
+        if references.get(field) and getattr(args, field) is None:
+            changes[field] = store.load(references[field][0], mask=True)
+    return dataclasses.replace(args, **changes, infotext_images="") if changes else args
+
+
+def _store(args: Any) -> dict[str, list[str]]:
+    """Store the image prompts and masks once each; their references by field."""
+    store = image_store()
+    references: dict[str, list[str]] = {}
+    try:
+        for field in ("positive_images", "negative_images"):
+            references[field] = [store.save(image) for image in getattr(args, field)]
+        for field in ("positive_mask", "negative_mask"):
+            mask = getattr(args, field)
+            if mask is not None:
+                references[field] = [store.save(mask)]
+    except OSError as error:
+        msg = (
+            f"The image prompts cannot be stored in {store.shown_as} ({error.strerror or error}): "
+            "free disk space or choose another folder in Settings > Negative Image Prompt, or "
+            "switch storing image prompts off there."
+        )
+        raise ModelFileError(msg) from error
+    return references
+
+
+def _mask_tensor(mask: Any) -> torch.Tensor | None:
+    """An "L" mask image as a tensor [h, w] of values 0..1."""
+    if mask is None:
+        return None
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
+
+
+def _encode(
+    args: Any,
+    negative_images: Sequence[Any],
+    loaded: Any,
+    encoder: Any,
+    encoder_key: Any,
+    *,
+    names: tuple[str, str],
+) -> Any:
+    """The generation's :class:`~lib_negip.prompt.ImagePrompt` (images encoded, cached)."""
+    from modules import devices
 
     spec = loaded.spec
     device = devices.device
@@ -164,8 +401,20 @@ def start(p: Any, args: Any) -> None:
         prompt = build_image_prompt(
             adapter=loaded.adapter,
             encoder_output=spec.encoder_output,
-            positive=SideImages(args.positive_images, args.positive_weight, args.positive_window),
-            negative=SideImages(args.negative_images, args.negative_weight, args.negative_window),
+            positive=SideImages(
+                args.positive_images,
+                args.positive_weight,
+                args.positive_window,
+                args.positive_layer_spec,
+                _mask_tensor(args.positive_mask),
+            ),
+            negative=SideImages(
+                tuple(negative_images),
+                args.negative_weight,
+                args.negative_window,
+                args.negative_layer_spec,
+                _mask_tensor(args.negative_mask),
+            ),
             combine=args.combine,
             features=features,
             unconditional=unconditional,
@@ -177,35 +426,17 @@ def start(p: Any, args: Any) -> None:
         raise
     if not opt(OPT_ENCODER_ON_GPU) and encoder.device.type != "cpu":
         _encoder_to_cpu(encoder)
-
     if not all(
         bool(torch.isfinite(side.tokens).all()) for side in (prompt.positive, prompt.negative)
     ):
+        adapter_name, encoder_name = names
         msg = (
-            f"The image tokens made with {encoder_entry.name} and {adapter_entry.name} are not "
-            "finite numbers (NaN or infinity): one of the two files has damaged weights (download "
-            "it again), or half precision overflowed on this GPU (try --no-half)."
+            f"The image tokens made with {encoder_name} and {adapter_name} are not finite numbers "
+            "(NaN or infinity): one of the two files has damaged weights (download it again), or "
+            "half precision overflowed on this GPU (try --no-half)."
         )
         raise ModelFileError(msg)
-    session = ImagePromptSession(
-        prompt,
-        loaded.weights,
-        hires_pass=args.hires_pass,
-        upcast=bool(getattr(shared.opts, "upcast_attn", False)),
-        # An exception through the UNet ends the generation at once (A1111 skips postprocess);
-        # a transformed block is answered like every other refusal.
-        on_abort=Generation.end,
-        raise_as=request_error,
-    )
-    unet = _current_unet()
-    if unet is not None:  # a wrong family fails now, before any step runs
-        check_family(spec, adapter_entry.name, unet)
-        session.check_fits(unet)
-    p.extra_generation_params.update(
-        to_infotext(args, entry_label(adapter_entry), entry_label(encoder_entry))
-    )
-    with Generation.lock:
-        Generation.current = Generation(p, session)
+    return prompt
 
 
 def check_family(spec: Any, adapter_name: str, unet: Any) -> None:
@@ -221,8 +452,8 @@ def check_family(spec: Any, adapter_name: str, unet: Any) -> None:
     msg = (
         f"{adapter_name} is an IP-Adapter for {family_of(spec.cross_attention_dim)}, but the "
         f"loaded checkpoint is {family_of(width)}: the adapter is for another model family. "
-        "Choose an IP-Adapter made for the loaded checkpoint, or load a checkpoint of the "
-        "adapter's family."
+        "Choose an IP-Adapter made for the loaded checkpoint (or 'auto'), or load a checkpoint "
+        "of the adapter's family."
     )
     raise IncompatibleModelError(msg)
 
@@ -254,7 +485,7 @@ def _encoder_to_cpu(encoder: Any) -> None:
 def on_cfg_denoiser(params: Any) -> None:
     """Append the image blocks to this denoiser call's conditioning."""
     generation = Generation.current
-    unet = _current_unet()
+    unet = backend.current_unet()
     if unet is not None:
         Generation.rearm_on(unet)
     if generation is None or unet is None:
@@ -262,10 +493,26 @@ def on_cfg_denoiser(params: Any) -> None:
     p = getattr(params.denoiser, "p", None)
     if p is not None and p is not generation.p:
         return  # a generation our process did not see (its own p): not ours to change
+    generation.callback_calls += 1
     try:
+        generation.session.set_mask_region(mask_region(generation.p))
         _append(generation, params, unet)
     except Exception as error:  # raised from the UNet call that follows
-        Generation.fail(error)
+        Generation.fail(error, generation.p)
+
+
+def mask_region(p: Any) -> tuple[float, float, float, float] | None:
+    """The part of the image that inpainting "only masked" samples, as fractions (left, top,
+    right, bottom) of the whole image; None when the whole image is sampled."""
+    paste_to = getattr(p, "paste_to", None)
+    overlay = getattr(p, "mask_for_overlay", None)
+    if not getattr(p, "inpaint_full_res", False) or not paste_to or overlay is None:
+        return None
+    x, y, w, h = paste_to
+    width, height = overlay.size
+    if width <= 0 or height <= 0:
+        return None
+    return (x / width, y / height, (x + w) / width, (y + h) / height)
 
 
 def _append(generation: Generation, params: Any, unet: Any) -> None:
@@ -304,12 +551,26 @@ def _append(generation: Generation, params: Any, unet: Any) -> None:
 
 
 def post_sample(p: Any) -> None:
-    """Script.post_sample: sampling is over and the VAE decodes next. Take the hijack off the
-    UNet now, so that a failure from here on (the VAE out of memory) leaves the UNet as it was;
-    the next batch's first denoiser call puts it back."""
+    """Script.post_sample: sampling is over and the VAE decodes next.
+
+    The infotext is written now, before A1111 makes the images' infotexts, and only if the
+    image prompts reached the UNet (or the user's own settings gave them nothing to do: weights
+    0, windows outside the steps). The hijack comes off the UNet, so that a failure from here on
+    (the VAE out of memory) leaves the UNet as it was; the next batch's first denoiser call puts
+    it back.
+    """
     generation = Generation.current
-    if generation is not None:
-        generation.session.close()
+    if generation is None or generation.p is not p:
+        return
+    session = generation.session
+    if session.acted or not session.appended:
+        p.extra_generation_params.update(generation.infotext)
+    else:
+        logger.warning(
+            "Negative Image Prompt: the image prompts did not reach the UNet in this batch; "
+            "its infotext does not name them"
+        )
+    session.close()
 
 
 def postprocess(p: Any) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_negip.cache import LRUCache
-from lib_negip.errors import ArgumentError, ModelFileError, NegIPError
+from lib_negip.errors import ArgumentError, IncompatibleModelError, ModelFileError, NegIPError
 from lib_negip.hijack import KeyValueWeights
 from lib_negip.session import FeatureCache
 from lib_negip.webui.settings import (
@@ -189,6 +189,75 @@ MODELS = Models()
 def entry_label(entry: Any) -> str:
     """ "name [hash]" for the infotext, as A1111 labels checkpoints."""
     return entry.infotext_name
+
+
+#: The official base adapter(s) of each model family (by UNet context width), which "auto"
+#: prefers; then the other fitting adapters by name.
+OFFICIAL_BASE: dict[int, tuple[str, ...]] = {
+    768: ("ip-adapter_sd15",),
+    2048: ("ip-adapter_sdxl", "ip-adapter_sdxl_vit-h"),
+}
+
+
+def auto_adapter_order(entries: list[Any], width: int, layers: int) -> list[Any]:
+    """The adapters "auto" may choose for a UNet of context width ``width`` with ``layers``
+    cross-attention layers, best first: the family's official base adapter(s), then the others
+    by name. Unreadable files are left out."""
+    base = OFFICIAL_BASE.get(width, ())
+    fitting = [
+        entry
+        for entry in entries
+        if entry.spec is not None
+        and entry.spec.cross_attention_dim == width
+        and entry.spec.num_layers == layers
+    ]
+
+    def rank(entry: Any) -> tuple[int, str]:
+        name = entry.name.casefold()
+        return (base.index(name) if name in base else len(base), name)
+
+    return sorted(fitting, key=rank)
+
+
+def resolve_auto_adapter(registry: Any, unet: Any, encoder_name: str) -> Any:
+    """The adapter "auto" chooses for ``unet``: the first of :func:`auto_adapter_order` for
+    which an image encoder is installed (or the first, whose missing encoder is then reported).
+    """
+    from lib_negip.adapter import family_of
+    from lib_negip.unet_layers import cross_attention_layers
+
+    layers = cross_attention_layers(unet)
+    width = layers[0].context_dim if layers else 0
+    candidates = auto_adapter_order(registry.adapters(), width, len(layers))
+    if not candidates and opt(OPT_AUTO_DOWNLOAD):
+        for name in OFFICIAL_BASE.get(width, ())[:1]:
+            if _download_official(name):
+                registry.refresh()
+        candidates = auto_adapter_order(registry.adapters(), width, len(layers))
+    for entry in candidates:
+        try:
+            registry.resolve_encoder(encoder_name, entry)
+        except NegIPError:
+            continue
+        return entry
+    if candidates:
+        return candidates[0]  # resolving its encoder says what is missing
+    others = [f"{entry.name} ({entry.spec.family})" for entry in registry.adapters() if entry.spec]
+    found = f"installed for other families: {', '.join(others)}" if others else "none installed"
+    official = ", ".join(OFFICIAL_BASE.get(width, ())) or "one made for it"
+    msg = (
+        f"model is 'auto', but no installed IP-Adapter fits the loaded checkpoint, which is "
+        f"{family_of(width)} ({found}). Put an IP-Adapter for it ({official}) into "
+        "models/ipadapter, or switch 'Download missing official files' on in Settings > "
+        "Negative Image Prompt."
+    )
+    ui = (
+        f"No installed IP-Adapter fits the loaded checkpoint, which is {family_of(width)} "
+        f"({found}). Get one ({official}) with 'Download official models' in the Negative "
+        "Image Prompt accordion, or put a file into models/ipadapter and press the refresh "
+        "button."
+    )
+    raise IncompatibleModelError(msg, ui=ui)
 
 
 def resolve_adapter(registry: Any, name: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lib_negip import logger
@@ -16,6 +17,12 @@ OPT_MODELS_IN_MEMORY = "negip_models_in_memory"
 OPT_IMAGES_IN_MEMORY = "negip_images_in_memory"
 OPT_ENCODER_ON_GPU = "negip_encoder_on_gpu"
 OPT_AUTO_DOWNLOAD = "negip_auto_download"
+OPT_STORE_IMAGES = "negip_store_images"
+OPT_STORE_FOLDER = "negip_store_folder"
+
+#: Where image prompts are stored by default, under A1111's data folder (next to its own
+#: "outputs/txt2img-images").
+DEFAULT_STORE_FOLDER = "outputs/negip-image-prompts"
 
 #: The sliders' ranges, which also bound values that arrive through the API unchecked.
 MODELS_IN_MEMORY_RANGE = (1, 8)
@@ -28,13 +35,15 @@ DEFAULTS: dict[str, Any] = {
     OPT_IMAGES_IN_MEMORY: 64,
     OPT_ENCODER_ON_GPU: False,
     OPT_AUTO_DOWNLOAD: False,
+    OPT_STORE_IMAGES: True,
+    OPT_STORE_FOLDER: "",
 }
 
 
 # Settings that decide which files the server reads or downloads: never changed through the API
 # (POST /sdapi/v1/options, a request's override_settings); A1111 1.7+ enforces restrict_api.
-RESTRICTED_SETTINGS = (OPT_ADAPTER_DIRS, OPT_ENCODER_DIRS, OPT_AUTO_DOWNLOAD)
-FOLDER_SETTINGS = (OPT_ADAPTER_DIRS, OPT_ENCODER_DIRS)
+RESTRICTED_SETTINGS = (OPT_ADAPTER_DIRS, OPT_ENCODER_DIRS, OPT_AUTO_DOWNLOAD, OPT_STORE_FOLDER)
+FOLDER_SETTINGS = (OPT_ADAPTER_DIRS, OPT_ENCODER_DIRS, OPT_STORE_FOLDER)
 
 
 def opt(key: str) -> Any:
@@ -53,6 +62,29 @@ def setting_int(key: str, low: int, high: int) -> int:
         logger.warning("Setting %s is %r, not a number: using %s", key, value, DEFAULTS[key])
         return DEFAULTS[key]
     return min(max(number, low), high)
+
+
+def setting_bool(key: str) -> bool:
+    """A checkbox setting; anything but a real bool (the API can set any value) is the default."""
+    value = opt(key)
+    return value if isinstance(value, bool) else DEFAULTS[key]
+
+
+def store_folder() -> tuple[Path, str]:
+    """The folder of stored image prompts, and how messages name it (relative to the web UI's
+    data folder when inside it: API answers never hold the server's absolute paths)."""
+    from modules import paths
+
+    data = Path(getattr(paths, "data_path", ".") or ".")
+    text = str(opt(OPT_STORE_FOLDER) or "").strip() or DEFAULT_STORE_FOLDER
+    folder = Path(text).expanduser()
+    if not folder.is_absolute():
+        folder = data / folder
+    try:
+        shown = folder.resolve().relative_to(data.resolve()).as_posix()
+    except ValueError:
+        shown = f"the folder set in Settings > Negative Image Prompt ({folder.name})"
+    return folder, shown
 
 
 def on_ui_settings() -> None:
@@ -88,6 +120,15 @@ def on_ui_settings() -> None:
             DEFAULTS[OPT_AUTO_DOWNLOAD],
             "Download missing official IP-Adapter and image encoder files (h94/IP-Adapter) when a "
             "generation needs them",
+        ),
+        OPT_STORE_IMAGES: shared.OptionInfo(
+            DEFAULTS[OPT_STORE_IMAGES],
+            "Store every image prompt (and mask) once, named by its content, so that PNG Info, "
+            "Send to and the API's infotext restore a result's image prompts",
+        ),
+        OPT_STORE_FOLDER: shared.OptionInfo(
+            DEFAULTS[OPT_STORE_FOLDER],
+            f"Folder for stored image prompts (empty: {DEFAULT_STORE_FOLDER})",
         ),
     }
     for key, info in options.items():

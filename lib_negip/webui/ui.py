@@ -13,6 +13,8 @@ component whose value type converts the text (floats for the sliders, str for th
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import html
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 from lib_negip import args as negip_args
 from lib_negip import download, logger
 from lib_negip.errors import NegIPError
+from lib_negip.store import format_references
 from lib_negip.webui import TITLE, models
 
 REFRESH_SYMBOL = "\U0001f504"  # the refresh icon A1111's own model lists use
@@ -45,17 +48,28 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
     import gradio as gr
     from modules.ui_components import FormRow, InputAccordion, ToolButton
 
+    from lib_negip import blocks
+    from lib_negip.webui import backend
+
     def eid(part: str) -> str:
         return elem_id(is_img2img, part)
 
     defaults = negip_args.DEFAULTS
     components: dict[str, Any] = {}
+    tab = "img2img" if is_img2img else "txt2img"
 
     enabled = InputAccordion(defaults["enabled"], label=TITLE, elem_id=eid("enabled"))
     components["enabled"] = enabled
     with enabled:
+        warning = backend.warn_if_unsupported()
+        if warning:
+            gr.HTML(
+                f'<p class="negip-status"><span class="negip-error">{html.escape(warning)}</span></p>',
+                elem_id=eid("unsupported"),
+            )
         gr.Markdown(HINT, elem_id=eid("hint"), elem_classes=["negip-hint"])
 
+        add_buttons: dict[str, Any] = {}
         with gr.Row(elem_id=eid("images"), elem_classes=["negip-images"]):
             for side in ("positive", "negative"):
                 if side == "negative":
@@ -78,6 +92,12 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                     # Filled by javascript/negip.js in the browser: a server round trip
                     # here would break gradio 3.41's upload of the other side (see there).
                     gr.HTML(elem_id=eid(f"{side}_preview"), elem_classes=["negip-preview"])
+                    add_buttons[side] = gr.Button(
+                        f"{ADD_SYMBOL} Selected result",
+                        size="sm",
+                        elem_id=eid(f"add_result_{side}"),
+                        elem_classes=["negip-add-result"],
+                    )
         swap.click(
             fn=None,
             _js=SWAP_JS,
@@ -93,7 +113,8 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 value=defaults["model"],
                 allow_custom_value=True,  # a restored "name [hash]" label stays as written
                 elem_id=eid("model"),
-                tooltip="IP-Adapter model: models/ipadapter (GET /negip/v1/models lists them)",
+                tooltip="auto: an installed IP-Adapter that fits the loaded checkpoint "
+                "(models/ipadapter)",
             )
             model_refresh = ToolButton(
                 REFRESH_SYMBOL, elem_id=eid("model_refresh"), tooltip="Refresh the IP-Adapters"
@@ -140,33 +161,78 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 "negative_weight", "Negative weight", low, high, "Strength of the negative image(s)"
             )
         with FormRow():
-            window = "as a fraction of the sampling steps"
-            slider(
-                "positive_start", "Positive start", 0.0, 1.0, f"Positive images act from {window}"
-            )
-            slider("positive_end", "Positive end", 0.0, 1.0, f"Positive images act until {window}")
+            for side in ("positive", "negative"):
+                components[f"{side}_layers"] = gr.Dropdown(
+                    label=f"{side.capitalize()} blocks",
+                    choices=list(blocks.PRESETS),
+                    value=defaults[f"{side}_layers"],
+                    allow_custom_value=True,  # explicit "index:weight" pairs
+                    elem_id=eid(f"{side}_layers"),
+                    tooltip=f"Which UNet blocks the {side} image acts on: a preset, or type "
+                    "'index:weight' pairs such as 3:1, 6:0.8 (SD1.x blocks 0-15, SDXL 0-10; "
+                    "unlisted blocks 0)",
+                )
         with FormRow():
             slider(
-                "negative_start", "Negative start", 0.0, 1.0, f"Negative images act from {window}"
+                "negative_noise",
+                "Negative noise",
+                0.0,
+                1.0,
+                "Without negative images: a noise image made from the positive images is the "
+                "negative side (0 = off)",
             )
-            slider("negative_end", "Negative end", 0.0, 1.0, f"Negative images act until {window}")
+            components["negative_noise_type"] = gr.Dropdown(
+                label="Noise type",
+                choices=list(negip_args.NOISE_TYPES),
+                value=defaults["negative_noise_type"],
+                elem_id=eid("negative_noise_type"),
+            )
 
-        with FormRow():
-            components["hires_pass"] = gr.Radio(
-                label="Hires. fix pass",
-                choices=list(negip_args.HIRES_PASSES),
-                value=defaults["hires_pass"],
-                visible=not is_img2img,  # img2img has no hires fix
-                elem_id=eid("hires_pass"),
-                tooltip="Which pass of Hires. fix gets the image prompts",
-            )
-            components["combine"] = gr.Radio(
-                label="Several images per side",
-                choices=list(negip_args.COMBINES),
-                value=defaults["combine"],
-                elem_id=eid("combine"),
-                tooltip="average: one set of image tokens per side; concat: tokens of every image",
-            )
+        with gr.Accordion("Masks and step windows", open=False, elem_id=eid("more")):
+            with FormRow():
+                for side in ("positive", "negative"):
+                    components[f"{side}_mask"] = _mask_input(
+                        gr, f"{side.capitalize()} mask", eid(f"{side}_mask")
+                    )
+            window = "as a fraction of the sampling steps"
+            with FormRow():
+                slider(
+                    "positive_start",
+                    "Positive start",
+                    0.0,
+                    1.0,
+                    f"Positive images act from {window}",
+                )
+                slider(
+                    "positive_end", "Positive end", 0.0, 1.0, f"Positive images act until {window}"
+                )
+            with FormRow():
+                slider(
+                    "negative_start",
+                    "Negative start",
+                    0.0,
+                    1.0,
+                    f"Negative images act from {window}",
+                )
+                slider(
+                    "negative_end", "Negative end", 0.0, 1.0, f"Negative images act until {window}"
+                )
+            with FormRow():
+                components["hires_pass"] = gr.Radio(
+                    label="Hires. fix pass",
+                    choices=list(negip_args.HIRES_PASSES),
+                    value=defaults["hires_pass"],
+                    visible=not is_img2img,  # img2img has no hires fix
+                    elem_id=eid("hires_pass"),
+                    tooltip="Which pass of Hires. fix gets the image prompts",
+                )
+                components["combine"] = gr.Radio(
+                    label="Several images per side",
+                    choices=list(negip_args.COMBINES),
+                    value=defaults["combine"],
+                    elem_id=eid("combine"),
+                    tooltip="average: one set of image tokens per side; concat: tokens of every image",
+                )
 
         with gr.Accordion("Download official models", open=False, elem_id=eid("download_box")):
             with FormRow():
@@ -185,10 +251,96 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
             inputs=[official],
             outputs=[download_status, components["model"], components["image_encoder"]],
         )
+        restore_status = gr.HTML(elem_id=eid("restore_status"))
+        # The image prompts an infotext names, for the API's infotext field (see args.py).
+        components["infotext_images"] = gr.Textbox(
+            value="", visible=False, elem_id=eid("infotext_images")
+        )
 
-    script.infotext_fields = infotext_fields(components, is_img2img)
+    def wire_gallery(event: Any) -> None:
+        for side, button in add_buttons.items():
+            button.click(
+                fn=add_image,
+                _js="(item, files) => [extract_image_from_gallery(item)[0], files]",
+                inputs=[event.component, components[f"{side}_images"]],
+                outputs=[components[f"{side}_images"]],
+                show_progress=False,
+            )
+
+    script.on_after_component(wire_gallery, elem_id=f"{tab}_gallery")
+
+    script.infotext_fields = infotext_fields(components, is_img2img, restore_status)
     script.paste_field_names = list(COPIED_KEYS)
     return [components[field] for field in negip_args.FIELD_ORDER]
+
+
+ADD_SYMBOL = "\u2795"
+
+
+def _mask_input(gr: Any, label: str, element_id: str) -> Any:
+    """A mask: an uploaded image whose luminance is the mask, on which a mask can also be
+    drawn (gradio 3's sketch tool; gradio 4, in Forge, takes an upload)."""
+    try:
+        return gr.Image(
+            label=label,
+            source="upload",
+            tool="sketch",
+            type="pil",
+            image_mode="RGBA",
+            elem_id=element_id,
+            elem_classes=["negip-mask"],
+        )
+    except TypeError:  # gradio 4: no source/tool arguments
+        return gr.Image(
+            label=label,
+            type="pil",
+            image_mode="RGBA",
+            elem_id=element_id,
+            elem_classes=["negip-mask"],
+        )
+
+
+def add_image(item: Any, files: Any) -> list[str]:
+    """The side's files with one more: the selected result (a gallery item). The files come as
+    bytes (the component's type) and go back as paths of copies in a temporary folder."""
+    import tempfile
+
+    from lib_negip.store import reference_of
+
+    paths = []
+    folder = Path(tempfile.gettempdir()) / "negip-ui"
+    folder.mkdir(exist_ok=True)
+    for data in files or []:
+        if isinstance(data, (bytes, bytearray)):
+            path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.png"
+            if not path.exists():
+                path.write_bytes(data)
+            paths.append(str(path))
+        elif getattr(data, "name", None):
+            paths.append(str(data.name))
+    image = _gallery_image(item)
+    if image is not None:
+        image = image.convert("RGB")
+        path = folder / f"{reference_of(image)}.png"
+        if not path.exists():
+            image.save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _gallery_image(item: Any) -> Any:
+    """The PIL image of a gallery item (A1111 checks that its file is one it made)."""
+    if item is None:
+        return None
+    from modules import infotext_utils
+
+    if isinstance(item, (list, tuple)) and item and not isinstance(item[0], dict):
+        item = item[0]  # gradio 4: (image, caption)
+    if isinstance(item, dict) and "image" in item and "name" not in item:
+        item = item["image"]  # gradio 4's gallery data
+    if isinstance(item, dict) and "path" in item and "name" not in item:
+        item = {"name": item["path"], "is_file": True}
+    return infotext_utils.image_from_url_text(item)
 
 
 #: Fields that img2img does not take from an infotext: it has no hires fix, and a restored
@@ -203,14 +355,18 @@ COPIED_KEYS: tuple[str, ...] = tuple(
 )
 
 
-def infotext_fields(components: dict[str, Any], is_img2img: bool) -> list[tuple[Any, Any]]:
+def infotext_fields(
+    components: dict[str, Any], is_img2img: bool, restore_status: Any = None
+) -> list[tuple[Any, Any]]:
     """(component, infotext key or function) pairs for PNG Info / "Send to" / the API's infotext.
 
     The switch restores through ``args.infotext_enabled`` (A1111 would read "False" as True);
-    every other target is the field's key, so that A1111 also copies its value between tabs.
+    every scalar target is the field's key, so that A1111 also copies its value between tabs.
     The model and encoder keep the written label ("name [hash]", what
     ``args.restore_model_label`` returns for every label ``args.to_infotext`` writes); their
-    dropdowns accept custom values for it.
+    dropdowns accept custom values for it. The image prompts and masks come back from the
+    store into their components (:func:`restore_images`), and for the API through the hidden
+    ``infotext_images`` field.
     """
     fields: list[tuple[Any, Any]] = [(components["enabled"], negip_args.infotext_enabled)]
     fields += [
@@ -218,7 +374,86 @@ def infotext_fields(components: dict[str, Any], is_img2img: bool) -> list[tuple[
         for key, field in negip_args.INFOTEXT_FIELDS
         if not (is_img2img and field in TXT2IMG_ONLY)
     ]
+    for field in ("positive_images", "negative_images", "positive_mask", "negative_mask"):
+        fields.append((components[field], functools.partial(restore_images, field)))
+    fields.append((components["infotext_images"], _infotext_images))
+    if restore_status is not None:
+        fields.append((restore_status, restore_message))
     return fields
+
+
+def _has_ours(params: dict[str, Any]) -> bool:
+    return any(str(key).startswith("NegIP") for key in params)
+
+
+def _infotext_images(params: dict[str, Any]) -> str | None:
+    if not _has_ours(params):
+        return None
+    try:
+        return format_references(negip_args.infotext_references(params))
+    except NegIPError:
+        return ""
+
+
+def _stored_paths(field: str, params: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(paths of the stored images an infotext names for ``field``, references missing)."""
+    from lib_negip.webui.generation import image_store
+
+    try:
+        references = negip_args.infotext_references(params).get(field, ())
+    except NegIPError:
+        return [], []
+    store = image_store()
+    found, missing = [], []
+    for reference in references:
+        path = store.path_of(reference)
+        if path.is_file():
+            found.append(str(path))
+        else:
+            missing.append(reference)
+    return found, missing
+
+
+def restore_images(field: str, params: dict[str, Any]) -> Any:
+    """The component update that restores ``field``'s stored images from an infotext: left as
+    it is for an infotext without image prompts, emptied where the infotext has none."""
+    import gradio as gr
+
+    if not _has_ours(params):
+        return None
+    found, _ = _stored_paths(field, params)
+    if field.endswith("_mask"):
+        if not found:
+            return gr.update(value=None)
+        from PIL import Image
+
+        with Image.open(found[0]) as mask:
+            return gr.update(value=mask.convert("RGBA"))
+    return gr.update(value=found or None)
+
+
+def restore_message(params: dict[str, Any]) -> Any:
+    """What the accordion says after a paste whose stored images are missing."""
+    import gradio as gr
+
+    if not _has_ours(params):
+        return None
+    missing = []
+    for field in ("positive_images", "negative_images", "positive_mask", "negative_mask"):
+        missing += _stored_paths(field, params)[1]
+    if not missing:
+        return gr.update(value="")
+    from lib_negip.webui.settings import store_folder
+
+    _, shown = store_folder()
+    text = (
+        f"{len(missing)} image prompt(s) of this infotext are not in {shown} "
+        f"({', '.join(missing)}): they were deleted or come from another installation. Add them "
+        "again before generating."
+    )
+    return gr.update(
+        value=f'<p class="negip-status"><span class="negip-error">{html.escape(text)}</span></p>'
+    )
 
 
 def _choices(listing: Callable[..., list[str]], refresh: bool = False) -> list[str]:
@@ -229,7 +464,7 @@ def _choices(listing: Callable[..., list[str]], refresh: bool = False) -> list[s
     except Exception:
         logger.exception("Negative Image Prompt: cannot list the models")
         return [
-            negip_args.NO_MODEL if listing is models.adapter_choices else negip_args.AUTO_ENCODER
+            negip_args.AUTO_MODEL if listing is models.adapter_choices else negip_args.AUTO_ENCODER
         ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lib_negip.blocks import PRESETS
 from lib_negip.webui.models import adapter_choices
 
 
@@ -33,6 +34,9 @@ XYZ_AXES = (
     ("[NegIP] Negative start", float, "negative_start"),
     ("[NegIP] Negative end", float, "negative_end"),
     ("[NegIP] Model", str, "model"),
+    ("[NegIP] Positive blocks", str, "positive_layers"),
+    ("[NegIP] Negative blocks", str, "negative_layers"),
+    ("[NegIP] Negative noise", float, "negative_noise"),
 )
 
 
@@ -44,5 +48,9 @@ def register_xyz_axes() -> None:
     for label, kind, field in XYZ_AXES:
         if label in present:
             continue
-        choices = (lambda: adapter_choices()[1:]) if field == "model" else None
+        choices = None
+        if field == "model":
+            choices = lambda: adapter_choices()[1:]  # noqa: E731 (every adapter, not "auto")
+        elif field.endswith("_layers"):
+            choices = lambda: list(PRESETS)  # noqa: E731
         xyz.axis_options.append(xyz.AxisOption(label, kind, _override(field), choices=choices))

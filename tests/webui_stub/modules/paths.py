@@ -2,3 +2,4 @@
 
 models_path = "models"
 script_path = "."
+data_path = "."

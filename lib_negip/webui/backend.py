@@ -1,0 +1,124 @@
+"""Which web UI this is, and where its UNet is.
+
+AUTOMATIC1111 1.10 keeps the ldm/sgm UNet at ``sd_model.model.diffusion_model``. Forge keeps it
+at ``sd_model.forge_objects.unet.model.diffusion_model`` (a UnetPatcher's model; every clone of
+the patcher shares that module) and has no ``sd_model.model``; reForge aliases the A1111 path to
+its own UNet. The hijack needs an ``nn.Module`` whose call receives the conditioning as
+``context`` and whose ``attn2`` modules call ``to_q`` and ``to_out[0]``: every host above has
+one. A host where none is found cannot be driven, and a generation there fails with
+:func:`unsupported_message` instead of making an image without the image prompts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from torch import nn
+
+from lib_negip import logger
+
+A1111, FORGE, REFORGE, FORGE_CLASSIC, FORGE_NEO, UNKNOWN = (
+    "AUTOMATIC1111",
+    "Forge",
+    "reForge",
+    "Forge Classic",
+    "Forge Neo",
+    "an unknown web UI",
+)
+
+#: The hosts the image prompts were checked on, with the versions (README, "Hosts").
+TESTED = (
+    "AUTOMATIC1111 1.10.1",
+    "Forge f2.0.1v1.10.1 (main dfdcbab, 2025-06-26)",
+    "reForge (main 3b56b26, 2026-03-11)",
+)
+
+
+@functools.cache
+def host_kind() -> str:
+    """The web UI this process runs in, from what it ships (cached: it does not change)."""
+    try:
+        from modules_forge import forge_version  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            import modules.sd_hijack  # noqa: F401  (A1111's and only A1111's)
+        except ImportError:
+            return UNKNOWN
+        return A1111
+    version = str(getattr(forge_version, "version", "")).lower()
+    if version == "classic":
+        return FORGE_CLASSIC
+    if version == "neo":
+        return FORGE_NEO
+    if version.startswith("1.") or "v2-" in version:
+        return REFORGE
+    return FORGE
+
+
+def _is_unet(module: Any) -> bool:
+    return isinstance(module, nn.Module) and all(
+        hasattr(module, name) for name in ("input_blocks", "middle_block", "output_blocks")
+    )
+
+
+def find_unet(sd_model: Any) -> nn.Module | None:
+    """The UNet of ``sd_model`` that samples, or None where there is none this extension knows.
+
+    A1111 and reForge: ``sd_model.model.diffusion_model``; Forge and its descendants:
+    ``sd_model.forge_objects.unet.model.diffusion_model``.
+    """
+    if sd_model is None:
+        return None
+    candidates = (
+        lambda: sd_model.model.diffusion_model,
+        lambda: sd_model.forge_objects.unet.model.diffusion_model,
+    )
+    for candidate in candidates:
+        try:
+            unet = candidate()
+        except AttributeError:
+            continue
+        if _is_unet(unet):
+            return unet
+    return None
+
+
+def current_unet() -> nn.Module | None:
+    """The UNet of the loaded checkpoint (None while none is loaded or on an unknown host)."""
+    try:
+        from modules import shared
+    except ImportError:
+        return None
+    return find_unet(getattr(shared, "sd_model", None))
+
+
+def unsupported_message() -> str:
+    """Why image prompts cannot act here, and what to do."""
+    tested = "; ".join(TESTED)
+    return (
+        f"Negative Image Prompt cannot reach the UNet of the model loaded in {host_kind()}: "
+        "this web UI keeps it where this extension does not know to look, so the image would "
+        f"be made without the image prompts. Supported: {tested}. Switch Negative Image "
+        "Prompt off for this generation, or use a supported web UI."
+    )
+
+
+_warned = False
+
+
+def warn_if_unsupported() -> str | None:
+    """Once per process, log why image prompts cannot work on this host; the warning text
+    (also shown in the accordion) or None on a known host."""
+    global _warned
+    if host_kind() in (A1111, FORGE, REFORGE, FORGE_CLASSIC, FORGE_NEO):
+        return None
+    message = (
+        f"Negative Image Prompt does not know this web UI ({host_kind()}): generations with "
+        "image prompts will fail with a message rather than run without them. Tested on: "
+        f"{'; '.join(TESTED)}."
+    )
+    if not _warned:
+        _warned = True
+        logger.warning(message)
+    return message

@@ -1,0 +1,91 @@
+"""One refusal, two audiences: the API's words and the UI's words.
+
+Every :class:`~lib_negip.errors.NegIPError` message is written for API clients: it names the
+fields of the request (``positive_weight``), the models listing (``GET /negip/v1/models``) and
+``enabled``. A user of the txt2img/img2img tab has none of those; :func:`for_ui` says the same
+in the words of the accordion (the slider's label, the dropdown, the switch). A message may
+carry its own UI wording (``NegIPError(message, ui=...)``) where more than the names differs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+
+#: Field -> the label of its control in the accordion.
+FIELD_LABELS: Mapping[str, str] = MappingProxyType(
+    {
+        "positive_images": "Positive images",
+        "negative_images": "Negative images",
+        "positive_weight": "Positive weight",
+        "negative_weight": "Negative weight",
+        "positive_start": "Positive start",
+        "positive_end": "Positive end",
+        "negative_start": "Negative start",
+        "negative_end": "Negative end",
+        "positive_layers": "Positive blocks",
+        "negative_layers": "Negative blocks",
+        "positive_mask": "Positive mask",
+        "negative_mask": "Negative mask",
+        "negative_noise_type": "Noise type",
+        "negative_noise": "Noise",
+        "image_encoder": "Image encoder",
+        "hires_pass": "Hires. fix pass",
+        "combine": "Several images per side",
+        "infotext_images": "the image prompts of the pasted infotext",
+        "model": "IP-Adapter",
+        "enabled": "the Negative Image Prompt switch",
+    }
+)
+
+#: API phrases -> UI phrases, applied before the field names (longest first where they nest).
+_PHRASES: tuple[tuple[str, str], ...] = (
+    (r"\s*\(enabled: false\)", ""),
+    (r"\bor set enabled to false\b", "or untick Negative Image Prompt"),
+    (r"\bset enabled to false\b", "untick Negative Image Prompt"),
+    (r"\bswitch Negative Image Prompt off\b", "untick Negative Image Prompt"),
+    (r"\bone of the adapters listed by GET /negip/v1/models\b", "an IP-Adapter in the dropdown"),
+    (r"\b(?:a )?name listed by GET /negip/v1/models\b", "an encoder in the dropdown"),
+    (
+        r"\blisted by GET /negip/v1/models\b",
+        "in the dropdown (press the refresh button after adding files)",
+    ),
+    (r"\bGET /negip/v1/models\b", "the dropdown (press the refresh button after adding files)"),
+    (r"\bthe ones listed by the dropdown\b", "the ones in the dropdown"),
+    (
+        r"\s*Send the (?:image )?file's bytes base64-encoded(?:, optionally as a data URL "
+        r"'data:image/png;base64,\.\.\.')?\.",
+        " Upload the image again (PNG, JPEG or WebP).",
+    ),
+    (r"\(send numbers as JSON numbers, not strings\)", ""),
+    (r"\bas JSON numbers\b", ""),
+)
+
+_INDEXED = re.compile(r"\b(positive|negative)_images\[(\d+)\]")
+
+
+_SNAKE_FIELDS = sorted((name for name in FIELD_LABELS if "_" in name), key=len, reverse=True)
+# snake_case names are unambiguous anywhere; "model", "combine" and "enabled" are also plain
+# words, replaced only where they name the field ("model: ...", "combine must be ...").
+_FIELDS = re.compile(r"(?<![\w'\"])(" + "|".join(map(re.escape, _SNAKE_FIELDS)) + r")(?![\w'\"])")
+_WORD_FIELDS = re.compile(r"(?:^|(?<=[.;]\s))(model|combine|enabled)(?=:| must\b| is\b)")
+
+
+def for_ui(message: str) -> str:
+    """``message`` (written for API clients) in the words of the accordion."""
+    text = message
+    for pattern, replacement in _PHRASES:
+        text = re.sub(pattern, replacement, text)
+    text = _INDEXED.sub(lambda m: f"{m[1]} image {int(m[2]) + 1}", text)
+    text = _FIELDS.sub(lambda m: f"'{FIELD_LABELS[m[1]]}'", text)
+    text = _WORD_FIELDS.sub(lambda m: f"'{FIELD_LABELS[m[1]]}'", text)
+    text = re.sub(r"\s+([.,;:])", r"\1", text)
+    return re.sub(r"\s{2,}", " ", text).strip()
+
+
+#: What a UI message must not contain: the API's field names, its routes, Python class names.
+UI_FORBIDDEN = re.compile(
+    r"\b(?:" + "|".join(map(re.escape, _SNAKE_FIELDS)) + r")\b|GET /|/negip/v1|"
+    r"\b\w+Error\b|\bNegIPArgs\b|\bTraceback\b|\bJSON\b"
+)
