@@ -57,6 +57,13 @@ FIELD_ORDER = (
     "negative_end",
     "hires_pass",
     "combine",
+    "positive_layers",
+    "negative_layers",
+    "positive_mask",
+    "negative_mask",
+    "negative_noise",
+    "negative_noise_type",
+    "infotext_images",
 )
 OUR_ERROR_LINE = "ERROR:negip:Negative Image Prompt: "
 
@@ -141,6 +148,16 @@ def negip_params(text: str) -> dict[str, str]:
     return {key: value.strip() for key, value in found}
 
 
+def stored_counts(params: dict[str, str]) -> str:
+    """ "<n> positive / <m> negative": how many stored image prompts an infotext names."""
+    counts = []
+    for side in ("positive", "negative"):
+        references = params.get(f"NegIP {side} images", "").split()
+        assert all(re.fullmatch(r"[0-9a-f]{16}", ref) for ref in references), references
+        counts.append(f"{len(references)} {side}")
+    return " / ".join(counts)
+
+
 def fields(**values: Any) -> list[dict]:
     """The dict form: a list holding one dict of named fields."""
     return [{"model": BASE, "positive_images": [POSITIVE], "negative_images": [NEGATIVE], **values}]
@@ -162,6 +179,13 @@ def positional(**values: Any) -> list:
         "negative_end": 1.0,
         "hires_pass": "both",
         "combine": "average",
+        "positive_layers": "all",
+        "negative_layers": "all",
+        "positive_mask": None,
+        "negative_mask": None,
+        "negative_noise": 0.0,
+        "negative_noise_type": "fade",
+        "infotext_images": "",
         **values,
     }
     return [named[name] for name in FIELD_ORDER]
@@ -284,9 +308,14 @@ def test_script_is_listed_with_the_ui_arguments_in_field_order() -> None:
         args = script["args"]
         assert len(args) == len(FIELD_ORDER)
         assert args[0]["value"] is False  # the switch, off by default
-        assert args[1]["choices"][0] == "None"
+        assert args[1]["choices"][0] == "auto"
+        assert args[1]["value"] == "auto"
         assert BASE in args[1]["choices"]
         assert [a["value"] for a in args[5:11]] == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+        assert [a["value"] for a in args[13:15]] == ["all", "all"]
+        assert "style" in args[13]["choices"]
+        assert args[17]["value"] == 0.0  # negative_noise
+        assert args[18]["value"] == "fade"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +327,7 @@ def test_txt2img_dict_form_writes_the_infotext(with_images: dict, plain: np.ndar
     params = negip_params(infotext(with_images))
     assert re.fullmatch(rf"{BASE} \[[0-9a-f]{{10}}\]", params["NegIP model"])
     assert re.fullmatch(rf"{ENCODER} \[[0-9a-f]{{10}}\]", params["NegIP encoder"])
-    assert params["NegIP images"] == "1 positive / 1 negative"
+    assert stored_counts(params) == "1 positive / 1 negative"
     assert params["NegIP positive weight"] == "1.0"
     assert params["NegIP hires pass"] == "both"
     assert params["NegIP combine"] == "average"
@@ -337,7 +366,7 @@ def test_negative_image_changes_the_image(with_images: dict, plain: np.ndarray) 
 def test_negative_only(plain: np.ndarray) -> None:
     answer = generate(fields(positive_images=[]))
     assert_differs(pixels(answer), plain)
-    assert negip_params(infotext(answer))["NegIP images"] == "0 positive / 1 negative"
+    assert stored_counts(negip_params(infotext(answer))) == "0 positive / 1 negative"
 
 
 def test_several_images_per_side_average_and_concat(with_images: dict) -> None:
@@ -347,7 +376,7 @@ def test_several_images_per_side_average_and_concat(with_images: dict) -> None:
     assert_differs(pixels(concat), pixels(average), at_least=0.05)
     params = negip_params(infotext(concat))
     assert params["NegIP combine"] == "concat"
-    assert params["NegIP images"] == "2 positive / 1 negative"
+    assert stored_counts(params) == "2 positive / 1 negative"
 
 
 def test_step_windows_change_the_image(with_images: dict) -> None:
@@ -464,7 +493,7 @@ def test_img2img_dict_and_positional_forms() -> None:
     plain = pixels(generate(mode="img2img"))
     by_dict = generate(fields(), mode="img2img")
     assert_differs(pixels(by_dict), plain)
-    assert negip_params(infotext(by_dict))["NegIP images"] == "1 positive / 1 negative"
+    assert stored_counts(negip_params(infotext(by_dict))) == "1 positive / 1 negative"
     assert_same(pixels(generate(positional(), mode="img2img")), pixels(by_dict))
     positive_only = generate(fields(negative_images=[]), mode="img2img")
     assert_differs(pixels(positive_only), pixels(by_dict))

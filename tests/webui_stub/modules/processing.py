@@ -1,7 +1,8 @@
 """A generation as A1111 runs it, reduced to what the extension sees.
 
-``process_images`` calls every script's ``process`` (exceptions logged, not raised), runs the
-sampling pass and, with hires fix, a second pass with ``p.is_hr_pass`` set, then every script's
+``process_images`` calls every script's ``process`` (exceptions logged, not raised), runs
+``p.sample``: the sampling pass and, with hires fix, a second pass with ``p.is_hr_pass`` set
+(an exception from ``p.sample`` propagates, as in A1111), then every script's
 ``post_sample``, the VAE (the loaded model's ``decode_first_stage``, when it has one) and every
 script's ``postprocess``. An exception from the UNet or the VAE propagates out and
 ``postprocess`` does not run; an interrupt ends sampling early and ``postprocess`` runs, as in
@@ -45,6 +46,16 @@ class Processing:
     extra_generation_params: dict = field(default_factory=dict)
     is_hr_pass: bool = False
     denoisers: list = field(default_factory=list)
+    is_api: bool = True  # A1111 marks API requests; the UI's are False (answers in UI words)
+
+    def sample(self, x):
+        """What A1111's ``p.sample`` does here: the first pass, then hires fix's second."""
+        x = sample(self, self.steps, x)
+        if self.enable_hr:
+            self.is_hr_pass = True
+            x = sample(self, self.hr_steps, x)
+            self.is_hr_pass = False
+        return x
 
 
 def run_scripts(p, method, *extra):
@@ -92,11 +103,7 @@ def sample(p, steps, x):
 
 def process_images(p):
     run_scripts(p, "process")
-    x = sample(p, p.steps, p.latent.clone())
-    if p.enable_hr:
-        p.is_hr_pass = True
-        x = sample(p, p.hr_steps, x)
-        p.is_hr_pass = False
+    x = p.sample(p.latent.clone())  # an exception here reaches the user, as in A1111
     run_scripts(p, "post_sample", None)
     decode = getattr(shared.sd_model, "decode_first_stage", None)
     if decode is not None:
