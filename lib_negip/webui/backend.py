@@ -27,6 +27,11 @@ A1111, FORGE, REFORGE, FORGE_CLASSIC, FORGE_NEO, UNKNOWN = (
     "an unknown web UI",
 )
 
+#: Hosts whose CFG denoiser pads cond and uncond to the same length when A1111's "Pad
+#: prompt/negative prompt" options are on (the callback then pads first: see generation._append).
+#: Forge keeps the option but never pads; an unknown host is treated like A1111.
+PADDING_HOSTS = (A1111, REFORGE, FORGE_CLASSIC, UNKNOWN)
+
 #: The hosts the image prompts were checked on, with the versions (README, "Hosts").
 TESTED = (
     "AUTOMATIC1111 1.10.1",

@@ -525,10 +525,11 @@ def _append(generation: Generation, params: Any, unet: Any) -> None:
         int(getattr(denoiser, "total_steps", 0) or 0),
     )
     pad = None
-    if getattr(shared.opts, "pad_cond_uncond_v0", False):
-        pad = "repeat_last"
-    elif getattr(shared.opts, "pad_cond_uncond", False):
-        pad = "empty_chunks"
+    if backend.host_kind() in backend.PADDING_HOSTS:  # Forge never pads (its option is unused)
+        if getattr(shared.opts, "pad_cond_uncond_v0", False):
+            pad = "repeat_last"
+        elif getattr(shared.opts, "pad_cond_uncond", False):
+            pad = "empty_chunks"
     empty = getattr(shared.sd_model, "cond_stage_model_empty_prompt", None) if pad else None
     p = generation.p
     appended = generation.session.conditioning(
