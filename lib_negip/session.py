@@ -295,6 +295,13 @@ class ImagePromptSession:
                 hijack.remove()
             return None
         hijack.install()  # a no-op when installed
+        if text_uncond is None:
+            # Forge leaves out the uncond conditioning where CFG is 1 (its hires pass' own CFG
+            # scale): only the cond rows run, with the positive side.
+            cond, _ = append_blocks(text_cond, text_cond, *blocks)
+            hijack.expect_block()
+            self.appended += 1
+            return Appended(cond=cond, uncond=None, padded=False)
         uncond_crossattn = (
             text_uncond["crossattn"] if isinstance(text_uncond, dict) else text_uncond
         )

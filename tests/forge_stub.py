@@ -80,8 +80,10 @@ class ForgeDenoiser:
             self,
         )
         script_callbacks.cfg_denoiser_callback(params)
-        cond_context, uncond_context = _crossattn(params.text_cond), _crossattn(params.text_uncond)
-        run_uncond = cond_scale != 1.0
+        cond_context = _crossattn(params.text_cond)
+        # Forge's hires pass at its own CFG scale 1 has no uncond conditioning at all (None).
+        run_uncond = cond_scale != 1.0 and params.text_uncond is not None
+        uncond_context = _crossattn(params.text_uncond) if run_uncond else None
         out_cond = out_uncond = None
         if run_uncond and not self.split:
             a, b = uncond_context.shape[1], cond_context.shape[1]

@@ -127,3 +127,70 @@ def test_auto_model_and_leftovers_under_forge(world: World) -> None:
     assert p.extra_generation_params["NegIP model"].startswith("tiny-")
     assert "_sd15" in p.extra_generation_params["NegIP model"]
     assert hook_state(world.sd15) == clean
+
+
+def test_no_uncond_conditioning_under_forge(world: World) -> None:
+    """Forge passes no uncond conditioning at all where CFG is 1 (its hires pass' own scale):
+    the positive side still acts on the cond rows, as at CFG 1 with an uncond."""
+    cfg1 = generation(world, [fields()], forge=True, cfg_scale=1.0).result
+    cond = ([[(0, 1.0)]], conditioning(1, SD15, seed=3))
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    shared.sd_model = forge_model(world.sd15)
+    p = ForgeProcessing(cond=cond, uncond=None, latent=latent, steps=4, cfg_scale=1.0)
+    p.scripts = [(world.script, [fields()])]
+    none = processing.process_images(p)
+    world.use("sd15")
+    assert p.denoisers[0].calls == [[0]] * 4
+    assert torch.equal(none, cfg1)
+
+
+def forge_ip_adapter(unet: torch.nn.Module) -> callable:
+    """A stand-in of Forge's built-in IP-Adapter: an attn2 "replace" patch, which Forge's
+    transformer block calls instead of attn2's forward, between attn2.to_q/to_k/to_v and
+    attn2.to_out (so forward hooks on attn2 itself never fire). It adds its own image term."""
+    from lib_negip.unet_layers import cross_attention_layers
+
+    saved = []
+    for layer in cross_attention_layers(unet):
+        module = layer.module
+        generator = torch.Generator().manual_seed(len(saved))
+        their_v = torch.randn(1, 3, module.to_v.out_features, generator=generator) * 0.5
+
+        def replaced(x, context=None, mask=None, _m=module, _v=their_v, **kwargs):
+            q, k, v = _m.to_q(x), _m.to_k(context), _m.to_v(context)
+            heads = _m.heads
+            b, n, inner = q.shape
+
+            def split(t):
+                return t.view(b, -1, heads, inner // heads).transpose(1, 2)
+
+            out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+            out = out.transpose(1, 2).reshape(b, n, inner) + _v.mean(1, keepdim=True)
+            return _m.to_out(out)
+
+        saved.append(module)
+        module.forward = replaced
+
+    def remove() -> None:
+        for module in saved:
+            del module.forward
+
+    return remove
+
+
+def test_coexists_with_forges_own_ip_adapter(world: World) -> None:
+    clean = hook_state(world.sd15)
+    remove = forge_ip_adapter(world.sd15)
+    try:
+        theirs = generation(world, [{"enabled": False}], forge=True).result
+        zero = generation(world, [fields(positive_weight=0.0, negative_weight=0.0)], forge=True)
+        both = generation(world, [fields()], forge=True).result
+    finally:
+        remove()
+    ours = generation(world, [fields()], forge=True).result
+    plain = generation(world, [{"enabled": False}], forge=True).result
+    assert torch.equal(zero.result, theirs)  # ours at weight 0 leaves theirs exactly as it is
+    assert not close(both, theirs)
+    assert not close(both, ours)
+    assert not close(theirs, plain)
+    assert hook_state(world.sd15) == clean
