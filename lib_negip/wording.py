@@ -63,6 +63,14 @@ _PHRASES: tuple[tuple[str, str], ...] = (
 )
 
 _INDEXED = re.compile(r"\b(positive|negative)_images\[(\d+)\]")
+# Python class names carried over from a cause ("(RuntimeError: PytorchStreamReader failed ...)"):
+# the UI keeps the cause's words, not its class.
+_CLASS_PREFIX = re.compile(r"\b[A-Z]\w*(?:Error|Exception|Warning): ")
+_BARE_CLASS = {
+    "OutOfMemoryError": "out of GPU memory",
+    "MemoryError": "out of memory",
+}
+_BARE_CLASS_NAME = re.compile(r"\b[A-Z]\w*(?:Error|Exception)\b")
 
 
 _SNAKE_FIELDS = sorted((name for name in FIELD_LABELS if "_" in name), key=len, reverse=True)
@@ -78,10 +86,18 @@ def for_ui(message: str) -> str:
     for pattern, replacement in _PHRASES:
         text = re.sub(pattern, replacement, text)
     text = _INDEXED.sub(lambda m: f"{m[1]} image {int(m[2]) + 1}", text)
+    text = _CLASS_PREFIX.sub("", text)
+    text = _BARE_CLASS_NAME.sub(lambda m: _BARE_CLASS.get(m[0], "an internal error"), text)
     text = _FIELDS.sub(lambda m: f"'{FIELD_LABELS[m[1]]}'", text)
     text = _WORD_FIELDS.sub(lambda m: f"'{FIELD_LABELS[m[1]]}'", text)
     text = re.sub(r"\s+([.,;:])", r"\1", text)
     return re.sub(r"\s{2,}", " ", text).strip()
+
+
+def without_echoes(message: str) -> str:
+    """``message`` without the quoted values it echoes back (a client's own input may hold any
+    words): what :data:`UI_FORBIDDEN` is checked against."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "''", message)
 
 
 #: What a UI message must not contain: the API's field names, its routes, Python class names.

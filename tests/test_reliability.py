@@ -67,6 +67,7 @@ from lib_negip.session import ImagePromptSession
 from lib_negip.unet_layers import cross_attention_layers
 from lib_negip.webui import failures, generation, register, settings
 from lib_negip.webui import models as webui_models
+from lib_negip.wording import UI_FORBIDDEN, without_echoes
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "reliability.md"
@@ -262,6 +263,7 @@ class Lab:
         self.created: list[Path] = []
         self.extra_unets: list[Snapshot] = []
         self.messages: list[str] = []
+        self.ui_messages: list[str] = []
 
     # generations -------------------------------------------------------------------------
 
@@ -313,7 +315,14 @@ class Lab:
         # API answers never reveal the server's folders (a client's own string may come back).
         folder = str(self.models.parent)
         assert folder not in message or folder in request, message
+        # Both audiences: the API's words (this answer) and the accordion's (the UI's answer).
+        assert error.api_message == message
+        ui = error.ui_message
+        forbidden = UI_FORBIDDEN.search(without_echoes(ui))
+        assert forbidden is None, f"API words {forbidden[0]!r} in the UI wording {ui!r}"
+        assert folder not in ui or folder in request, ui
         self.messages.append(message)
+        self.ui_messages.append(ui)
         return message
 
     def use(self, family: str) -> None:
@@ -1166,6 +1175,183 @@ def _(lab: Lab) -> None:
     assert "stray-adapter" not in webui_models.adapter_choices(refresh=True)
 
 
+@case(API, "block weights: an unknown preset")
+def _(lab: Lab) -> None:
+    lab.refused(
+        reference_fields(positive_layers="styles"),
+        r"positive_layers: 'styles' is neither a preset .* 'strong style'.*\"3:1, 6:0\.8\"",
+    )
+
+
+@case(API, "block weights: a block the loaded model does not have")
+def _(lab: Lab) -> None:
+    lab.refused(
+        reference_fields(negative_layers="3:1, 99:0.5"),
+        r"negative_layers: block 99 does not exist; the loaded model is SD1\.x \(16 blocks, 0-15\)",
+    )
+
+
+@case(API, "block weights: a malformed pair and a non-finite weight")
+def _(lab: Lab) -> None:
+    lab.refused(reference_fields(positive_layers="3=1"), r"positive_layers: '3=1' is neither")
+    lab.refused(
+        reference_fields(positive_layers="3:nan"),
+        r"positive_layers: the weight of block 3 must be a finite number from -1 to 5",
+    )
+
+
+@case(API, "a mask that is not an image, and a list of masks")
+def _(lab: Lab) -> None:
+    lab.refused(reference_fields(positive_mask="bm90IGFuIGltYWdl"), r"positive_mask: .*not an image")
+    lab.refused(
+        reference_fields(negative_mask=[b64(png(POSITIVE))]), r"negative_mask must be one image"
+    )
+
+
+@case(API, "noise negative together with negative images")
+def _(lab: Lab) -> None:
+    lab.refused(
+        reference_fields(negative_noise=0.4),
+        r"negative_noise and negative_images were both given",
+    )
+
+
+@case(API, "noise negative without positive images")
+def _(lab: Lab) -> None:
+    fields = reference_fields(negative_noise=0.4)
+    fields["positive_images"] = []
+    del fields["negative_images"]
+    lab.refused(fields, r"negative_noise makes the negative side from the positive images")
+
+
+@case(API, "unknown noise type")
+def _(lab: Lab) -> None:
+    fields = reference_fields(negative_noise=0.4, negative_noise_type="perlin")
+    del fields["negative_images"]
+    lab.refused(fields, r"negative_noise_type must be one of 'fade', 'dissolve'")
+
+
+@case(IMAGES, "image prompts over the pixel budget of a generation")
+def _(lab: Lab) -> None:
+    from lib_negip import args as args_module
+
+    lab.monkeypatch.setattr(args_module, "MAX_PIXELS_PER_GENERATION", 64 * 48 + 10)
+    lab.refused(
+        reference_fields(),
+        r"negative_images\[0\]: the image prompts of this generation hold 6,144 pixels together; "
+        r"at most 3,082 are accepted",
+    )
+
+
+@case(API, "a stored image prompt that was deleted (infotext restore)")
+def _(lab: Lab) -> None:
+    fields = reference_fields(infotext_images="positive images: 0123456789abcdef")
+    fields["positive_images"] = []
+    lab.refused(
+        fields,
+        r"stored image prompt 0123456789abcdef is not in the image prompt folder "
+        r"\(outputs/negip-image-prompts\)",
+    )
+
+
+@case(API, "malformed stored image references")
+def _(lab: Lab) -> None:
+    lab.refused(
+        reference_fields(infotext_images="positive images: ../../etc/passwd"),
+        r"infotext_images: '\.\./\.\./etc/passwd' is not a stored image reference",
+    )
+
+
+@case(MODEL, "model 'auto' with no adapter of the loaded checkpoint's family")
+def _(lab: Lab) -> None:
+    lab.use("sdxl")
+    for name in ("tiny-base_sdxl.safetensors",):
+        path = lab.models / "ipadapter" / name
+        lab.monkeypatch.setattr(
+            webui_models.MODELS, "registry", _without(webui_models.MODELS.registry, path)
+        )
+    lab.refused(
+        reference_fields(model="auto"),
+        r"no installed IP-Adapter fits the loaded checkpoint, which is a model family of context "
+        r"width \d+ \(installed for other families: tiny-base_sd15",
+        config=SDXL,
+    )
+
+
+def _without(registry: Callable[..., Any], path: Path) -> Callable[..., Any]:
+    """The registry as if ``path`` were not installed."""
+
+    def listing(*args: Any, **kwargs: Any) -> Any:
+        found = registry(*args, **kwargs)
+        real = found.adapters
+
+        class Without:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(found, name)
+
+            def adapters(self) -> list[Any]:
+                return [entry for entry in real() if Path(entry.path) != path]
+
+        return Without()
+
+    return listing
+
+
+@case(FAULTS, "a web UI whose UNet is nowhere this extension knows")
+def _(lab: Lab) -> None:
+    unet = lab.world.sd15
+    lab.monkeypatch.setattr(
+        shared, "sd_model", SimpleNamespace(engine=SimpleNamespace(unet=unet), cond_stage_key="txt")
+    )
+    lab.refused(
+        reference_fields(),
+        r"cannot reach the UNet of the model loaded in .*: this web UI keeps it where this "
+        r"extension does not know to look",
+    )
+
+
+@case(FAULTS, "a denoiser that feeds the UNet a conditioning without the image prompts")
+def _(lab: Lab) -> None:
+    def strip(params: Any) -> None:  # restores the conditioning as it was before ours
+        layout_total = params.text_cond.shape[1] % 77
+        if layout_total:
+            params.text_cond = params.text_cond[:, :-layout_total]
+            params.text_uncond = params.text_uncond[:, :-layout_total]
+
+    lab.callback(strip, after_ours=True)
+    lab.refused(
+        reference_fields(),
+        r"image prompts were added to the conditioning, but the UNet was called with a "
+        r"conditioning without them",
+    )
+
+
+@case(FAULTS, "a web UI that samples without calling on_cfg_denoiser")
+def _(lab: Lab) -> None:
+    entries = script_callbacks.callbacks["cfg_denoiser"]
+    saved = list(entries)
+    entries[:] = [entry for entry in entries if entry.name != "negip"]
+    try:
+        lab.refused(reference_fields(), r"The UNet was called without the extension's conditioning")
+    finally:
+        entries[:] = saved
+
+
+@case(FAULTS, "the image prompt folder cannot be written (disk full)")
+def _(lab: Lab) -> None:
+    from lib_negip import store
+
+    def full(self: Any, image: Any) -> str:
+        raise OSError(28, "No space left on device")
+
+    lab.monkeypatch.setattr(store.ImageStore, "save", full)
+    lab.refused(
+        reference_fields(),
+        r"image prompts cannot be stored in outputs/negip-image-prompts \(No space left on "
+        r"device\): free disk space or choose another folder",
+    )
+
+
 @case(API, "override_settings cannot move the model folders")
 def _(lab: Lab) -> None:
     labels = shared.opts.data_labels
@@ -1747,7 +1933,8 @@ def test_catalogue(process: Process, entry: Case, monkeypatch: pytest.MonkeyPatc
         generation.Generation.end()
     if os.environ.get("NEGIP_RELIABILITY_MESSAGES"):
         with open(os.environ["NEGIP_RELIABILITY_MESSAGES"], "a", encoding="utf-8") as out:
-            out.write(json.dumps({"id": entry.id, "messages": lab.messages}) + "\n")
+            record = {"id": entry.id, "messages": lab.messages, "ui_messages": lab.ui_messages}
+            out.write(json.dumps(record) + "\n")
 
 
 def test_catalogue_size_and_docs() -> None:

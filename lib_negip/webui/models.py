@@ -244,18 +244,17 @@ def resolve_auto_adapter(registry: Any, unet: Any, encoder_name: str) -> Any:
         return candidates[0]  # resolving its encoder says what is missing
     others = [f"{entry.name} ({entry.spec.family})" for entry in registry.adapters() if entry.spec]
     found = f"installed for other families: {', '.join(others)}" if others else "none installed"
-    official = ", ".join(OFFICIAL_BASE.get(width, ())) or "one made for it"
+    official = ", ".join(OFFICIAL_BASE.get(width, ()))
+    wanted = f"an IP-Adapter for it ({official})" if official else "an IP-Adapter made for it"
     msg = (
         f"model is 'auto', but no installed IP-Adapter fits the loaded checkpoint, which is "
-        f"{family_of(width)} ({found}). Put an IP-Adapter for it ({official}) into "
-        "models/ipadapter, or switch 'Download missing official files' on in Settings > "
-        "Negative Image Prompt."
+        f"{family_of(width)} ({found}). Put {wanted} into models/ipadapter, or switch "
+        "'Download missing official files' on in Settings > Negative Image Prompt."
     )
     ui = (
         f"No installed IP-Adapter fits the loaded checkpoint, which is {family_of(width)} "
-        f"({found}). Get one ({official}) with 'Download official models' in the Negative "
-        "Image Prompt accordion, or put a file into models/ipadapter and press the refresh "
-        "button."
+        f"({found}). Get {wanted} with 'Download official models' in the Negative Image Prompt "
+        "accordion, or put a file into models/ipadapter and press the refresh button."
     )
     raise IncompatibleModelError(msg, ui=ui)
 
