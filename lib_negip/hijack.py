@@ -664,7 +664,12 @@ class AttentionHijack:
         for side in sides:
             if side not in by_side:
                 mask = self._masks[side] if 0 <= side < len(self._masks) else None
-                by_side[side] = torch.ones(tokens) if mask is None else mask_at_grid(mask, grid)
+                if mask is None:
+                    by_side[side] = torch.ones(tokens)
+                else:
+                    if side not in plan.masks:  # once per side and latent size
+                        plan.masks[side] = mask_at_latent(mask, plan.latent)
+                    by_side[side] = mask_at_grid(plan.masks[side], grid)
             rows.append(by_side[side])
         return torch.stack(rows).to(device=device, dtype=dtype)[:, :, None, None]
 

@@ -45,6 +45,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     (r"\bor set enabled to false\b", "or untick Negative Image Prompt"),
     (r"\bset enabled to false\b", "untick Negative Image Prompt"),
     (r"\bswitch Negative Image Prompt off\b", "untick Negative Image Prompt"),
+    (r"\bSwitch Negative Image Prompt off\b", "Untick Negative Image Prompt"),
     (r"\bone of the adapters listed by GET /negip/v1/models\b", "an IP-Adapter in the dropdown"),
     (r"\b(?:a )?name listed by GET /negip/v1/models\b", "an encoder in the dropdown"),
     (

@@ -1,0 +1,712 @@
+"""Round 2 through the A1111 stand-in (tests/webui_stub): block weights and masks in every CFG
+branch, noise negatives, model "auto", stored image prompts, hosts the extension cannot drive,
+and the UI's wording of a refusal.
+
+Every denoiser call's UNet output is compared with a direct computation, as in
+tests/test_host.py: each cond row run alone with its text plus the POSITIVE image tokens, each
+uncond row with the NEGATIVE ones, through an :class:`AttentionHijack` given the layer scales
+(from the block tables, not from the session) and the masks (decoded from the request's PNGs).
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_host import (
+    BRANCHES,
+    crossattn,
+    expected_tokens,
+    pos_window_weight,
+    shared_models_path,
+)
+from test_reliability import SD2, residue
+from tiny_unets import CHUNK, SD15, SDXL, make_ldm_unet
+from webui_harness import (
+    World,
+    b64,
+    conditioning,
+    loaded_model,
+    picture,
+    processing,
+    script_callbacks,
+    shared,
+)
+
+from lib_negip.adapter import load_adapter
+from lib_negip.blocks import block_weights, layer_scales, parse_layers
+from lib_negip.conditioning import TokenLayout, make_block, pad_text_to_same_length
+from lib_negip.errors import NegIPError, UnreachedError
+from lib_negip.hijack import AttentionHijack
+from lib_negip.session import pass_progress
+from lib_negip.store import format_references, reference_of
+from lib_negip.unet_layers import block_indices, cross_attention_layers, transformer_blocks
+from lib_negip.webui import register
+from lib_negip.webui.failures import UI_NAME
+from lib_negip.webui.generation import Generation
+from lib_negip.webui.settings import DEFAULT_STORE_FOLDER, OPT_STORE_IMAGES
+from lib_negip.wording import UI_FORBIDDEN
+
+TOLERANCE = 2e-5
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    world = World(tmp_path / "models")
+    yield world
+    register.shutdown()
+    script_callbacks.clear()
+
+
+POSITIVE, NEGATIVE = picture(1), picture(2)
+
+
+def mask_image(kind: str, size: tuple[int, int] = (64, 48)) -> Image.Image:
+    """An "L" mask (width, height): ``a``/``b`` are two different soft-and-sharp patterns."""
+    w, h = size
+    if kind == "white":
+        return Image.new("L", size, 255)
+    if kind == "black":
+        return Image.new("L", size, 0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    if kind == "a":
+        values = np.where(xx < w * 0.6, 255, 40) * (0.5 + 0.5 * yy / (h - 1))
+    else:
+        values = np.where(yy > h * 0.3, 230, 0) + 25 * (xx / (w - 1))
+    return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
+
+
+def as_tensor(mask: Image.Image | None) -> torch.Tensor | None:
+    """The mask as the host decodes it: values 0..1 [h, w]."""
+    if mask is None:
+        return None
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
+
+
+def fields_for(model: str = "tiny-base_sd15", **overrides) -> dict:
+    fields = {
+        "model": model,
+        "positive_images": [b64(POSITIVE)],
+        "negative_images": [b64(NEGATIVE)],
+        "positive_weight": 0.9,
+        "negative_weight": 0.6,
+        "positive_start": 0.0,
+        "positive_end": 0.5,
+        "negative_start": 0.25,
+        "negative_end": 1.0,
+    }
+    fields.update(overrides)
+    return fields
+
+
+def make_p(
+    fields: dict | None,
+    *,
+    rows: int = 1,
+    batch: int = 1,
+    sdxl: bool = False,
+    cond_chunks: int = 1,
+    uncond_chunks: int = 1,
+    seed: int | None = None,
+    is_api: bool = True,
+    world: World,
+    **kwargs,
+) -> processing.Processing:
+    """A generation's ``p`` (cond ``rows`` per image for AND prompts, ``batch`` images); with
+    ``fields`` None the extension is off."""
+    config = SDXL if sdxl else SD15
+    conds_list = [[(i * rows + r, 1.0 / rows) for r in range(rows)] for i in range(batch)]
+    cond = (conds_list, conditioning(rows * batch, config, cond_chunks, seed=3, sdxl=sdxl))
+    uncond = conditioning(batch, config, uncond_chunks, seed=4, sdxl=sdxl)
+    latent = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    p = processing.Processing(cond=cond, uncond=uncond, latent=latent, **kwargs)
+    p.is_api = is_api
+    if seed is not None:
+        p.all_seeds = [seed]
+    p.scripts = [(world.script, [fields] if fields is not None else [False])]
+    return p
+
+
+def run(world: World, fields: dict | None, **kwargs) -> processing.Processing:
+    p = make_p(fields, world=world, **kwargs)
+    p.result = processing.process_images(p)
+    return p
+
+
+def refused(world: World, fields: dict | None, match: str, **kwargs):
+    """The generation fails with HTTP 422 matching ``match``; returns (error, p, traceback)."""
+    p = make_p(fields, world=world, **kwargs)
+    with pytest.raises(NegIPError) as raised:
+        processing.process_images(p)
+    error = raised.value
+    assert getattr(error, "status_code", None) == 422, repr(error)
+    assert re.search(match, str(error), flags=re.DOTALL), str(error)
+    return error, p, raised.tb
+
+
+def negip_keys(p: processing.Processing) -> list[str]:
+    return [key for key in p.extra_generation_params if key.startswith("NegIP")]
+
+
+def nothing_left(*unets: torch.nn.Module) -> None:
+    for unet in unets:
+        assert residue(unet) == []
+    assert Generation.current is None
+    assert Generation.failure is None
+    assert Generation.trap is None
+    assert Generation.sample_trap is None
+
+
+# --------------------------------------------------------------------------------------------
+# Every call's UNet output against the direct computation, with block weights and masks
+
+
+def scales_of(unet: torch.nn.Module, positive: str, negative: str) -> list[tuple[float, float]]:
+    """Per-layer block weights from the block tables (not through the session)."""
+    layers = cross_attention_layers(unet)
+    n_blocks = len(transformer_blocks(layers))
+    return layer_scales(
+        block_weights("positive_layers", parse_layers("positive_layers", positive), n_blocks),
+        block_weights("negative_layers", parse_layers("negative_layers", negative), n_blocks),
+        block_indices(layers),
+    )
+
+
+def check_calls(
+    world: World,
+    fields: dict,
+    *,
+    masks: tuple[Image.Image | None, Image.Image | None] = (None, None),
+    pad: str | None = None,
+) -> int:
+    """Compare each denoiser call's UNet outputs with the direct computation; returns how many
+    calls had image tokens appended."""
+    models = shared_models_path()
+    model = fields["model"]
+    pos = expected_tokens(models, model, (1,))
+    neg = expected_tokens(models, model, (2,))
+    pos_weight, neg_weight = pos_window_weight(fields)
+    layout = TokenLayout.for_tokens(max(len(pos), len(neg)))
+    adapter = load_adapter(Path(models) / "ipadapter" / f"{model}.safetensors")
+    mask_tensors = [as_tensor(m) for m in masks]
+    appended_calls = 0
+    assert world.calls, "no denoiser call was recorded"
+    for call in world.calls:
+        denoiser = call.denoiser
+        progress = pass_progress(call.step, denoiser.steps, denoiser.total_steps)
+        weights = (pos_weight(progress), neg_weight(progress))
+        active = weights != (0.0, 0.0)
+        appended_calls += active
+        text_c, text_u = crossattn(call.cond), crossattn(call.uncond)
+        if active and pad is not None:
+            empty = shared.sd_model.cond_stage_model_empty_prompt
+            text_c, text_u = pad_text_to_same_length(text_c, text_u, pad, empty)
+        rows_c = [text_c[r] for r in range(text_c.shape[0])]
+        rows_u = [text_u[r] for r in range(text_u.shape[0])]
+        if active:
+            block_c = make_block(pos, weights[0], layout, side=0)[0]
+            block_u = make_block(neg, weights[1], layout, side=1)[0]
+            rows_c = [torch.cat([row, block_c]) for row in rows_c]
+            rows_u = [torch.cat([row, block_u]) for row in rows_u]
+        contexts = rows_c + rows_u
+        computed = len(rows_c) if denoiser.skipped[call.index] else len(contexts)
+        hijack = AttentionHijack(
+            call.unet,
+            adapter.layer_weights(),
+            layout,
+            side_tokens=[pos, neg],
+            layer_scales=scales_of(
+                call.unet,
+                fields.get("positive_layers", "all"),
+                fields.get("negative_layers", "all"),
+            ),
+            masks=mask_tensors,
+        )
+        hijack.install()
+        try:
+            for row in range(computed):
+                t = (call.sigma[row : row + 1] * 50).clamp(0, 999)
+                expected = call.unet(call.x[row : row + 1], t, context=contexts[row][None])
+                got = denoiser.outputs[call.index][row : row + 1]
+                difference = (got - expected).abs().max().item()
+                assert difference < TOLERANCE, (call.index, row, difference)
+        finally:
+            hijack.remove()
+    return appended_calls
+
+
+ROUTES = {
+    name: BRANCHES[name]
+    for name in (
+        "batched",
+        "split calls (batch_cond_uncond off)",
+        "pad with empty chunks",
+        "pad v0 (repeat last)",
+        "skip early CFG",
+        "AND prompt, batch of two, split",
+        "second-order sampler",
+    )
+}
+ROUTES["hires fix"] = ({}, {"enable_hr": True})
+
+
+@pytest.mark.parametrize("branch", list(ROUTES))
+def test_block_weights_and_masks_route_in_every_cfg_branch(world: World, branch: str) -> None:
+    opts, kwargs = ROUTES[branch]
+    for key, value in opts.items():
+        setattr(shared.opts, key, value)
+    masks = (mask_image("a"), mask_image("b", (40, 56)))
+    fields = fields_for(
+        positive_layers="style",
+        negative_layers="composition",
+        positive_mask=b64(masks[0]),
+        negative_mask=b64(masks[1]),
+    )
+    p = run(world, fields, **kwargs)
+    pad = (
+        "repeat_last"
+        if opts.get("pad_cond_uncond_v0")
+        else "empty_chunks"
+        if opts.get("pad_cond_uncond")
+        else None
+    )
+    appended = check_calls(world, fields, masks=masks, pad=pad)
+    assert 0 < appended <= len(world.calls)
+    if branch == "hires fix":
+        assert any(call.hires for call in world.calls)
+    assert script_callbacks.errors == []
+    assert residue(world.unet) == []
+    params = p.extra_generation_params
+    assert params["NegIP positive layers"] == "style"
+    assert params["NegIP negative layers"] == "composition"
+    if branch == "batched":  # the blocks and masks matter: without them, another image
+        plain_prompt = run(world, fields_for(), **kwargs).result
+        assert not torch.allclose(p.result, plain_prompt, atol=1e-4)
+
+
+def test_sdxl_presets_explicit_pairs_and_masks(world: World) -> None:
+    world.use("sdxl")
+    masks = (mask_image("b"), None)
+    fields = fields_for(
+        model="tiny-base_sdxl",
+        positive_layers="3:1, 6:0.8",
+        negative_layers="strong style",
+        positive_mask=b64(masks[0]),
+        positive_end=1.0,
+    )
+    run(world, fields, sdxl=True)
+    assert check_calls(world, fields, masks=masks) > 0
+    assert residue(world.sdxl) == []
+
+
+def plain_result(world: World, **kwargs) -> torch.Tensor:
+    return run(world, None, **kwargs).result
+
+
+@pytest.mark.parametrize("branch", ["batched", "split calls (batch_cond_uncond off)"])
+def test_exact_cases_through_the_host(world: World, branch: str) -> None:
+    """Bit for bit: blocks at 0 on both sides = the extension off (nothing appended, no hook);
+    white masks = no masks; black masks on both sides = off; a black mask on one side = that
+    side at weight 0."""
+    for key, value in BRANCHES[branch][0].items():
+        setattr(shared.opts, key, value)
+    white, black = b64(mask_image("white")), b64(mask_image("black"))
+    plain = plain_result(world)
+
+    world.calls.clear()
+    zero_blocks = run(world, fields_for(positive_layers="0:0", negative_layers="3:0, 6:0"))
+    assert torch.equal(zero_blocks.result, plain)
+    assert all(length == CHUNK for c in world.calls for _, length in c.denoiser.calls)
+
+    prompt = run(world, fields_for()).result
+    assert not torch.equal(prompt, plain)
+    whites = run(world, fields_for(positive_mask=white, negative_mask=white)).result
+    assert torch.equal(whites, prompt)
+
+    blacks = run(world, fields_for(positive_mask=black, negative_mask=black)).result
+    assert torch.equal(blacks, plain)
+
+    for side, other in (("positive", "negative"), ("negative", "positive")):
+        masked = run(world, fields_for(**{f"{side}_mask": black})).result
+        zero = run(world, fields_for(**{f"{side}_weight": 0.0})).result
+        assert torch.equal(masked, zero), side
+        assert not torch.equal(masked, prompt)
+        assert not torch.equal(masked, plain), other
+    assert residue(world.unet) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Noise negatives
+
+
+def noise_fields(**overrides) -> dict:
+    return fields_for(negative_images=[], negative_noise_type="dissolve", **overrides)
+
+
+def test_negative_noise(world: World) -> None:
+    without = run(world, noise_fields(), seed=11).result
+    zero = run(world, noise_fields(negative_noise=0.0), seed=11).result
+    assert torch.equal(zero, without)
+    noisy = run(world, noise_fields(negative_noise=0.5), seed=11)
+    assert not torch.allclose(noisy.result, without, atol=1e-4)
+    assert noisy.extra_generation_params["NegIP negative noise"] == 0.5
+    again = run(world, noise_fields(negative_noise=0.5), seed=11).result
+    assert torch.equal(again, noisy.result)
+    other_seed = run(world, noise_fields(negative_noise=0.5), seed=12).result
+    assert not torch.allclose(other_seed, noisy.result, atol=1e-5)
+    # The seed only moves the noise: without noise it changes nothing here (fixed latent).
+    assert torch.equal(run(world, noise_fields(), seed=12).result, without)
+
+
+def test_negative_noise_with_negative_images_is_refused(world: World) -> None:
+    clean = residue(world.unet)
+    error, p, _ = refused(world, fields_for(negative_noise=0.3), r"negative_noise.*negative_images")
+    assert "negative_noise" in str(error)
+    assert "negative_images" in str(error)
+    assert negip_keys(p) == []
+    assert residue(world.unet) == clean
+    nothing_left(world.unet)
+
+
+# --------------------------------------------------------------------------------------------
+# Model "auto"
+
+LABEL = r"{name} \[[0-9a-f]{{10}}\]"
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_auto_picks_the_adapter_of_the_loaded_family(world: World, family: str) -> None:
+    sdxl = family == "sdxl"
+    name = "tiny-base_sdxl" if sdxl else "tiny-base_sd15"
+    world.use(family)
+    auto = run(world, fields_for(model="auto", positive_end=1.0), sdxl=sdxl)
+    label = auto.extra_generation_params["NegIP model"]
+    assert re.fullmatch(LABEL.format(name=name), label), label
+    assert "auto" not in label
+    named = run(world, fields_for(model=name, positive_end=1.0), sdxl=sdxl)
+    assert torch.equal(auto.result, named.result)
+    assert named.extra_generation_params["NegIP model"] == label
+    # the plus adapter of the same family gives another image: "auto" really chose
+    if not sdxl:
+        plus = run(world, fields_for(model="tiny-plus_sd15", positive_end=1.0))
+        assert not torch.equal(plus.result, auto.result)
+
+
+def test_auto_without_a_fitting_adapter_names_the_family_and_the_adapters(world: World) -> None:
+    unet = make_ldm_unet(SD2)
+    shared.sd_model = loaded_model(unet, SD2)
+    cond = ([[(0, 1.0)]], conditioning(1, SD2, seed=3))
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    p = processing.Processing(cond=cond, uncond=conditioning(1, SD2, seed=4), latent=latent)
+    p.scripts = [(world.script, [fields_for(model="auto")])]
+    with pytest.raises(NegIPError) as raised:
+        processing.process_images(p)
+    message = str(raised.value)
+    assert raised.value.status_code == 422
+    assert "context width 80" in message
+    for name in ("tiny-base_sd15", "tiny-plus_sd15", "tiny-base_sdxl"):
+        assert name in message
+    assert negip_keys(p) == []
+    nothing_left(unet, world.sd15)
+
+
+# --------------------------------------------------------------------------------------------
+# Stored image prompts
+
+
+def store_folder() -> Path:
+    from modules import paths
+
+    return Path(paths.data_path) / DEFAULT_STORE_FOLDER
+
+
+def stored_request(**overrides) -> dict:
+    fields = {
+        "positive_mask": b64(mask_image("a")),
+        "negative_mask": b64(mask_image("b")),
+        "positive_layers": "style",
+    }
+    return fields_for(**{**fields, **overrides})
+
+
+def test_image_prompts_are_stored_once_and_restore_the_result(world: World) -> None:
+    p = run(world, stored_request())
+    folder = store_folder()
+    expected = {
+        "positive_images": reference_of(POSITIVE),
+        "negative_images": reference_of(NEGATIVE),
+        "positive_mask": reference_of(mask_image("a")),
+        "negative_mask": reference_of(mask_image("b")),
+    }
+    assert sorted(f.name for f in folder.iterdir()) == sorted(
+        f"{ref}.png" for ref in expected.values()
+    )
+    params = p.extra_generation_params
+    assert params["NegIP positive images"] == expected["positive_images"]
+    assert params["NegIP negative images"] == expected["negative_images"]
+    assert params["NegIP positive mask"] == expected["positive_mask"]
+    assert params["NegIP negative mask"] == expected["negative_mask"]
+    assert "NegIP images" not in params
+
+    stamps = {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
+    again = run(world, stored_request())
+    assert torch.equal(again.result, p.result)
+    assert {f.name: f.stat().st_mtime_ns for f in folder.iterdir()} == stamps  # written once
+
+    # An API request restored from the infotext: the references, no images.
+    references = format_references({field: [ref] for field, ref in expected.items()})
+    restored = run(
+        world,
+        stored_request(
+            positive_images=[],
+            negative_images=[],
+            positive_mask=None,
+            negative_mask=None,
+            infotext_images=references,
+        ),
+    )
+    assert torch.equal(restored.result, p.result)
+    # Without the masks' references the result differs: the masks really came from the store.
+    unmasked = run(
+        world,
+        stored_request(
+            positive_images=[],
+            negative_images=[],
+            positive_mask=None,
+            negative_mask=None,
+            infotext_images=format_references(
+                {f: [expected[f]] for f in ("positive_images", "negative_images")}
+            ),
+        ),
+    )
+    assert not torch.equal(unmasked.result, p.result)
+
+    # A stored file that is gone: 422 naming the reference.
+    (folder / f"{expected['negative_mask']}.png").unlink()
+    error, failed, _ = refused(
+        world,
+        stored_request(
+            positive_images=[],
+            negative_images=[],
+            positive_mask=None,
+            negative_mask=None,
+            infotext_images=references,
+        ),
+        expected["negative_mask"],
+    )
+    assert str(tmp_root(folder)) not in str(error)  # no server path in the answer
+    assert negip_keys(failed) == []
+    nothing_left(world.unet)
+
+
+def tmp_root(folder: Path) -> Path:
+    return folder.parent.parent
+
+
+def test_with_storing_off_nothing_is_written(world: World) -> None:
+    setattr(shared.opts, OPT_STORE_IMAGES, False)
+    p = run(world, stored_request())
+    assert not store_folder().exists() or not any(store_folder().iterdir())
+    params = p.extra_generation_params
+    assert params["NegIP images"] == "1 positive / 1 negative"
+    assert not any(key in params for key in ("NegIP positive images", "NegIP positive mask"))
+    setattr(shared.opts, OPT_STORE_IMAGES, True)
+    stored = run(world, stored_request())
+    assert torch.equal(stored.result, p.result)  # storing never changes the image
+    assert len(list(store_folder().iterdir())) == 4
+
+
+# --------------------------------------------------------------------------------------------
+# Never silent where the image prompts cannot act
+
+
+class ForgeLikeWrapper:
+    """The stand-in's UNet call on a Forge-shaped model (no ``sd_model.model``)."""
+
+    def __call__(self, x, sigma, cond):
+        context = cond["c_crossattn"][0] if "c_crossattn" in cond else cond["crossattn"]
+        unet = shared.sd_model.forge_objects.unet.model.diffusion_model
+        return unet(x, (sigma * 50).clamp(0, 999), context=context)
+
+
+class HiddenWrapper:
+    """A host whose UNet sits where the extension does not look."""
+
+    def __call__(self, x, sigma, cond):
+        context = cond["c_crossattn"][0] if "c_crossattn" in cond else cond["crossattn"]
+        unet = shared.sd_model.elsewhere.unet
+        return unet(x, (sigma * 50).clamp(0, 999), context=context)
+
+
+def without_recorder(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The world's recording callback reads ``sd_model.model``: off for other model shapes."""
+    entries = script_callbacks.callbacks["cfg_denoiser"]
+    kept = [e for e in entries if e.callback != world._record_before]
+    monkeypatch.setitem(script_callbacks.callbacks, "cfg_denoiser", kept)
+
+
+def use_a1111(world: World) -> None:
+    world.use("sd15")
+
+
+def reference_result(world: World) -> torch.Tensor:
+    return run(world, fields_for()).result
+
+
+def test_forge_shaped_model_is_driven(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = reference_result(world)
+    plain = plain_result(world)
+    without_recorder(world, monkeypatch)
+    empty = shared.sd_model.cond_stage_model_empty_prompt
+    shared.sd_model = SimpleNamespace(
+        forge_objects=SimpleNamespace(
+            unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=world.sd15))
+        ),
+        cond_stage_key="txt",
+        cond_stage_model_empty_prompt=empty,
+    )
+    monkeypatch.setattr(processing, "UNetWrapper", ForgeLikeWrapper)
+    forge = run(world, fields_for())
+    assert script_callbacks.errors == []
+    assert torch.equal(forge.result, reference)
+    assert not torch.equal(forge.result, plain)
+    assert negip_keys(forge)
+    assert all(length > CHUNK for d in forge.denoisers for _, length in d.calls[:1])
+    nothing_left(world.sd15)
+
+
+def test_unet_at_an_unknown_place_fails_from_p_sample(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = reference_result(world)
+    without_recorder(world, monkeypatch)
+    empty = shared.sd_model.cond_stage_model_empty_prompt
+    shared.sd_model = SimpleNamespace(
+        elsewhere=SimpleNamespace(unet=world.sd15),
+        cond_stage_key="txt",
+        cond_stage_model_empty_prompt=empty,
+    )
+    monkeypatch.setattr(processing, "UNetWrapper", HiddenWrapper)
+    error, p, tb = refused(
+        world, fields_for(), r"cannot reach the UNet.*Switch Negative Image Prompt off"
+    )
+    assert isinstance(error, UnreachedError)
+    frames = traceback.extract_tb(tb)
+    assert any(f.name == "sample" and f.filename.endswith("generation.py") for f in frames)
+    assert p.denoisers == []  # raised from p.sample: no step ran, no image
+    assert "sample" not in vars(p)  # p.sample restored
+    assert negip_keys(p) == []
+    nothing_left(world.sd15)
+    # The extension off on that host: the host's own image, untouched.
+    assert run(world, None).denoisers
+    use_a1111(world)
+    monkeypatch.undo()
+    assert torch.equal(reference_result(world), reference)
+
+
+def drop_block_after_ours(world: World, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another extension's callbacks: one after ours replaces the conditioning with copies
+    without our block, or a pair that restores what the denoiser had before ours (a denoiser
+    that ignores ``params.text_cond``)."""
+    entries = list(script_callbacks.callbacks["cfg_denoiser"])
+    ours = next(i for i, e in enumerate(entries) if e.name == "negip")
+    saved = {}
+
+    def before(params):
+        saved["cond"], saved["uncond"] = params.text_cond, params.text_uncond
+
+    def after(params):
+        if how == "copies without the block":
+            params.text_cond = params.text_cond[:, :CHUNK].clone()
+            params.text_uncond = params.text_uncond[:, :CHUNK].clone()
+        else:
+            params.text_cond, params.text_uncond = saved["cond"], saved["uncond"]
+
+    entries.insert(ours + 1, SimpleNamespace(callback=after, name="other-after"))
+    entries.insert(ours, SimpleNamespace(callback=before, name="other-before"))
+    monkeypatch.setitem(script_callbacks.callbacks, "cfg_denoiser", entries)
+
+
+@pytest.mark.parametrize("how", ["copies without the block", "denoiser ignores params"])
+def test_unet_that_never_sees_the_tokens_fails(
+    world: World, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = reference_result(world)
+    drop_block_after_ours(world, how, monkeypatch)
+    error, p, _ = refused(world, fields_for(), r"called with a conditioning without them")
+    assert isinstance(error, UnreachedError)
+    assert negip_keys(p) == []
+    assert len(p.denoisers[0].calls) == 1  # the first UNet call failed
+    nothing_left(world.sd15, world.sdxl)
+    monkeypatch.undo()
+    assert torch.equal(reference_result(world), reference)
+
+
+def test_host_that_never_calls_the_denoiser_callback_fails(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = reference_result(world)
+    entries = script_callbacks.callbacks["cfg_denoiser"]
+    monkeypatch.setitem(
+        script_callbacks.callbacks, "cfg_denoiser", [e for e in entries if e.name != "negip"]
+    )
+    error, p, _ = refused(world, fields_for(), r"on_cfg_denoiser")
+    assert isinstance(error, UnreachedError)
+    assert negip_keys(p) == []
+    nothing_left(world.sd15)
+    monkeypatch.undo()
+    assert torch.equal(reference_result(world), reference)
+
+
+# --------------------------------------------------------------------------------------------
+# The UI's wording
+
+
+@pytest.mark.parametrize(
+    ("fields", "api_words"),
+    [
+        (fields_for(negative_noise=0.3), "negative_noise"),
+        (fields_for(positive_layers="3:1, 16:1"), "positive_layers"),
+        (fields_for(model="no-such-adapter"), "GET /negip/v1/models"),
+    ],
+    ids=["noise and negative images", "block out of range", "unknown model"],
+)
+def test_ui_requests_get_the_ui_wording(world: World, fields: dict, api_words: str) -> None:
+    error, p, _ = refused(world, fields, r".", is_api=False)
+    assert type(error).__name__ == UI_NAME == "Negative Image Prompt"
+    assert str(error) == error.ui_message == error.detail
+    assert UI_FORBIDDEN.search(str(error)) is None, str(error)
+    assert api_words in error.api_message
+    assert error.api_message != error.ui_message
+    assert negip_keys(p) == []
+    # The same request from the API: the API's words, the error's own class name.
+    api_error, _, _ = refused(world, fields, re.escape(api_words))
+    assert type(api_error).__name__ != UI_NAME
+    assert str(api_error) == api_error.api_message == error.api_message
+    nothing_left(world.sd15)
+
+
+def test_ui_wording_of_a_host_that_cannot_be_driven(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    without_recorder(world, monkeypatch)
+    empty = shared.sd_model.cond_stage_model_empty_prompt
+    shared.sd_model = SimpleNamespace(
+        elsewhere=SimpleNamespace(unet=world.sd15),
+        cond_stage_key="txt",
+        cond_stage_model_empty_prompt=empty,
+    )
+    monkeypatch.setattr(processing, "UNetWrapper", HiddenWrapper)
+    error, _, _ = refused(world, fields_for(), r"cannot reach the UNet", is_api=False)
+    assert type(error).__name__ == "Negative Image Prompt"
+    assert isinstance(error, UnreachedError)
+    assert str(error) == error.ui_message == error.detail
+    assert UI_FORBIDDEN.search(str(error)) is None
+    assert "Switch Negative Image Prompt off" in error.api_message
+    nothing_left(world.sd15)
