@@ -388,8 +388,8 @@ def _check_noise(
         )
         raise ArgumentError(
             msg,
-            ui="Noise makes the negative side when it has no images, but negative images were "
-            "given: remove the negative images or set Noise to 0.",
+            ui="Negative noise makes the negative side when it has no images, but negative "
+            "images were given: remove the negative images or set Negative noise to 0.",
         )
     if not positive and not references.get("positive_images"):
         msg = (

@@ -17,13 +17,16 @@ Shapes: ``B`` images, ``S`` image size, ``W`` hidden width, ``g`` patch grid sid
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import torch
 from PIL import Image
@@ -31,7 +34,7 @@ from torch import nn
 
 from lib_negip import logger
 from lib_negip.errors import ModelFileError, UnsupportedModelError
-from lib_negip.files import describe_state_dict, load_state_dict
+from lib_negip.files import SAFETENSORS_SUFFIXES, describe_state_dict, load_state_dict
 from lib_negip.images import clip_preprocess
 
 EncoderOutput = Literal["image_embeds", "penultimate"]
@@ -459,28 +462,60 @@ def to_open_clip_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.Te
     :func:`detect_encoder` first: this function assumes a complete, consistent state dict.
     """
     layout, tensors = _split_layout(state_dict)
+    return {
+        name: _assembled([tensors[key] for key in keys], transpose)
+        for name, (keys, transpose) in _open_clip_sources(layout, tensors).items()
+    }
+
+
+def _open_clip_sources(
+    layout: str, tensors: Mapping[str, Any]
+) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """open_clip name -> (the vision tower's tensors it is made of, concatenated along the
+    first dimension; whether it is their transpose)."""
     if layout == "open_clip":
-        return {k: _as_weight(v) for k, v in tensors.items()}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
+        return {key: ((key,), False) for key in tensors}
+    sources: dict[str, tuple[tuple[str, ...], bool]] = {}
+    for key in tensors:
         if key in _HF_IGNORED:
             continue
         if key in _HF_GLOBAL_RENAMES:
-            out[_HF_GLOBAL_RENAMES[key]] = _as_weight(value)
+            sources[_HF_GLOBAL_RENAMES[key]] = ((key,), False)
         elif key == "visual_projection.weight":
-            out["proj"] = _as_weight(value.t())  # Linear [D, W] -> open_clip x @ proj, [W, D]
+            sources["proj"] = ((key,), True)  # Linear [D, W] -> open_clip x @ proj, [W, D]
         elif match := _HF_LAYER.match(key):
             rest = key[match.end() :]
             prefix = f"transformer.resblocks.{match.group(1)}."
             if rest in _HF_LAYER_RENAMES:
-                out[prefix + _HF_LAYER_RENAMES[rest]] = _as_weight(value)
+                sources[prefix + _HF_LAYER_RENAMES[rest]] = ((key,), False)
             elif rest.startswith("self_attn.q_proj."):
                 # nn.MultiheadAttention packs the three input projections as [q; k; v].
                 kind = rest.rsplit(".", 1)[1]  # weight or bias
                 base = f"encoder.layers.{match.group(1)}.self_attn."
-                in_proj = torch.cat([tensors[f"{base}{n}_proj.{kind}"] for n in "qkv"])
-                out[f"{prefix}attn.in_proj_{kind}"] = _as_weight(in_proj)
+                parts = tuple(f"{base}{n}_proj.{kind}" for n in "qkv")
+                sources[f"{prefix}attn.in_proj_{kind}"] = (parts, False)
+    return sources
+
+
+def _assembled(parts: Sequence[torch.Tensor], transpose: bool) -> torch.Tensor:
+    """One open_clip weight, float32 and contiguous, from its parts (shared where it can)."""
+    if len(parts) == 1:
+        return _as_weight(parts[0].t() if transpose else parts[0])
+    # Concatenated straight into the float32 result: no concatenated copy in the file's dtype.
+    out = torch.empty(_stacked_shape(parts, transpose), dtype=torch.float32)
+    for target, part in zip(_rows(out, parts, transpose), parts, strict=True):
+        target.copy_(part.t() if transpose else part)
     return out
+
+
+def _stacked_shape(parts: Sequence[Any], transpose: bool) -> tuple[int, ...]:
+    shapes = [tuple(part.shape[::-1] if transpose else part.shape) for part in parts]
+    return (sum(shape[0] for shape in shapes), *shapes[0][1:])
+
+
+def _rows(out: torch.Tensor, parts: Sequence[Any], transpose: bool) -> list[torch.Tensor]:
+    """The slices of ``out`` (along its first dimension) that the parts fill, in order."""
+    return list(out.split([int(part.shape[-1 if transpose else 0]) for part in parts]))
 
 
 def _as_weight(tensor: torch.Tensor) -> torch.Tensor:
@@ -614,7 +649,11 @@ def encoder_from_state_dict(
     """
     spec = detect_encoder(state_dict, config)
     weights = to_open_clip_state_dict(state_dict)
-    weights = {k: v.to("cpu") for k, v in weights.items()}
+    return _encoder_from_weights(spec, {k: v.to("cpu") for k, v in weights.items()})
+
+
+def _encoder_from_weights(spec: EncoderSpec, weights: dict[str, torch.Tensor]) -> ImageEncoder:
+    """The encoder of ``spec`` holding ``weights`` (open_clip names) themselves, not copies."""
     module = _build_vision_transformer(spec)
     # strict: a name the conversion got wrong fails here instead of leaving a weight random
     module.load_state_dict(weights, strict=True, assign=True)
@@ -625,6 +664,72 @@ def encoder_from_state_dict(
     module.eval()
     module.requires_grad_(False)
     return ImageEncoder(module, spec)
+
+
+def _encoder_from_safetensors(
+    file: Path, meta: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None
+) -> ImageEncoder:
+    """Build the encoder from a safetensors file whose tensors ``meta`` describes, reading each
+    weight from the file straight into the float32 tensor the encoder keeps.
+
+    Resident memory then grows by the weights' size and no more. safetensors' own loader maps
+    the file instead: the tensors used as they are stay views of that mapping, whose pages
+    count as resident once touched (and stay while any view lives), and the q/k/v projections
+    that open_clip packs into one ``in_proj`` would be resident twice, in the mapping and in
+    the packed copy (ViT-H-14 in transformers layout: 2.4 GiB of weights took 3.0 GiB).
+    """
+    spec = detect_encoder(meta, config)
+    layout, tensors = _split_layout(meta)
+    file_key = {id(tensor): key for key, tensor in meta.items()}
+    offsets, data_start = _safetensors_offsets(file)
+    weights: dict[str, torch.Tensor] = {}
+    with file.open("rb") as f:
+        for name, (keys, transpose) in _open_clip_sources(layout, tensors).items():
+            parts = [tensors[key] for key in keys]
+            out = torch.empty(_stacked_shape(parts, transpose), dtype=torch.float32)
+            for target, part in zip(_rows(out, parts, transpose), parts, strict=True):
+                begin, end = offsets[file_key[id(part)]]
+                if part.dtype == torch.float32 and not transpose:
+                    _read_into(f, target, data_start + begin, end - begin)
+                else:  # converted (and transposed) from a buffer of one tensor's size
+                    raw = torch.empty(part.shape, dtype=part.dtype)
+                    _read_into(f, raw, data_start + begin, end - begin)
+                    target.copy_(raw.t() if transpose else raw)
+            weights[name] = out
+    return _encoder_from_weights(spec, weights)
+
+
+def _safetensors_offsets(file: Path) -> tuple[dict[str, tuple[int, int]], int]:
+    """Each tensor's (begin, end) in a safetensors file's data, and where the data begins
+    (the header was checked by ``registry.read_meta_state_dict``)."""
+    with file.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len).decode("utf-8"))
+    offsets = {
+        key: (int(info["data_offsets"][0]), int(info["data_offsets"][1]))
+        for key, info in header.items()
+        if key != "__metadata__"
+    }
+    return offsets, 8 + header_len
+
+
+def _read_into(f: BinaryIO, tensor: torch.Tensor, offset: int, size: int) -> None:
+    """Read ``size`` bytes at ``offset`` into the contiguous CPU ``tensor`` (raw, the file's
+    byte order: safetensors is little-endian, as the hosts this path runs on)."""
+    if size != tensor.numel() * tensor.element_size():
+        msg = f"a tensor of {list(tensor.shape)} {tensor.dtype} has {size} bytes in the file"
+        raise EncoderShapeError(msg)
+    if size == 0:
+        return
+    buffer = memoryview((ctypes.c_ubyte * size).from_address(tensor.data_ptr())).cast("B")
+    f.seek(offset)
+    done = 0
+    while done < size:
+        count = f.readinto(buffer[done:])
+        if not count:
+            msg = "The file ended before its last tensor: it is truncated; download it again."
+            raise ModelFileError(msg)
+        done += count
 
 
 _WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
@@ -669,9 +774,17 @@ def load_image_encoder(path: str | Path) -> ImageEncoder:
     else:
         file = path
     config = read_encoder_config(file.parent)
-    state_dict = load_state_dict(file)
+    build: Callable[[], ImageEncoder]
+    if file.suffix.lower() in SAFETENSORS_SUFFIXES and sys.byteorder == "little":
+        from lib_negip.registry import read_meta_state_dict  # the registry imports this module
+
+        meta = read_meta_state_dict(file)  # names, shapes and dtypes; its errors name the file
+        build = partial(_encoder_from_safetensors, file, meta, config)
+    else:
+        state_dict = load_state_dict(file)
+        build = partial(encoder_from_state_dict, state_dict, config)
     try:
-        encoder = encoder_from_state_dict(state_dict, config)
+        encoder = build()
     except (ModelFileError, UnsupportedModelError) as error:
         msg = f"{file}: {error}"
         raise type(error)(msg) from error

@@ -29,7 +29,7 @@ FIELD_LABELS: Mapping[str, str] = MappingProxyType(
         "positive_mask": "Positive mask",
         "negative_mask": "Negative mask",
         "negative_noise_type": "Noise type",
-        "negative_noise": "Noise",
+        "negative_noise": "Negative noise",
         "image_encoder": "Image encoder",
         "hires_pass": "Hires. fix pass",
         "combine": "Several images per side",

@@ -2243,7 +2243,7 @@ def test_infotext_layers_and_type_are_normalised() -> None:
         pytest.param(
             full_positional(negative_images=[b64()], negative_noise=0.5),
             ["negative_noise", "negative_images"],
-            ["Noise", "negative images"],
+            ["Negative noise", "negative images"],
             id="noise-conflict",
         ),
         pytest.param(

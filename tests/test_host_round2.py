@@ -710,3 +710,30 @@ def test_ui_wording_of_a_host_that_cannot_be_driven(
     assert UI_FORBIDDEN.search(str(error)) is None
     assert "Switch Negative Image Prompt off" in error.api_message
     nothing_left(world.sd15)
+
+
+def test_ui_ignores_the_hidden_references_of_a_pasted_infotext(world: World) -> None:
+    """After a paste, the UI's file boxes hold the stored images and the hidden field their
+    references (for the API); the user then empties the boxes: the UI generation is refused
+    for having no image, in the UI's words, instead of using the hidden references (which a
+    UI request never loads)."""
+    from lib_negip.args import DEFAULTS, FIELD_ORDER
+
+    values = [DEFAULTS[name] for name in FIELD_ORDER]
+    named = {
+        "enabled": True,
+        "model": "tiny-base_sd15",
+        "image_encoder": "auto",
+        "positive_images": [],
+        "negative_images": [],
+        "infotext_images": "positive images: 0123456789abcdef",
+    }
+    for name, value in named.items():
+        values[FIELD_ORDER.index(name)] = value
+    p = make_p(None, world=world, is_api=False)
+    p.scripts = [(world.script, values)]
+    with pytest.raises(NegIPError) as raised:
+        processing.process_images(p)
+    assert type(raised.value).__name__ == UI_NAME
+    assert "has no image" in str(raised.value)
+    nothing_left(world.sd15)

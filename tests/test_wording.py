@@ -28,7 +28,7 @@ FOR_UI = [
     ),
     pytest.param(
         "negative_noise and negative_images were both given.",
-        "'Noise' and 'Negative images' were both given.",
+        "'Negative noise' and 'Negative images' were both given.",
         id="noise-and-images",
     ),
     pytest.param(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +188,7 @@ def process(p: Any, values: Sequence[Any]) -> None:
     try:
         from lib_negip.args import parse_script_args
 
-        args = parse_script_args(values)
+        args = parse_script_args(_without_ui_references(p, values))
         overrides = getattr(p, "negip_overrides", None)
         if overrides and args.enabled:
             from lib_negip.args import parse_api_dict
@@ -199,6 +199,18 @@ def process(p: Any, values: Sequence[Any]) -> None:
         start(p, args)
     except Exception as error:  # every failure must reach the user: see Generation.fail
         Generation.fail(explain_out_of_memory(error), p)
+
+
+def _without_ui_references(p: Any, values: Sequence[Any]) -> Sequence[Any]:
+    """The UI's values without the hidden ``infotext_images`` field: a pasted infotext puts
+    the stored images into the file boxes themselves, which the user may then change; the
+    hidden references are for API requests (the API's ``infotext`` field)."""
+    from lib_negip.args import FIELD_ORDER
+
+    index = FIELD_ORDER.index("infotext_images")
+    if not wants_ui_words(p) or len(values) <= index or isinstance(values[0], Mapping):
+        return values
+    return [*values[:index], "", *values[index + 1 :]]
 
 
 def _loaded_model() -> Any:

@@ -249,7 +249,8 @@ def resolve_auto_adapter(registry: Any, unet: Any, encoder_name: str) -> Any:
     msg = (
         f"model is 'auto', but no installed IP-Adapter fits the loaded checkpoint, which is "
         f"{family_of(width)} ({found}). Put {wanted} into models/ipadapter, or switch "
-        "'Download missing official files' on in Settings > Negative Image Prompt."
+        "'Download missing official IP-Adapter and image encoder files' on in Settings > "
+        "Negative Image Prompt."
     )
     ui = (
         f"No installed IP-Adapter fits the loaded checkpoint, which is {family_of(width)} "
