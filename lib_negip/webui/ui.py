@@ -70,6 +70,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
         gr.Markdown(HINT, elem_id=eid("hint"), elem_classes=["negip-hint"])
 
         add_buttons: dict[str, Any] = {}
+        add_input_buttons: dict[str, Any] = {}
         with gr.Row(elem_id=eid("images"), elem_classes=["negip-images"]):
             for side in ("positive", "negative"):
                 if side == "negative":
@@ -92,12 +93,20 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                     # Filled by javascript/negip.js in the browser: a server round trip
                     # here would break gradio 3.41's upload of the other side (see there).
                     gr.HTML(elem_id=eid(f"{side}_preview"), elem_classes=["negip-preview"])
-                    add_buttons[side] = gr.Button(
-                        f"{ADD_SYMBOL} Selected result",
-                        size="sm",
-                        elem_id=eid(f"add_result_{side}"),
-                        elem_classes=["negip-add-result"],
-                    )
+                    with gr.Row(elem_classes=["negip-add-row"]):
+                        add_buttons[side] = gr.Button(
+                            f"{ADD_SYMBOL} Selected result",
+                            size="sm",
+                            elem_id=eid(f"add_result_{side}"),
+                            elem_classes=["negip-add-result"],
+                        )
+                        if is_img2img:  # the picture being edited, as an image prompt
+                            add_input_buttons[side] = gr.Button(
+                                f"{ADD_SYMBOL} img2img input",
+                                size="sm",
+                                elem_id=eid(f"add_input_{side}"),
+                                elem_classes=["negip-add-result"],
+                            )
         swap.click(
             fn=None,
             _js=SWAP_JS,
@@ -267,7 +276,18 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 show_progress=False,
             )
 
+    def wire_input(event: Any) -> None:
+        for side, button in add_input_buttons.items():
+            button.click(
+                fn=add_input_image,
+                inputs=[event.component, components[f"{side}_images"]],
+                outputs=[components[f"{side}_images"]],
+                show_progress=False,
+            )
+
     script.on_after_component(wire_gallery, elem_id=f"{tab}_gallery")
+    if is_img2img:
+        script.on_after_component(wire_input, elem_id="img2img_image")
 
     script.infotext_fields = infotext_fields(components, is_img2img, restore_status)
     script.paste_field_names = list(COPIED_KEYS)
@@ -301,8 +321,20 @@ def _mask_input(gr: Any, label: str, element_id: str) -> Any:
 
 
 def add_image(item: Any, files: Any) -> list[str]:
-    """The side's files with one more: the selected result (a gallery item). The files come as
-    bytes (the component's type) and go back as paths of copies in a temporary folder."""
+    """The side's files with one more: the selected result (a gallery item)."""
+    return _with_image(files, _gallery_image(item))
+
+
+def add_input_image(image: Any, files: Any) -> list[str]:
+    """The side's files with one more: img2img's input picture (a PIL image, or nothing)."""
+    if isinstance(image, dict):  # the sketch/inpaint editors' {"image": ..., "mask": ...}
+        image = image.get("image")
+    return _with_image(files, image if hasattr(image, "convert") else None)
+
+
+def _with_image(files: Any, image: Any) -> list[str]:
+    """Paths of the side's files (they come as bytes, the component's type), then ``image``
+    as a PNG copy in a temporary folder named by its content."""
     import tempfile
 
     from lib_negip.store import reference_of
@@ -318,7 +350,6 @@ def add_image(item: Any, files: Any) -> list[str]:
             paths.append(str(path))
         elif getattr(data, "name", None):
             paths.append(str(data.name))
-    image = _gallery_image(item)
     if image is not None:
         image = image.convert("RGB")
         path = folder / f"{reference_of(image)}.png"
