@@ -737,3 +737,34 @@ def test_ui_ignores_the_hidden_references_of_a_pasted_infotext(world: World) -> 
     assert type(raised.value).__name__ == UI_NAME
     assert "has no image" in str(raised.value)
     nothing_left(world.sd15)
+
+
+def test_auto_order_prefers_official_then_general_adapters() -> None:
+    """'auto' ranks the family's official base adapter first, then base before plus before
+    full-face, adapters for faces after the general ones, then names; other families and
+    unreadable files never."""
+    from lib_negip.webui.models import auto_adapter_order
+
+    def entry(name: str, variant: str, width: int = 768, layers: int = 16) -> SimpleNamespace:
+        spec = SimpleNamespace(variant=variant, cross_attention_dim=width, num_layers=layers)
+        return SimpleNamespace(name=name, spec=spec)
+
+    entries = [
+        entry("ip-adapter-full-face_sd15", "full_face"),
+        entry("ip-adapter-plus-face_sd15", "plus"),
+        entry("ip-adapter-plus_sd15", "plus"),
+        entry("my-light", "base"),
+        entry("ip-adapter_sd15", "base"),
+        entry("ip-adapter_sdxl", "base", width=2048, layers=70),
+        SimpleNamespace(name="broken", spec=None),
+    ]
+    order = [e.name for e in auto_adapter_order(entries, 768, 16)]
+    assert order == [
+        "ip-adapter_sd15",
+        "my-light",
+        "ip-adapter-plus_sd15",
+        "ip-adapter-plus-face_sd15",
+        "ip-adapter-full-face_sd15",
+    ]
+    sdxl = [e.name for e in auto_adapter_order(entries, 2048, 70)]
+    assert sdxl == ["ip-adapter_sdxl"]

@@ -199,10 +199,14 @@ OFFICIAL_BASE: dict[int, tuple[str, ...]] = {
 }
 
 
+_VARIANT_ORDER = {"base": 0, "plus": 1, "full_face": 2}
+
+
 def auto_adapter_order(entries: list[Any], width: int, layers: int) -> list[Any]:
     """The adapters "auto" may choose for a UNet of context width ``width`` with ``layers``
-    cross-attention layers, best first: the family's official base adapter(s), then the others
-    by name. Unreadable files are left out."""
+    cross-attention layers, best first: the family's official base adapter(s), then the others:
+    base before plus before full-face, face adapters last, then by name. Unreadable files are
+    left out."""
     base = OFFICIAL_BASE.get(width, ())
     fitting = [
         entry
@@ -212,9 +216,12 @@ def auto_adapter_order(entries: list[Any], width: int, layers: int) -> list[Any]
         and entry.spec.num_layers == layers
     ]
 
-    def rank(entry: Any) -> tuple[int, str]:
+    def rank(entry: Any) -> tuple[int, int, bool, str]:
         name = entry.name.casefold()
-        return (base.index(name) if name in base else len(base), name)
+        official = base.index(name) if name in base else len(base)
+        # Then the general adapters before the ones made for faces.
+        variant = _VARIANT_ORDER.get(entry.spec.variant, len(_VARIANT_ORDER))
+        return (official, variant, "face" in name, name)
 
     return sorted(fitting, key=rank)
 

@@ -18,6 +18,7 @@ import hashlib
 import html
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from lib_negip import args as negip_args
@@ -287,7 +288,13 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
 
     script.on_after_component(wire_gallery, elem_id=f"{tab}_gallery")
     if is_img2img:
-        script.on_after_component(wire_input, elem_id="img2img_image")
+        # img2img's input picture is made before the scripts' controls: find it; a host that
+        # makes it later calls wire_input when it does.
+        existing = _existing_component("img2img_image")
+        if existing is not None:
+            wire_input(SimpleNamespace(component=existing))
+        else:
+            script.on_after_component(wire_input, elem_id="img2img_image")
 
     script.infotext_fields = infotext_fields(components, is_img2img, restore_status)
     script.paste_field_names = list(COPIED_KEYS)
@@ -295,6 +302,19 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
 
 
 ADD_SYMBOL = "\u2795"
+
+
+def _existing_component(element_id: str) -> Any:
+    """The component already made with ``element_id`` in the UI being built, or None."""
+    try:
+        from gradio.context import Context
+    except ImportError:
+        return None
+    root = getattr(Context, "root_block", None)
+    for block in getattr(root, "blocks", {}).values():
+        if getattr(block, "elem_id", None) == element_id:
+            return block
+    return None
 
 
 def _mask_input(gr: Any, label: str, element_id: str) -> Any:
@@ -418,12 +438,18 @@ def _has_ours(params: dict[str, Any]) -> bool:
 
 
 def _infotext_images(params: dict[str, Any]) -> str | None:
+    """The hidden field's value: the stored images the infotext names, as one text. A malformed
+    reference is passed on as written, so that the generation refuses it by name."""
     if not _has_ours(params):
         return None
     try:
         return format_references(negip_args.infotext_references(params))
     except NegIPError:
-        return ""
+        return "; ".join(
+            f"{field.replace('_', ' ')}: {params[key]}"
+            for key, field in negip_args.INFOTEXT_REFERENCES
+            if isinstance(params.get(key), str)
+        )
 
 
 def _stored_paths(field: str, params: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -8,6 +8,12 @@ a refused request (HTTP 422) logs.
 
 Each request names its checkpoint (``override_settings``, restored afterwards); images are
 compared as decoded pixels.
+
+``NEGIP_WEBUI_SDXL_URL`` / ``NEGIP_WEBUI_SDXL_LOG`` optionally name a second A1111 started with
+the tiny SDXL checkpoint only (the harness's port 7861) and the SDXL adapter, the SD1.5 base
+adapter and the tiny encoder in its models folder: model "auto" is checked there too. The test
+of a deleted stored image needs the server's data folder on this machine (found through
+``GET /sdapi/v1/cmd-flags``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from PIL import Image
 
 URL = os.environ.get("NEGIP_WEBUI_URL", "").rstrip("/")
 LOG = os.environ.get("NEGIP_WEBUI_LOG", "")
+SDXL_URL = os.environ.get("NEGIP_WEBUI_SDXL_URL", "").rstrip("/")
+SDXL_LOG = os.environ.get("NEGIP_WEBUI_SDXL_LOG", "")
 
 pytestmark = [
     pytest.mark.webui,
@@ -84,10 +92,12 @@ def picture(seed: int, size: int = 96) -> str:
 POSITIVE, NEGATIVE, OTHER = picture(1), picture(2), picture(3)
 
 
-def call(method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
+def call(
+    method: str, path: str, body: dict | None = None, *, url: str | None = None
+) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
-        URL + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        (url or URL) + path, data=data, method=method, headers={"Content-Type": "application/json"}
     )
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
@@ -106,6 +116,7 @@ def generate(
     mode: str = "txt2img",
     checkpoint: str = SD15,
     expect: int = 200,
+    url: str | None = None,
     **request: Any,
 ) -> dict:
     """One generation; ``args`` None means no NegIP entry at all (the extension stays off)."""
@@ -127,7 +138,7 @@ def generate(
     body.update(request)
     if args is not None:
         body["alwayson_scripts"] = {SCRIPT: {"args": args}}
-    status, answer = call("POST", f"/sdapi/v1/{mode}", body)
+    status, answer = call("POST", f"/sdapi/v1/{mode}", body, url=url)
     assert status == expect, answer
     return answer
 
@@ -614,4 +625,445 @@ def test_second_hires_pass_without_hires_fix_is_refused(server_log: ServerLog) -
 
 
 def test_the_server_still_works_after_refusals(with_images: dict) -> None:
+    assert_same(pixels(generate(fields())), pixels(with_images))
+
+
+# ---------------------------------------------------------------------------------------------
+# Round 2: block weights (presets and "index:weight" pairs)
+
+#: SD1.x's "style" preset written out as pairs (lib_negip/blocks.py; docs/blocks.md).
+SD15_STYLE_PAIRS = "0:1, 1:1, 2:1, 3:1, 9:1, 10:1, 11:1, 12:1, 13:1, 14:1, 15:1"
+
+
+def test_models_endpoint_lists_the_blocks_of_each_adapter() -> None:
+    status, listing = call("GET", "/negip/v1/models")
+    assert status == 200
+    blocks = {entry["name"]: entry["blocks"] for entry in listing["adapters"]}
+    assert blocks[BASE] == 16
+    assert blocks[PLUS] == 16
+    assert blocks[PICKLE] == 16
+    assert blocks[BASE_XL] == 11
+
+
+def test_block_presets_change_the_image(with_images: dict, plain: np.ndarray) -> None:
+    style = generate(fields(positive_layers="style", negative_layers="style"))
+    composition = generate(fields(positive_layers="composition", negative_layers="composition"))
+    assert_differs(pixels(style), pixels(with_images), at_least=0.05)
+    assert_differs(pixels(composition), pixels(with_images), at_least=0.05)
+    assert_differs(pixels(composition), pixels(style), at_least=0.05)
+    assert_differs(pixels(style), plain)
+    params = negip_params(infotext(style))
+    assert params["NegIP positive layers"] == "style"
+    assert params["NegIP negative layers"] == "style"
+    # one side only: the other side keeps every block
+    positive_style = generate(fields(positive_layers="style"))
+    assert_differs(pixels(positive_style), pixels(style), at_least=0.05)
+    assert negip_params(infotext(positive_style))["NegIP negative layers"] == "all"
+
+
+def test_all_blocks_equals_omitting_the_field(with_images: dict) -> None:
+    explicit = generate(fields(positive_layers="all", negative_layers="all"))
+    assert_same(pixels(explicit), pixels(with_images))
+    assert negip_params(infotext(with_images))["NegIP positive layers"] == "all"
+    # an empty value or JSON null means "all" too
+    assert_same(
+        pixels(generate(fields(positive_layers="", negative_layers=None))), pixels(with_images)
+    )
+
+
+def test_preset_equals_its_pairs_written_out() -> None:
+    preset = generate(fields(positive_layers="style"))
+    pairs = generate(fields(positive_layers=SD15_STYLE_PAIRS))
+    assert_same(pixels(pairs), pixels(preset))
+    # the infotext keeps the canonical text of the pairs
+    written = negip_params(infotext(pairs))["NegIP positive layers"]
+    assert written.strip('"') == SD15_STYLE_PAIRS
+
+
+def test_zero_block_weights_on_both_sides_equal_no_extension(plain: np.ndarray) -> None:
+    for zero in ("0:0", "0:0, 7:0, 15:0"):
+        answer = generate(fields(positive_layers=zero, negative_layers=zero))
+        assert_same(pixels(answer), plain)
+
+
+def test_pair_weights_scale_the_blocks(with_images: dict) -> None:
+    half = generate(fields(positive_layers="6:0.5", negative_layers="6:0.5"))
+    full = generate(fields(positive_layers="6:1", negative_layers="6:1"))
+    assert_differs(pixels(half), pixels(full), at_least=0.05)
+    assert_differs(pixels(full), pixels(with_images), at_least=0.05)
+
+
+def test_block_out_of_range_is_refused(server_log: ServerLog) -> None:
+    expect_refused(
+        server_log, fields(positive_layers="99:1"), "positive_layers", "99", "0-15", '"3:1, 6:0.8"'
+    )
+    expect_refused(
+        server_log,
+        fields(model=BASE_XL, negative_layers="11:1"),
+        "negative_layers",
+        "0-10",
+        '"3:1, 6:0.8"',
+        checkpoint=SDXL,
+    )
+
+
+def test_malformed_blocks_are_refused(server_log: ServerLog) -> None:
+    expect_refused(server_log, fields(positive_layers="styles"), "positive_layers", "styles")
+    expect_refused(server_log, fields(negative_layers="3:1, 3:0.5"), "negative_layers", "twice")
+    expect_refused(server_log, fields(negative_layers="3:9"), "negative_layers", "-1 to 5")
+    expect_refused(server_log, fields(positive_layers=3), "positive_layers")
+
+
+# ---------------------------------------------------------------------------------------------
+# Round 2: masks
+
+
+def mask_png(kind: str, size: int = 64) -> str:
+    """A mask as base64 PNG ("L"): "white", "black" or "left" (left half white)."""
+    values = np.zeros((size, size), dtype=np.uint8)
+    if kind == "white":
+        values[:] = 255
+    elif kind == "left":
+        values[:, : size // 2] = 255
+    else:
+        assert kind == "black", kind
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_white_masks_equal_no_mask(with_images: dict) -> None:
+    white = mask_png("white")
+    answer = generate(fields(positive_mask=white, negative_mask=white))
+    assert_same(pixels(answer), pixels(with_images))
+    # a white mask of another size is scaled to the latent: still everywhere
+    big = mask_png("white", 200)
+    assert_same(pixels(generate(fields(positive_mask=big))), pixels(with_images))
+
+
+def test_black_masks_on_both_sides_equal_no_extension(plain: np.ndarray) -> None:
+    black = mask_png("black")
+    assert_same(pixels(generate(fields(positive_mask=black, negative_mask=black))), plain)
+
+
+def test_half_mask_differs_from_no_mask_and_from_no_extension(
+    with_images: dict, plain: np.ndarray
+) -> None:
+    left = mask_png("left")
+    answer = generate(fields(positive_mask=left, negative_mask=left))
+    assert_differs(pixels(answer), pixels(with_images))
+    assert_differs(pixels(answer), plain)
+    params = negip_params(infotext(answer))
+    for side in ("positive", "negative"):
+        assert re.fullmatch(r"[0-9a-f]{16}", params[f"NegIP {side} mask"]), params
+    # the mask is spatial: where it is white (the left half) the image is nearer to the
+    # unmasked one than where it is black
+    to_unmasked = np.abs(pixels(answer) - pixels(with_images)).mean(axis=(0, 2))
+    assert to_unmasked[:32].mean() < to_unmasked[32:].mean()
+    # deterministic, and one side's mask alone is another image again
+    assert_same(pixels(generate(fields(positive_mask=left, negative_mask=left))), pixels(answer))
+    positive_only = generate(fields(positive_mask=left))
+    assert_differs(pixels(positive_only), pixels(answer), at_least=0.05)
+    assert "NegIP negative mask" not in negip_params(infotext(positive_only))
+
+
+def test_mask_that_is_not_an_image_is_refused(server_log: ServerLog) -> None:
+    expect_refused(server_log, fields(positive_mask="not an image!"), "positive_mask")
+    expect_refused(server_log, fields(negative_mask=[mask_png("white")]), "negative_mask", "list")
+    expect_refused(server_log, fields(negative_mask="/etc/hostname"), "negative_mask")
+
+
+# ---------------------------------------------------------------------------------------------
+# Round 2: noise negatives
+
+
+@pytest.fixture(scope="module")
+def positive_only() -> dict:
+    return generate(fields(negative_images=[]))
+
+
+def test_noise_zero_equals_no_noise(positive_only: dict) -> None:
+    for noise_type in ("fade", "shuffle"):
+        zero = generate(
+            fields(negative_images=[], negative_noise=0.0, negative_noise_type=noise_type)
+        )
+        assert_same(pixels(zero), pixels(positive_only))
+
+
+def test_noise_fade_changes_the_image_and_is_deterministic(positive_only: dict) -> None:
+    faded = generate(fields(negative_images=[], negative_noise=0.5))
+    assert_differs(pixels(faded), pixels(positive_only))
+    assert_same(pixels(generate(fields(negative_images=[], negative_noise=0.5))), pixels(faded))
+    params = negip_params(infotext(faded))
+    assert params["NegIP negative noise"] == "0.5"
+    assert params["NegIP noise type"] == "fade"
+    assert stored_counts(params) == "1 positive / 0 negative"  # the noise image is not stored
+    stronger = generate(fields(negative_images=[], negative_noise=1.0))
+    assert_differs(pixels(stronger), pixels(faded), at_least=0.05)
+
+
+def test_noise_follows_the_seed(positive_only: dict) -> None:
+    # The noise is drawn from the generation's seed: another seed, another noise image (the
+    # plain image of that seed differs too, so compare the noise's effect on each seed).
+    other_seed = {"seed": 99}
+    faded = pixels(generate(fields(negative_images=[], negative_noise=0.5), **other_seed))
+    again = pixels(generate(fields(negative_images=[], negative_noise=0.5), **other_seed))
+    assert_same(again, faded)
+    assert_differs(faded, pixels(generate(fields(negative_images=[]), **other_seed)))
+
+
+def test_each_noise_type_works(positive_only: dict) -> None:
+    results = {}
+    for noise_type in ("fade", "dissolve", "gaussian", "shuffle"):
+        answer = generate(
+            fields(negative_images=[], negative_noise=0.5, negative_noise_type=noise_type)
+        )
+        assert_differs(pixels(answer), pixels(positive_only))
+        assert negip_params(infotext(answer))["NegIP noise type"] == noise_type
+        results[noise_type] = pixels(answer)
+    kinds = list(results)
+    for index, first in enumerate(kinds):
+        for second in kinds[index + 1 :]:
+            assert_differs(results[first], results[second], at_least=0.05)
+
+
+def test_noise_with_negative_images_is_refused(server_log: ServerLog) -> None:
+    expect_refused(server_log, fields(negative_noise=0.5), "negative_noise", "negative_images")
+
+
+def test_noise_without_positive_images_is_refused(server_log: ServerLog) -> None:
+    expect_refused(
+        server_log,
+        fields(positive_images=[], negative_images=[], negative_noise=0.5),
+        "negative_noise",
+        "positive_images",
+    )
+
+
+def test_bad_noise_values_are_refused(server_log: ServerLog) -> None:
+    expect_refused(server_log, fields(negative_images=[], negative_noise=1.5), "negative_noise")
+    expect_refused(
+        server_log,
+        fields(negative_images=[], negative_noise=0.5, negative_noise_type="blur"),
+        "negative_noise_type",
+        "fade",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Round 2: model "auto"
+
+
+def split_label(label: str) -> tuple[str, str]:
+    match = re.fullmatch(r"(.+) \[([0-9a-f]{10})\]", label)
+    assert match, f"not 'name [hash]': {label!r}"
+    return match[1], match[2]
+
+
+def test_model_auto_on_sd15_names_the_adapter_it_used() -> None:
+    answer = generate(fields(model="auto"))
+    label = negip_params(infotext(answer))["NegIP model"]
+    name, _ = split_label(label)
+    assert name in (BASE, PLUS, PICKLE), label  # the SD1.5 adapters, never the SDXL one
+    # the label in the infotext is the adapter that acted
+    assert_same(pixels(generate(fields(model=name))), pixels(answer))
+    assert_same(pixels(generate(fields(model=label))), pixels(answer))
+    # "auto" is the default of the dict form and of the UI's positional form
+    images_only = [{"positive_images": [POSITIVE], "negative_images": [NEGATIVE]}]
+    assert_same(pixels(generate(images_only)), pixels(answer))
+    assert_same(pixels(generate(positional(model="auto"))), pixels(answer))
+    assert negip_params(infotext(generate(images_only)))["NegIP model"] == label
+
+
+def test_model_auto_on_an_sdxl_checkpoint_takes_the_sdxl_adapter() -> None:
+    answer = generate(fields(model="auto"), checkpoint=SDXL)
+    label = negip_params(infotext(answer))["NegIP model"]
+    assert split_label(label)[0] == BASE_XL
+    assert_same(pixels(generate(fields(model=BASE_XL), checkpoint=SDXL)), pixels(answer))
+
+
+@pytest.mark.skipif(not SDXL_URL, reason="NEGIP_WEBUI_SDXL_URL is not set (no SDXL server)")
+def test_model_auto_on_the_sdxl_server() -> None:
+    log = ServerLog(SDXL_LOG)
+    status, listing = call("GET", "/negip/v1/models", url=SDXL_URL)
+    assert status == 200
+    names = {entry["name"] for entry in listing["adapters"]}
+    assert BASE_XL in names, f"install {BASE_XL} on the SDXL server: {sorted(names)}"
+    plain_xl = pixels(generate(checkpoint=SDXL, url=SDXL_URL))
+    answer = generate(fields(model="auto"), checkpoint=SDXL, url=SDXL_URL)
+    label = negip_params(infotext(answer))["NegIP model"]
+    assert split_label(label)[0] == BASE_XL
+    assert "auto" not in label
+    assert_differs(pixels(answer), plain_xl)
+    named = generate(fields(model=BASE_XL), checkpoint=SDXL, url=SDXL_URL)
+    assert_same(pixels(named), pixels(answer))
+    # the infotext restores it on that server: same adapter, same image
+    again = generate([], checkpoint=SDXL, url=SDXL_URL, infotext=infotext(answer))
+    assert_same(pixels(again), pixels(answer))
+    if BASE in names:  # an SD1.5 adapter named on the SDXL server is refused there too
+        refused = generate(fields(model=BASE), checkpoint=SDXL, url=SDXL_URL, expect=422)
+        assert BASE in refused["detail"]
+        problems = ServerLog.problems(log.new_lines())
+        assert len(problems) == 1, problems
+        assert problems[0].startswith(OUR_ERROR_LINE), problems
+    assert ServerLog.problems(log.new_lines()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Round 2: the image prompts restored from the store by the API's `infotext` field
+
+
+def infotext_only(text: str, args: list, mode: str = "txt2img", **request: Any) -> dict:
+    """A request with nothing but the infotext (and our script's entry, with ``args``)."""
+    body = {"infotext": text, "alwayson_scripts": {SCRIPT: {"args": args}}, **request}
+    status, answer = call("POST", f"/sdapi/v1/{mode}", body)
+    assert status == 200, answer
+    return answer
+
+
+def test_infotext_alone_restores_the_image_prompts_from_the_store() -> None:
+    original = generate(
+        fields(
+            positive_images=[POSITIVE, OTHER],
+            positive_weight=0.8,
+            positive_layers="style",
+            negative_layers="3:1, 6:0.5",
+            positive_mask=mask_png("left"),
+            combine="concat",
+        ),
+        seed=4321,
+    )
+    text = infotext(original)
+    params = negip_params(text)
+    assert stored_counts(params) == "2 positive / 1 negative"
+    assert "NegIP positive mask" in params
+    for args in ([], [{}]):
+        again = infotext_only(text, args)
+        assert_same(pixels(again), pixels(original))
+        assert negip_params(infotext(again)) == params
+        assert json.loads(again["info"])["seed"] == 4321
+
+
+def test_infotext_alone_restores_a_noise_negative() -> None:
+    original = generate(
+        fields(negative_images=[], negative_noise=0.75, negative_noise_type="dissolve")
+    )
+    again = infotext_only(infotext(original), [])
+    assert_same(pixels(again), pixels(original))
+    assert negip_params(infotext(again))["NegIP noise type"] == "dissolve"
+
+
+def test_infotext_alone_restores_in_img2img() -> None:
+    original = generate(fields(negative_mask=mask_png("left")), mode="img2img")
+    # (A1111 takes no size from the infotext in img2img: give it as the original had it)
+    img2img = {"init_images": [OTHER], "denoising_strength": 0.6, "width": 64, "height": 64}
+    again = infotext_only(infotext(original), [{}], mode="img2img", **img2img)
+    assert_same(pixels(again), pixels(original))
+
+
+def store_folder() -> Path:
+    """The server's folder of stored image prompts, when this machine can see it."""
+    status, flags = call("GET", "/sdapi/v1/cmd-flags")
+    assert status == 200
+    status, options = call("GET", "/sdapi/v1/options")
+    assert status == 200
+    folder = Path(options.get("negip_store_folder") or "outputs/negip-image-prompts").expanduser()
+    if not folder.is_absolute():
+        folder = Path(flags.get("data_dir") or ".") / folder
+    if not folder.is_dir():
+        pytest.skip(f"the server's image prompt folder {folder} is not on this machine")
+    return folder
+
+
+def test_infotext_naming_a_deleted_stored_image_is_refused(server_log: ServerLog) -> None:
+    folder = store_folder()
+    unique = picture(7001)  # only this test uses it
+    original = generate(fields(positive_images=[unique], negative_images=[]))
+    text = infotext(original)
+    reference = negip_params(text)["NegIP positive images"]
+    stored = folder / f"{reference}.png"
+    assert stored.is_file()
+    stored.unlink()
+    detail = expect_refused(server_log, [], reference, "deleted", infotext=text)
+    assert str(folder) not in detail  # the folder is named relative to the data folder
+    # the images the request gives itself win over the infotext's references
+    given = generate([{"positive_images": [unique]}], infotext=text)
+    assert_same(pixels(given), pixels(original))
+    assert stored.is_file()  # ... and are stored again: the infotext works again
+    assert_same(pixels(infotext_only(text, [])), pixels(original))
+
+
+def test_infotext_naming_a_malformed_reference_is_refused(server_log: ServerLog) -> None:
+    text = f"Steps: 4, NegIP model: {BASE}, NegIP positive images: 12345"
+    server_log.new_lines()
+    detail = generate([], expect=422, infotext=text)["detail"]
+    problems = ServerLog.problems(server_log.new_lines())  # consumed even when the test fails
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(OUR_ERROR_LINE), problems
+    assert "12345" in detail, detail
+
+
+# ---------------------------------------------------------------------------------------------
+# Round 2: X/Y/Z plot axes
+
+
+def test_xyz_plot_has_the_round_2_axes() -> None:
+    status, scripts = call("GET", "/sdapi/v1/script-info")
+    assert status == 200
+    xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    labels = set(xyz["args"][0]["choices"])
+    for label in ("Positive blocks", "Negative blocks", "Negative noise"):
+        assert f"[NegIP] {label}" in labels
+
+
+def test_xyz_plot_positive_blocks_axis(with_images: dict) -> None:
+    args = xyz_args("[NegIP] Positive blocks", dropdown=["all", "style"])
+    answer = generate(fields(), script_name="x/y/z plot", script_args=args)
+    assert len(answer["images"]) == 3
+    layers = [negip_params(infotext(answer, i))["NegIP positive layers"] for i in (1, 2)]
+    assert layers == ["all", "style"]
+    assert_same(pixels(answer, 1), pixels(with_images))
+    assert_same(pixels(answer, 2), pixels(generate(fields(positive_layers="style"))))
+
+
+def test_xyz_plot_negative_noise_axis(positive_only: dict) -> None:
+    args = xyz_args("[NegIP] Negative noise", "0, 0.5")
+    answer = generate(fields(negative_images=[]), script_name="x/y/z plot", script_args=args)
+    assert len(answer["images"]) == 3
+    noise = [negip_params(infotext(answer, i))["NegIP negative noise"] for i in (1, 2)]
+    assert noise == ["0.0", "0.5"]
+    assert_same(pixels(answer, 1), pixels(positive_only))
+    faded = generate(fields(negative_images=[], negative_noise=0.5))
+    assert_same(pixels(answer, 2), pixels(faded))
+
+
+# ---------------------------------------------------------------------------------------------
+# Round 2: the pixel budget of one generation's image prompts
+
+
+def solid_png(width: int, height: int) -> str:
+    """A large one-colour PNG: small as a file, ``width * height`` pixels once decoded."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, "PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_image_prompts_over_the_pixel_budget_are_refused(server_log: ServerLog) -> None:
+    big = solid_png(6000, 6000)  # 36 M pixels each; 48 Mi pixels per generation
+    expect_refused(
+        server_log,
+        fields(positive_images=[big], negative_images=[big]),
+        "negative_images[0]",
+        "50,331,648",
+    )
+    # masks count too
+    expect_refused(
+        server_log,
+        fields(positive_images=[big], negative_images=[], positive_mask=big),
+        "positive_mask",
+        "50,331,648",
+    )
+
+
+def test_the_server_still_works_after_the_round_2_refusals(with_images: dict) -> None:
     assert_same(pixels(generate(fields())), pixels(with_images))

@@ -1,0 +1,692 @@
+"""The extension's UI in a real AUTOMATIC1111 1.10.1, driven by headless Chromium (playwright).
+
+Skipped unless ``NEGIP_WEBUI_URL`` names a running A1111 (``--api``) with this extension and the
+tiny SD1.5 models of ``make_tiny_models.py`` (the harness's port 7860), and unless playwright
+(the Python package) and a Chromium are installed: ``NEGIP_CHROMIUM`` names the browser's
+executable (default ``/usr/bin/chromium``; playwright's own download is never used).
+``NEGIP_WEBUI_LOG`` names the server's log: as in ``test_real_webui.py`` every test checks that
+it added no "Error"/"Traceback" line there beyond those the test expects.
+
+Each test opens a fresh page (a reload drops every uploaded file and restored value), sets a
+64x64 image, 4 steps and a fixed seed, and waits for A1111's own elements by id. With
+``NEGIP_SCREENSHOT_DIR`` set, ``test_readme_screenshot`` writes the README's picture there.
+
+playwright is imported only inside the fixtures, so the normal test run does not need it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+URL = os.environ.get("NEGIP_WEBUI_URL", "").rstrip("/")
+LOG = os.environ.get("NEGIP_WEBUI_LOG", "")
+CHROMIUM = os.environ.get("NEGIP_CHROMIUM", "/usr/bin/chromium")
+SCREENSHOT_DIR = os.environ.get("NEGIP_SCREENSHOT_DIR", "")
+
+pytestmark = [
+    pytest.mark.webui,
+    pytest.mark.skipif(not URL, reason="NEGIP_WEBUI_URL is not set (no running A1111)"),
+]
+
+SD15_ADAPTERS = (
+    "negip-tiny-ip-adapter_sd15",
+    "negip-tiny-ip-adapter-plus_sd15",
+    "negip-tiny-ip-adapter_sd15-pickle",
+)
+ENCODER = "negip-tiny-vit"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+#: How long one generation of a 64x64 image may take (about 2-5 s on the harness's CPU).
+GENERATION_TIMEOUT_MS = 120_000
+REFERENCE = re.compile(r"[0-9a-f]{16}")
+OUR_ERROR_LINE = "ERROR:negip:Negative Image Prompt: "
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+
+
+def random_png(path: Path, seed: int, size: int = 96) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def house_png(path: Path, size: int = 192) -> Path:
+    """A house under a blue sky on green grass (the README's positive image)."""
+    image = Image.new("RGB", (size, size), (130, 190, 235))
+    draw = ImageDraw.Draw(image)
+    s = size / 96
+    draw.rectangle([0, 74 * s, size, size], fill=(70, 150, 50))
+    draw.rectangle([30 * s, 46 * s, 66 * s, 76 * s], fill=(200, 110, 80))
+    draw.polygon([(24 * s, 48 * s), (48 * s, 26 * s), (72 * s, 48 * s)], fill=(110, 50, 40))
+    draw.rectangle([44 * s, 60 * s, 52 * s, 76 * s], fill=(80, 50, 30))
+    draw.rectangle([34 * s, 52 * s, 41 * s, 59 * s], fill=(230, 230, 180))
+    draw.rectangle([56 * s, 52 * s, 63 * s, 59 * s], fill=(230, 230, 180))
+    image.save(path)
+    return path
+
+
+def lawn_png(path: Path, size: int = 192) -> Path:
+    """A green lawn (the README's negative image)."""
+    rng = np.random.default_rng(5)
+    green = np.zeros((size, size, 3), dtype=np.float32)
+    green[..., 0], green[..., 1], green[..., 2] = 60, 140, 45
+    green += rng.normal(0, 18, (size, size, 1)) * np.array([0.5, 1.0, 0.4])
+    Image.fromarray(np.clip(green, 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+# ---------------------------------------------------------------------------------------------
+# The server log (as in test_real_webui.py)
+
+
+class ServerLog:
+    def __init__(self, path: str) -> None:
+        self.path = Path(path) if path else None
+        self.offset = self.path.stat().st_size if self.path else 0
+
+    def new_lines(self) -> list[str]:
+        if self.path is None:
+            return []
+        with self.path.open("rb") as file:
+            file.seek(self.offset)
+            data = file.read()
+        self.offset += len(data)
+        return data.decode(errors="replace").splitlines()
+
+    @staticmethod
+    def problems(lines: list[str]) -> list[str]:
+        return [line for line in lines if re.search(r"error|traceback", line, re.IGNORECASE)]
+
+
+@pytest.fixture(scope="module")
+def module_log() -> ServerLog:
+    return ServerLog(LOG)
+
+
+@pytest.fixture(autouse=True)
+def server_log(module_log: ServerLog):
+    module_log.new_lines()
+    yield module_log
+    assert ServerLog.problems(module_log.new_lines()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module, with a fresh profile."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
+        pytest.skip(f"no Chromium at {CHROMIUM} (set NEGIP_CHROMIUM)")
+    profile = tempfile.mkdtemp(prefix="negip-chromium-")
+    try:
+        with sync_api.sync_playwright() as playwright:
+            context = playwright.chromium.launch_persistent_context(
+                profile,
+                executable_path=shutil.which(CHROMIUM) or CHROMIUM,
+                headless=True,
+                args=CHROMIUM_ARGS,
+                viewport={"width": 1400, "height": 1400},
+            )
+            context.set_default_timeout(60_000)
+            yield context
+            context.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def page(browser: Any):
+    """A freshly loaded A1111 page; fails the test on a JavaScript exception of the page."""
+    page = browser.new_page()
+    # gradio 3.41 runs each queued event over its own websocket: settle() waits for them
+    sockets: set[Any] = set()
+
+    def opened(socket: Any) -> None:
+        sockets.add(socket)
+        socket.on("close", lambda _socket: sockets.discard(socket))
+
+    page.on("websocket", opened)
+    page.negip_sockets = sockets
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(f"{error}\n{error.stack}"))
+    page.goto(URL, wait_until="domcontentloaded", timeout=120_000)
+    # gradio 3.41 builds the UI in the browser after "load": wait for the elements themselves,
+    # and for A1111's onUiLoaded work (the accordion's visible checkbox is made there).
+    page.wait_for_selector("#tab_txt2img", state="visible", timeout=180_000)
+    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
+    page.wait_for_selector("#negip_img2img_enabled-visible-checkbox", state="attached")
+    yield page
+    page.close()
+    assert [error for error in errors if not known_page_error(error)] == []
+
+
+def known_page_error(error: str) -> bool:
+    """A1111 1.10.1's own page error: gradio 3.41's Blocks throws "Cannot read properties of
+    undefined (reading 'props')" when the width/height/steps/seed inputs change (seen with
+    --disable-extra-extensions too, so not ours)."""
+    return "reading 'props'" in error and "/assets/Blocks-" in error
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "positive": random_png(tmp_path / "positive.png", 1),
+        "negative": random_png(tmp_path / "negative.png", 2),
+        "init": random_png(tmp_path / "init.png", 3, size=64),
+    }
+
+
+def small_settings(page: Any, tab: str = "txt2img", seed: int = 1234) -> None:
+    """64x64, 4 steps, a fixed seed: a generation takes a few seconds on a CPU."""
+    # fill() fires the input events gradio binds to (A1111 answers some of these changes with
+    # a page error of its own: see known_page_error).
+    for part, value in (("width", 64), ("height", 64), ("steps", 4)):
+        page.fill(f"#{tab}_{part} input[type=number]", str(value))
+    page.fill(f"#{tab}_seed input", str(seed))
+    page.locator(f"#{tab}_seed input").blur()
+    settle(page)
+
+
+def settle(page: Any, quiet_ms: int = 300, timeout_s: float = 30) -> None:
+    """Wait until no gradio event is running. An upload started while another event's
+    component update lands stays at "Uploading..." for ever in gradio 3.41 (A1111 answers a
+    change of the width, height or seed, or of img2img's image, with events of its own)."""
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+        quiet = quiet + 100 if not page.negip_sockets else 0
+        if quiet >= quiet_ms:
+            return
+    raise AssertionError(f"gradio events still running after {timeout_s} s")
+
+
+def open_accordion(page: Any, tab: str = "txt2img") -> None:
+    accordion = f"#negip_{tab}_enabled"
+    page.locator(f"{accordion} .label-wrap").first.scroll_into_view_if_needed()
+    if not page.is_checked(f"{accordion}-visible-checkbox"):
+        page.locator(f"{accordion} .label-wrap").first.click()
+    page.wait_for_function(
+        "id => document.querySelector(`#${id}-checkbox input`).checked", arg=accordion[1:]
+    )
+
+
+def dropdown_choices(page: Any, dropdown: str) -> list[str]:
+    """The choices a gradio dropdown lists when opened (then closed again)."""
+    page.click(f"{dropdown} input")
+    options = page.locator(f"{dropdown} ul.options li")
+    options.first.wait_for()
+    values = options.evaluate_all("items => items.map(item => item.dataset.value)")
+    page.keyboard.press("Escape")
+    page.locator(f"{dropdown} ul.options").wait_for(state="detached")
+    return values
+
+
+def file_names(page: Any, tab: str, side: str) -> list[str]:
+    """The names the side's file box lists."""
+    return page.eval_on_selector_all(
+        f"#negip_{tab}_{side}_images tr.file td:first-child",
+        "cells => cells.map(cell => cell.textContent.trim())",
+    )
+
+
+def upload(page: Any, tab: str, side: str, *paths: Path) -> None:
+    before = len(file_names(page, tab, side))
+    box = f"#negip_{tab}_{side}_images"
+    page.set_input_files(f"{box} input[type=file]", [str(p) for p in paths])
+    try:
+        page.wait_for_function(
+            "([box, n]) => document.querySelectorAll(`${box} a[download]`).length >= n",
+            arg=[box, before + len(paths)],
+            timeout=30_000,
+        )
+    except Exception as error:
+        shown = page.eval_on_selector(box, "e => e.innerText")
+        raise AssertionError(f"the upload into {box} did not finish; it shows {shown!r}") from error
+
+
+def gallery_source(page: Any, tab: str) -> str:
+    sources = page.eval_on_selector_all(f"#{tab}_gallery img", "imgs => imgs.map(i => i.src)")
+    return sources[0] if sources else ""
+
+
+def log_text(page: Any, tab: str) -> str:
+    return page.eval_on_selector(f"#html_log_{tab}", "e => e.innerText")
+
+
+def generate(page: Any, tab: str = "txt2img") -> dict[str, str]:
+    """Press Generate and wait until a new image or a new error is shown; returns the infotext,
+    the log text (errors) and the new image's URL ("" after an error).
+
+    A new image has a new URL (A1111 adds a time stamp); a new error changes the log. (The log
+    must not be cleared here: gradio would not draw into the replaced element again.)
+    """
+    before = gallery_source(page, tab)
+    log_before = page.eval_on_selector(f"#html_log_{tab}", "e => e.innerHTML")
+    page.click(f"#{tab}_generate")
+    page.wait_for_function(
+        """([tab, before, logBefore]) => {
+            const img = document.querySelector(`#${tab}_gallery img`);
+            const log = document.querySelector(`#html_log_${tab}`);
+            const interrupt = document.getElementById(`${tab}_interrupt`);
+            const idle = !interrupt || interrupt.style.display === 'none';
+            const error = log && log.innerHTML !== logBefore && log.querySelector('.error');
+            return idle && ((img && img.src !== before) || error);
+        }""",
+        arg=[tab, before, log_before],
+        timeout=GENERATION_TIMEOUT_MS,
+    )
+    source = gallery_source(page, tab)
+    if source == before:
+        source = ""
+    else:  # the infotext is written together with the gallery
+        page.wait_for_function(
+            "tab => document.querySelector(`#html_info_${tab}`).innerText.includes('Seed:')",
+            arg=tab,
+        )
+    return {
+        "infotext": page.eval_on_selector(f"#html_info_{tab}", "e => e.innerText"),
+        "log": log_text(page, tab),
+        "image": source,
+    }
+
+
+def fetch(page: Any, url: str) -> bytes:
+    response = page.request.get(url)
+    assert response.ok, response.status
+    return response.body()
+
+
+def negip_value(infotext: str, key: str) -> str:
+    match = re.search(rf"{re.escape(key)}: ([^,\n]+)", infotext)
+    assert match, f"{key!r} not in {infotext!r}"
+    return match[1].strip()
+
+
+def api(method: str, path: str, body: dict | None = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        URL + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
+
+
+def store_folder() -> Path:
+    """The server's folder of stored image prompts (skips when this machine cannot see it)."""
+    flags = api("GET", "/sdapi/v1/cmd-flags")
+    options = api("GET", "/sdapi/v1/options")
+    folder = Path(options.get("negip_store_folder") or "outputs/negip-image-prompts").expanduser()
+    if not folder.is_absolute():
+        folder = Path(flags.get("data_dir") or ".") / folder
+    if not folder.is_dir():
+        pytest.skip(f"the server's image prompt folder {folder} is not on this machine")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# txt2img
+
+
+def test_accordion_opens_and_switches_the_extension_on(page: Any) -> None:
+    accordion = "#negip_txt2img_enabled"
+    assert not page.is_checked(f"{accordion}-checkbox input")  # off by default
+    assert not page.is_visible("#negip_txt2img_positive_images")
+    page.locator(f"{accordion} .label-wrap").first.click()
+    page.wait_for_selector("#negip_txt2img_positive_images", state="visible")
+    assert page.is_checked(f"{accordion}-visible-checkbox")
+    assert page.is_checked(f"{accordion}-checkbox input")
+    for part in ("negative_images", "model", "image_encoder", "positive_layers", "negative_noise"):
+        assert page.is_visible(f"#negip_txt2img_{part}"), part
+    # closed again: off again
+    page.locator(f"{accordion} .label-wrap").first.click()
+    page.wait_for_function(
+        "() => !document.querySelector('#negip_txt2img_enabled-checkbox input').checked"
+    )
+
+
+def test_dropdowns_show_auto_and_the_presets(page: Any) -> None:
+    open_accordion(page)
+    assert page.input_value("#negip_txt2img_model input") == "auto"
+    assert page.input_value("#negip_txt2img_image_encoder input") == "auto"
+    assert page.input_value("#negip_txt2img_positive_layers input") == "all"
+    assert page.input_value("#negip_txt2img_negative_layers input") == "all"
+    assert page.input_value("#negip_txt2img_negative_noise_type input") == "fade"
+    choices = dropdown_choices(page, "#negip_txt2img_model")
+    assert choices[0] == "auto"
+    assert set(SD15_ADAPTERS) <= set(choices)
+    presets = dropdown_choices(page, "#negip_txt2img_positive_layers")
+    assert presets == ["all", "style", "composition", "style and composition", "strong style"]
+    assert dropdown_choices(page, "#negip_txt2img_negative_noise_type") == [
+        "fade",
+        "dissolve",
+        "gaussian",
+        "shuffle",
+    ]
+    # the masks sit in the closed "Masks and step windows" accordion
+    assert not page.is_visible("#negip_txt2img_positive_mask")
+    page.locator("#negip_txt2img_more .label-wrap").first.click()
+    page.wait_for_selector("#negip_txt2img_positive_mask", state="visible")
+    assert page.is_visible("#negip_txt2img_negative_mask")
+
+
+def test_generate_with_a_positive_image(page: Any, files: dict[str, Path]) -> None:
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    assert file_names(page, "txt2img", "positive") == ["positive.png"]
+    # javascript/negip.js draws a thumbnail of each uploaded file
+    page.wait_for_selector("#negip_txt2img_positive_preview img.negip-thumbnail", state="attached")
+    result = generate(page)
+    assert result["image"], result["log"]
+    text = result["infotext"]
+    for setting in ("Steps: 4,", "Seed: 1234,", "Size: 64x64,"):
+        assert setting in text, text
+    model = negip_value(text, "NegIP model")
+    name, _, digest = model.partition(" [")
+    assert name in SD15_ADAPTERS, model  # "auto" picked an SD1.5 adapter and names it
+    assert re.fullmatch(r"[0-9a-f]{10}\]", digest), model
+    assert "NegIP model: negip-tiny-ip-adapter" in text
+    assert negip_value(text, "NegIP encoder").startswith(f"{ENCODER} [")
+    assert REFERENCE.fullmatch(negip_value(text, "NegIP positive images"))
+    assert "NegIP negative images" not in text
+    # the UI's image equals the API's for the same settings (the upload path = the API path)
+    encoded = base64.b64encode(files["positive"].read_bytes()).decode()
+    answer = api(
+        "POST",
+        "/sdapi/v1/txt2img",
+        {
+            "prompt": "",
+            "negative_prompt": "",
+            "steps": 4,
+            "width": 64,
+            "height": 64,
+            "seed": 1234,
+            "cfg_scale": 7,
+            "sampler_name": negip_value(text, "Sampler"),
+            "scheduler": negip_value(text, "Schedule type"),
+            "alwayson_scripts": {
+                "Negative Image Prompt": {"args": [{"positive_images": [encoded]}]}
+            },
+        },
+    )
+    ui_pixels = decode(fetch(page, result["image"]))
+    api_pixels = decode(base64.b64decode(answer["images"][0]))
+    assert np.array_equal(ui_pixels, api_pixels)
+
+
+def test_no_image_shows_the_error_in_ui_words(
+    page: Any, files: dict[str, Path], server_log: ServerLog
+) -> None:
+    small_settings(page)
+    open_accordion(page)
+    result = generate(page)
+    message = result["log"]
+    assert result["image"] == ""
+    assert "Negative Image Prompt:" in message, message
+    assert "drop an image" in message, message
+    for word in ("ArgumentError", "NegIPError", "positive_images", "negative_images", "enabled:"):
+        assert word not in message, message
+    # the server logged our one line (and A1111 its own report of the failed UI call)
+    lines = server_log.new_lines()
+    ours = [line for line in lines if line.startswith(OUR_ERROR_LINE)]
+    assert len(ours) == 1, lines
+    # the same page generates once an image is there
+    upload(page, "txt2img", "negative", files["negative"])
+    again = generate(page)
+    assert again["image"], again["log"]
+    assert "Negative Image Prompt:" not in again["log"]
+    assert REFERENCE.fullmatch(negip_value(again["infotext"], "NegIP negative images"))
+
+
+def test_selected_result_goes_to_the_negative_side(page: Any, files: dict[str, Path]) -> None:
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    first = generate(page)
+    assert first["image"], first["log"]
+    assert file_names(page, "txt2img", "negative") == []
+    page.click("#negip_txt2img_add_result_negative")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#negip_txt2img_negative_images tr.file').length === 1"
+    )
+    names = file_names(page, "txt2img", "negative")
+    assert len(names) == 1, names
+    assert re.fullmatch(r"[0-9a-f]{16}\.png", names[0]), names
+    assert file_names(page, "txt2img", "positive") == ["positive.png"]  # untouched
+    second = generate(page)
+    assert second["image"], second["log"]
+    # the negative image is the first result, stored under the same reference
+    assert negip_value(second["infotext"], "NegIP negative images") == names[0][:-4]
+    assert not np.array_equal(
+        decode(fetch(page, second["image"])), decode(fetch(page, first["image"]))
+    )
+    # a second click adds the newest result too
+    page.click("#negip_txt2img_add_result_negative")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#negip_txt2img_negative_images tr.file').length === 2"
+    )
+
+
+def test_swap_button_swaps_the_sides(page: Any, files: dict[str, Path]) -> None:
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    upload(page, "txt2img", "negative", files["negative"])
+    page.click("#negip_txt2img_swap")
+    page.wait_for_function(
+        """() => {
+            const cell = s => document.querySelector(`#negip_txt2img_${s}_images tr.file td`);
+            return cell('positive') && cell('positive').textContent.trim() === 'negative.png'
+                && cell('negative') && cell('negative').textContent.trim() === 'positive.png';
+        }"""
+    )
+
+
+def send_png_to_txt2img(page: Any, png: Path) -> None:
+    """PNG Info: drop the file, then "Send to txt2img"."""
+    page.locator("#tabs > .tab-nav button", has_text="PNG Info").click()
+    page.wait_for_selector("#pnginfo_image", state="visible")
+    page.set_input_files("#pnginfo_image input[type=file]", str(png))
+    page.wait_for_function(
+        "() => document.querySelector('#pnginfo_generation_info textarea')?.value.includes('NegIP')"
+        " || document.querySelector('#tab_pnginfo')?.innerText.includes('NegIP model')"
+    )
+    page.click("#txt2img_tab")
+    page.wait_for_selector("#tab_txt2img", state="visible")
+
+
+def test_png_info_send_to_txt2img_restores_the_image_prompts(
+    page: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
+    small_settings(page, seed=4321)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    upload(page, "txt2img", "negative", files["negative"])
+    original = generate(page)
+    assert original["image"], original["log"]
+    png = tmp_path / "result.png"
+    png.write_bytes(fetch(page, original["image"]))
+    positive = negip_value(original["infotext"], "NegIP positive images")
+    negative = negip_value(original["infotext"], "NegIP negative images")
+
+    page.reload(wait_until="domcontentloaded")  # a fresh page: nothing uploaded, extension off
+    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
+    assert not page.is_checked("#negip_txt2img_enabled-checkbox input")
+    send_png_to_txt2img(page, png)
+
+    page.wait_for_function(
+        "() => document.querySelector('#negip_txt2img_enabled-checkbox input').checked"
+    )
+    page.wait_for_function(
+        "() => document.querySelectorAll('#negip_txt2img_positive_images tr.file').length === 1"
+        " && document.querySelectorAll('#negip_txt2img_negative_images tr.file').length === 1"
+    )
+    assert file_names(page, "txt2img", "positive") == [f"{positive}.png"]
+    assert file_names(page, "txt2img", "negative") == [f"{negative}.png"]
+    status = page.eval_on_selector_all(
+        "#negip_txt2img_restore_status", "els => els.map(e => e.innerText).join('')"
+    )
+    assert status.strip() == "", status  # nothing missing
+    assert page.input_value("#txt2img_seed input") == "4321"
+    assert page.input_value("#negip_txt2img_model input").startswith("negip-tiny-ip-adapter")
+
+    again = generate(page)
+    assert again["image"], again["log"]
+    assert negip_value(again["infotext"], "NegIP positive images") == positive
+    assert np.array_equal(decode(fetch(page, again["image"])), decode(png.read_bytes()))
+
+
+def test_send_to_txt2img_names_a_deleted_stored_image(
+    page: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = store_folder()
+    unique = random_png(tmp_path / "unique.png", 7002)  # only this test uses it
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", unique)
+    original = generate(page)
+    assert original["image"], original["log"]
+    png = tmp_path / "result.png"
+    png.write_bytes(fetch(page, original["image"]))
+    reference = negip_value(original["infotext"], "NegIP positive images")
+    (folder / f"{reference}.png").unlink()
+
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
+    send_png_to_txt2img(page, png)
+    page.wait_for_function(
+        "ref => document.querySelector('#negip_txt2img_restore_status').innerText.includes(ref)",
+        arg=reference,
+    )
+    status = page.eval_on_selector("#negip_txt2img_restore_status", "e => e.innerText")
+    assert "outputs/negip-image-prompts" in status, status
+    assert "/work/" not in status, status
+    assert str(folder) not in status, status
+    assert file_names(page, "txt2img", "positive") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# img2img
+
+
+def test_img2img_accordion_and_generation(page: Any, files: dict[str, Path]) -> None:
+    page.locator("#tabs > .tab-nav button", has_text="img2img").first.click()
+    page.wait_for_selector("#tab_img2img", state="visible")
+    page.set_input_files("#img2img_image input[type=file]", str(files["init"]))
+    page.wait_for_selector("#img2img_image img", state="attached")
+    settle(page)
+    small_settings(page, "img2img")
+    page.wait_for_selector("#negip_img2img_enabled", state="attached")
+    open_accordion(page, "img2img")
+    assert page.input_value("#negip_img2img_model input") == "auto"
+    assert not page.is_visible("#negip_img2img_hires_pass")  # img2img has no hires fix
+    upload(page, "img2img", "positive", files["positive"])
+    result = generate(page, "img2img")
+    assert result["image"], result["log"]
+    assert negip_value(result["infotext"], "NegIP model").split(" [")[0] in SD15_ADAPTERS
+    assert REFERENCE.fullmatch(negip_value(result["infotext"], "NegIP positive images"))
+
+
+def test_img2img_input_goes_to_the_positive_side(page: Any, files: dict[str, Path]) -> None:
+    """The img2img tab's "➕ img2img input" button adds the picture being edited to a side;
+    a generation with it then names one stored positive image."""
+    page.locator("#tabs > .tab-nav button", has_text="img2img").first.click()
+    page.wait_for_selector("#tab_img2img", state="visible")
+    page.set_input_files("#img2img_image input[type=file]", str(files["init"]))
+    page.wait_for_selector("#img2img_image img", state="attached")
+    settle(page)
+    small_settings(page, "img2img")
+    open_accordion(page, "img2img")
+    assert file_names(page, "img2img", "positive") == []
+    page.click("#negip_img2img_add_input_positive")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#negip_img2img_positive_images a[download]').length"
+        " === 1",
+        timeout=30_000,
+    )
+    settle(page)
+    names = file_names(page, "img2img", "positive")
+    assert len(names) == 1, names
+    assert re.fullmatch(r"[0-9a-f]{16}\.png", names[0]), names
+    assert file_names(page, "img2img", "negative") == []
+    result = generate(page, "img2img")
+    assert result["image"], result["log"]
+    assert REFERENCE.fullmatch(negip_value(result["infotext"], "NegIP positive images"))
+
+
+# ---------------------------------------------------------------------------------------------
+# README screenshot
+
+
+@pytest.mark.skipif(not SCREENSHOT_DIR, reason="NEGIP_SCREENSHOT_DIR is not set")
+def test_readme_screenshots(page: Any, tmp_path: Path) -> None:
+    """The README's pictures, after a generation with an image on each side (a house, and a
+    lawn to subtract): ``accordion-txt2img.png``, the txt2img tab from the prompt down to the
+    open accordion with the result and its infotext on the right, and
+    ``accordion-closeup.png``, the accordion alone."""
+    out = Path(SCREENSHOT_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    page.set_viewport_size({"width": 1100, "height": 1400})  # narrow: readable when scaled
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", house_png(tmp_path / "house.png"))
+    upload(page, "txt2img", "negative", lawn_png(tmp_path / "lawn.png"))
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#negip_txt2img_positive_preview img.negip-thumbnail,"
+        " #negip_txt2img_negative_preview img.negip-thumbnail')]"
+        ".filter(i => i.complete && i.naturalWidth > 0).length === 2"
+    )
+    result = generate(page)
+    assert result["image"], result["log"]
+    assert "NegIP negative images" in result["infotext"]
+    page.mouse.move(0, 0)  # no hover effects
+    page.evaluate("() => window.scrollTo(0, 0)")
+    page.wait_for_timeout(300)
+    tab = page.locator("#tab_txt2img").bounding_box()
+    accordion = page.locator("#negip_txt2img_enabled").first
+    box = accordion.bounding_box()
+    page.screenshot(
+        path=str(out / "accordion-txt2img.png"),
+        full_page=True,
+        clip={
+            "x": tab["x"],
+            "y": tab["y"],
+            "width": tab["width"],
+            "height": box["y"] + box["height"] - tab["y"] + 8,
+        },
+    )
+    accordion.scroll_into_view_if_needed()
+    page.wait_for_timeout(300)
+    accordion.screenshot(path=str(out / "accordion-closeup.png"))
