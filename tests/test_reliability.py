@@ -1202,7 +1202,9 @@ def _(lab: Lab) -> None:
 
 @case(API, "a mask that is not an image, and a list of masks")
 def _(lab: Lab) -> None:
-    lab.refused(reference_fields(positive_mask="bm90IGFuIGltYWdl"), r"positive_mask: .*not an image")
+    lab.refused(
+        reference_fields(positive_mask="bm90IGFuIGltYWdl"), r"positive_mask: .*not an image"
+    )
     lab.refused(
         reference_fields(negative_mask=[b64(png(POSITIVE))]), r"negative_mask must be one image"
     )
