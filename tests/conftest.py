@@ -55,3 +55,17 @@ import pytest  # noqa: E402
 def _seeded() -> None:
     """Every test starts from the same global random state, whatever ran before it."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A fresh stand-in A1111 (tests/webui_harness.World) with the tiny models for one test;
+    the extension is shut down and the callbacks cleared afterwards."""
+    from webui_harness import World, script_callbacks
+
+    from lib_negip.webui import register
+
+    world = World(tmp_path / "models")
+    yield world
+    register.shutdown()
+    script_callbacks.clear()

@@ -9,26 +9,21 @@ the batching. Weight 0 is bit-exact with Forge without the extension, and nothin
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from forge_stub import ForgeProcessing, forge_model
 from test_hijack import hook_state
 from tiny_unets import SD15
-from webui_harness import World, b64, conditioning, picture, processing, script_callbacks, shared
-
-from lib_negip.webui import register
+from webui_harness import (
+    World,
+    b64,
+    conditioning,
+    picture,
+    processing,
+    shared,
+)
 
 TOLERANCE = 1e-5
-
-
-@pytest.fixture
-def world(tmp_path: Path):
-    world = World(tmp_path / "models")
-    yield world
-    register.shutdown()
-    script_callbacks.clear()
 
 
 def fields(**overrides) -> dict:

@@ -34,17 +34,9 @@ from lib_negip.encoder import load_image_encoder
 from lib_negip.hijack import AttentionHijack
 from lib_negip.prompt import StepWindow
 from lib_negip.session import pass_progress
-from lib_negip.webui import models, register, xyz
+from lib_negip.webui import models, xyz
 
 TOLERANCE = 2e-5
-
-
-@pytest.fixture
-def world(tmp_path: Path):
-    world = World(tmp_path / "models")
-    yield world
-    register.shutdown()
-    script_callbacks.clear()
 
 
 def api_args(**fields) -> list:

@@ -47,21 +47,12 @@ from lib_negip.hijack import AttentionHijack
 from lib_negip.session import pass_progress
 from lib_negip.store import format_references, reference_of
 from lib_negip.unet_layers import block_indices, cross_attention_layers, transformer_blocks
-from lib_negip.webui import register
 from lib_negip.webui.failures import UI_NAME
 from lib_negip.webui.generation import Generation
 from lib_negip.webui.settings import DEFAULT_STORE_FOLDER, OPT_STORE_IMAGES
 from lib_negip.wording import UI_FORBIDDEN
 
 TOLERANCE = 2e-5
-
-
-@pytest.fixture
-def world(tmp_path: Path):
-    world = World(tmp_path / "models")
-    yield world
-    register.shutdown()
-    script_callbacks.clear()
 
 
 POSITIVE, NEGATIVE = picture(1), picture(2)

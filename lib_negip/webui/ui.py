@@ -204,29 +204,16 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                     components[f"{side}_mask"] = _mask_input(
                         gr, f"{side.capitalize()} mask", eid(f"{side}_mask")
                     )
-            window = "as a fraction of the sampling steps"
-            with FormRow():
-                slider(
-                    "positive_start",
-                    "Positive start",
-                    0.0,
-                    1.0,
-                    f"Positive images act from {window}",
-                )
-                slider(
-                    "positive_end", "Positive end", 0.0, 1.0, f"Positive images act until {window}"
-                )
-            with FormRow():
-                slider(
-                    "negative_start",
-                    "Negative start",
-                    0.0,
-                    1.0,
-                    f"Negative images act from {window}",
-                )
-                slider(
-                    "negative_end", "Negative end", 0.0, 1.0, f"Negative images act until {window}"
-                )
+            for side in ("positive", "negative"):
+                with FormRow():
+                    for edge, verb in (("start", "from"), ("end", "until")):
+                        slider(
+                            f"{side}_{edge}",
+                            f"{side.capitalize()} {edge}",
+                            0.0,
+                            1.0,
+                            f"{side.capitalize()} images act {verb} a fraction of the steps",
+                        )
             with FormRow():
                 components["hires_pass"] = gr.Radio(
                     label="Hires. fix pass",
