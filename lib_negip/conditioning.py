@@ -194,7 +194,7 @@ def read_rows(context: torch.Tensor, layout: TokenLayout) -> tuple[BlockRow, ...
     per UNet call, not per layer. The rows then select keys and values on the host, so the
     attention needs no device gather and no synchronisation of its own.
     """
-    meta = context[:, -layout.n_meta :, : META_SIDE + 1].cpu().tolist()  # [B][n_meta][7]
+    meta = context[:, -layout.n_meta :, : META_SIDE + 1].tolist()  # [B][n_meta][7], on the host
     pattern = list(PATTERN)
     if not all(token[META_PATTERN] == pattern for row in meta for token in row):
         msg = (

@@ -124,19 +124,21 @@ def mask_at_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 class _Entry:
     """What one layer adds for one row layout, in one of two forms.
 
-    Per head (``block_diagonal`` False): keys [B, H, N, d] pre-scaled by 1/sqrt(d), values
-    [B, H, N, d] pre-scaled by each row's weight, an optional additive key bias [B, 1, 1, N]
-    (slots a row does not fill) and an optional query mask [B, Tq, 1, 1].
+    Per head (``block_diagonal`` False), through ``F.scaled_dot_product_attention``: keys
+    [B, H, N, d] pre-scaled by 1/sqrt(d), values [B, H, N, d] pre-scaled by each row's weight, an
+    optional additive key bias [B, 1, 1, N] (slots a row does not fill), the query's
+    [B, H, Tq, d] view of its [B, Tq, inner] storage (``q_view``: sizes and strides, one call
+    instead of a split and a transpose). Fused attention kernels on every device, and the
+    fewest multiply-adds: the default everywhere.
 
-    Block-diagonal (``block_diagonal`` True): the heads laid side by side, keys [B, inner, H*N]
-    (head h's d rows map to its N columns) and values [B, H*N, inner], so that one matmul
-    gives every head's scores and one ``baddbmm`` adds every head's term to the hidden states:
-    five torch calls per layer and no copies, at H times the multiply-adds of the per-head form
-    (free on a GPU, where the host's calls are the cost; see :func:`use_block_diagonal`).
-    Bias [B, 1, H*N], mask [B, Tq, 1].
+    Block-diagonal (``block_diagonal`` True, an option for measurements): the heads laid side
+    by side, keys [B, inner, H*N] and values [B, H*N, inner], so that one matmul gives every
+    head's scores and one ``baddbmm`` adds every head's term to the hidden states, at H times
+    the multiply-adds and memory of the per-head form. Bias [B, 1, H*N].
 
-    ``cast_q`` / ``cast_out``: the dtype the query is cast to (upcast) and the one the term is
-    returned in, where they differ from the query's and the hidden states'.
+    ``mask``: [B, Tq, 1], multiplies each row's term per query. ``cast_q`` / ``cast_out``: the
+    dtype the query is cast to (upcast) and the one the term is returned in, where they differ
+    from the query's and the hidden states'.
     """
 
     keys: torch.Tensor
@@ -144,33 +146,25 @@ class _Entry:
     bias: torch.Tensor | None
     mask: torch.Tensor | None
     block_diagonal: bool = False
+    q_view: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     cast_q: torch.dtype | None = None
     cast_out: torch.dtype | None = None
 
 
-#: "auto" (block-diagonal where it costs no real time: see :func:`use_block_diagonal`),
-#: "always" or "never"; tests and the benchmark set it to compare the two forms.
+#: The form of the image term: "auto" and "never" use the per-head form, "always" the
+#: block-diagonal one (tests and the benchmark compare the two).
 BLOCK_DIAGONAL = "auto"
-#: Extra multiply-adds the block-diagonal form may cost on a CPU to save one torch call.
-CPU_FLOPS_PER_CALL = 2e5
 
 
-def use_block_diagonal(
-    device: torch.device, batch: int, tokens: int, inner: int, heads: int, n: int
-) -> bool:
-    """Whether a layer computes its term in the block-diagonal form.
+def use_block_diagonal() -> bool:
+    """Whether layers compute their term in the block-diagonal form.
 
-    On a GPU the layer's term is a few small kernels whose cost is the host's launches: the
-    block-diagonal form launches the fewest. On a CPU the arithmetic is the cost: the form
-    spends (H-1) times the per-head multiply-adds more, worth it only where that is less than
-    the time of the torch call it saves (tiny layers).
+    Measured on this project's CPU benchmark (bench.forms) the per-head form through
+    ``scaled_dot_product_attention`` is as fast as the block-diagonal one or faster at every
+    size, and it keeps H times less memory per row (SDXL plus at batch 8 in fp16: about 65 MB
+    against 1.3 GB); on a GPU both make the same number of host calls. So "auto" is per head.
     """
-    if BLOCK_DIAGONAL != "auto":
-        return BLOCK_DIAGONAL == "always"
-    if device.type != "cpu":
-        return True
-    extra = 4 * batch * tokens * inner * n * (heads - 1)
-    return extra <= CPU_FLOPS_PER_CALL
+    return BLOCK_DIAGONAL == "always"
 
 
 _SKIP = object()  # every row of this layer has weight 0 in this layout: nothing to add
@@ -213,7 +207,7 @@ class _LayerHooks:
         self.kv = kv
         self.scales = scales  # block weight of the positive and the negative side
         self.q: torch.Tensor | None = None
-        self.added = False
+        self.added_serial = 0  # the hijack's serial of the last UNet call this layer added in
         self.handles: list[RemovableHandle] = []
         self.fallback: RemovableHandle | None = None
         self.needs_fallback = False
@@ -257,7 +251,8 @@ class _LayerHooks:
         entry = plan.entries[self.index]
         if entry is None:
             entry = plan.entries[self.index] = self.hijack.entry(self, plan, q, hidden)
-        self.added = True
+        self.added_serial = self.hijack.serial
+        self.hijack.added += 1
         if entry is _SKIP:
             return None
         if entry.block_diagonal and entry.cast_q is None and entry.cast_out is None:
@@ -277,22 +272,25 @@ class _LayerHooks:
     def image_term(self, entry: _Entry, q: torch.Tensor) -> torch.Tensor:
         """sum over slots of softmax(q k / sqrt(d)) (weight * v), per head: [B, Tq, inner].
 
-        Per-head form: six torch calls without a mask (one more for a mask, one for slots some
-        rows do not fill); the heads are split and merged by views of the query and the term.
+        Per-head form: four torch calls (the query's head view, the fused attention, the
+        heads merged back by a transpose and a flatten that are views of its output), one more
+        for a mask; the caller's add makes five.
         """
         if entry.cast_q is not None:
             q = q.to(entry.cast_q)
         if entry.block_diagonal:
-            term = torch.bmm(self.probabilities(entry, q), entry.values)
+            term = torch.bmm(self.probabilities(entry, q), entry.values)  # masked in there
+            return term if entry.cast_out is None else term.to(entry.cast_out)
+        if entry.q_view is not None:
+            heads = torch.as_strided(q, *entry.q_view)  # [B, H, Tq, d]
         else:
-            heads = q.unflatten(-1, (self.heads, -1))
-            scores = torch.einsum("bqhd,bhnd->bqhn", heads, entry.keys)
-            if entry.bias is not None:
-                scores = scores + entry.bias
-            probs = scores.softmax(-1)
-            if entry.mask is not None:
-                probs = probs * entry.mask
-            term = torch.einsum("bqhn,bhnd->bqhd", probs, entry.values).flatten(2)
+            heads = q.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            heads, entry.keys, entry.values, attn_mask=entry.bias, scale=1.0
+        )
+        term = out.transpose(1, 2).flatten(2)  # [B, Tq, inner]
+        if entry.mask is not None:
+            term = term * entry.mask
         return term if entry.cast_out is None else term.to(entry.cast_out)
 
     def after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -301,7 +299,7 @@ class _LayerHooks:
         term is added after the output projection (``to_out[0]`` is linear, its bias already
         applied)."""
         plan = self.hijack.plan
-        if plan is None or self.added:
+        if plan is None or self.added_serial == self.hijack.serial:
             self.q = None
             return None
         self.needs_fallback = True
@@ -310,7 +308,8 @@ class _LayerHooks:
         entry = plan.entries[self.index]
         if entry is None:
             entry = plan.entries[self.index] = self.hijack.entry(self, plan, q, None)
-        self.added = True
+        self.added_serial = self.hijack.serial
+        self.hijack.added += 1
         if entry is _SKIP:
             return None
         term = self.image_term(entry, q)
@@ -411,7 +410,10 @@ class AttentionHijack:
         self._unet_after: RemovableHandle | None = None
         self._probing = True
         self.plan: _Plan | None = None  # the current UNet call's, while it runs
+        self.serial = 0  # counts the UNet calls that carried the block
+        self.added = 0  # layers that added (or skipped at weight 0) the term in this call
         self._expecting = False
+        self._misses = 0
         self.reach = Reach()
         self._warned_partial = False
 
@@ -481,10 +483,13 @@ class AttentionHijack:
         self.plan = None
         positional = "context" not in kwargs
         context = args[2] if positional and len(args) > 2 else kwargs.get("context")
-        if not isinstance(context, torch.Tensor) or context.dim() != 3:
+        if not isinstance(context, torch.Tensor):
             return None
-        _, length, width = context.shape
-        if width != self.context_dim or not self.layout.carries_block(length):
+        shape = context.shape
+        if len(shape) != 3 or shape[2] != self.context_dim:
+            return None
+        length = shape[1]
+        if not self.layout.carries_block(length):
             return None
         try:
             rows = read_rows(context, self.layout)
@@ -494,8 +499,8 @@ class AttentionHijack:
             raise self._raised(error) from error
         x = args[0] if args else kwargs["x"]
         self.plan = self._plan_for(rows, tuple(x.shape[-2:]), context)
-        for layer in self._layers:
-            layer.added = False
+        self.serial += 1
+        self.added = 0
         text = context[:, : length - self.layout.total].contiguous()
         if positional:
             return (*args[:2], text, *args[3:]), kwargs
@@ -523,7 +528,9 @@ class AttentionHijack:
             self._abort()
             return
         if plan is None:
-            if self._expecting and self.reach.calls == 0:
+            # Tolerate one such call (another extension's own pass before the sampler's).
+            self._misses += self._expecting and self.reach.calls == 0
+            if self._misses >= 2:
                 self._abort()
                 msg = (
                     "The image prompts were added to the conditioning, but the UNet was called "
@@ -535,7 +542,7 @@ class AttentionHijack:
                 raise self._raised(UnreachedError(msg))
             return
         self._expecting = False
-        added = sum(1 for layer in self._layers if layer.added)
+        added = self.added
         self.reach = Reach(self.reach.calls + 1, self.reach.layers_added + added)
         if self._probing:
             self._probing = False
@@ -620,7 +627,7 @@ class AttentionHijack:
         row_weights = torch.tensor(weights, dtype=dtype, device=device)
         values = keys_values[:, 1] * row_weights[:, None, None, None]
         tokens, inner = q.shape[1], heads * head_dim
-        block_diagonal = use_block_diagonal(device, batch, tokens, inner, heads, n)
+        block_diagonal = use_block_diagonal()
         bias = None
         if any(row.count < n for row in plan.rows):
             slots = torch.arange(n, device=device)
@@ -628,21 +635,23 @@ class AttentionHijack:
             unused = slots[None] >= counts[:, None]  # [B, N]
             bias = torch.zeros(batch, 1, 1, n, dtype=dtype, device=device)
             bias.masked_fill_(unused[:, None, None, :], -math.inf)
-        mask = self._layer_mask(plan, tokens, device, dtype)  # [B, Tq, 1, 1]
+        mask = self._layer_mask(plan, tokens, device, dtype)  # [B, Tq, 1]
+        q_view = None
         if block_diagonal:
             keys, values = _block_diagonal(keys, values)
             if bias is not None:
                 bias = bias.expand(batch, 1, heads, n).reshape(batch, 1, heads * n)
-            if mask is not None:
-                mask = mask[..., 0]
         else:
             keys, values = keys.contiguous(), values.contiguous()
+            if q.is_contiguous() and dtype == q.dtype:  # the to_q output: always, in practice
+                q_view = ((batch, heads, tokens, head_dim), (tokens * inner, head_dim, inner, 1))
         return _Entry(
             keys=keys,
             values=values,
             bias=bias,
             mask=mask,
             block_diagonal=block_diagonal,
+            q_view=q_view,
             cast_q=None if dtype == q.dtype else dtype,
             cast_out=None if dtype == out_dtype else out_dtype,
         )
@@ -654,7 +663,7 @@ class AttentionHijack:
     def _layer_mask(
         self, plan: _Plan, tokens: int, device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor | None:
-        """[B, Tq, 1, 1]: each row's side mask at this layer's grid, or None without masks."""
+        """[B, Tq, 1]: each row's side mask at this layer's grid, or None without masks."""
         sides = [row.side for row in plan.rows]
         if not any(0 <= s < len(self._masks) and self._masks[s] is not None for s in sides):
             return None
@@ -671,7 +680,7 @@ class AttentionHijack:
                         plan.masks[side] = mask_at_latent(mask, plan.latent)
                     by_side[side] = mask_at_grid(plan.masks[side], grid)
             rows.append(by_side[side])
-        return torch.stack(rows).to(device=device, dtype=dtype)[:, :, None, None]
+        return torch.stack(rows).to(device=device, dtype=dtype)[:, :, None]
 
 
 def _block_diagonal(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
