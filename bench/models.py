@@ -17,6 +17,7 @@ Each stage runs in its own process (see ``bench.run``), so its peak resident mem
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import sys
@@ -50,6 +51,72 @@ def current_rss_mib() -> float:
     except (OSError, IndexError, ValueError):
         return float("nan")
     return round(pages * resource.getpagesize() / 2**20, 1)
+
+
+_STATUS_FIELDS = {"VmRSS": "rss", "VmHWM": "peak", "RssAnon": "anon", "RssFile": "file"}
+
+
+def memory_mib() -> dict[str, float]:
+    """Resident memory now (``rss``, split into ``anon`` memory and ``file`` pages: a mapped
+    file's pages count once touched) and its ``peak`` since the last :func:`reset_peak`, from
+    /proc/self/status (Linux); {} elsewhere."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    found = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name in _STATUS_FIELDS:
+            found[_STATUS_FIELDS[name]] = round(int(value.split()[0]) / 1024, 1)
+    return found
+
+
+def reset_peak() -> bool:
+    """Reset the peak resident memory (``VmHWM``) to the current one (Linux >= 4.0), so that
+    the next :func:`memory_mib` reports the peak of what ran in between."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def tensor_mib(module: torch.nn.Module) -> float:
+    """Size of a module's parameters and buffers (a tensor shared by two names once)."""
+    sizes = {t.data_ptr(): t.numel() * t.element_size() for t in module.state_dict().values()}
+    return round(sum(sizes.values()) / 2**20, 1)
+
+
+class Phase:
+    """Resident memory of one phase (a load, the first encode): at its start, its peak, and
+    after it, once the phase's temporaries are gone (the steady increase is what stays)."""
+
+    def __init__(self) -> None:
+        self.peak_reset = reset_peak()
+        self.start = memory_mib()
+        self.result: dict[str, Any] = {}
+
+    def end(self, tensors_mib: float | None = None) -> dict[str, Any]:
+        peak = memory_mib().get("peak") if self.peak_reset else None
+        gc.collect()
+        after = memory_mib()
+        result: dict[str, Any] = {"start": self.start, "after": after}
+        if self.start and after:
+            result["steady_increase_mib"] = round(after["rss"] - self.start["rss"], 1)
+            result["anon_increase_mib"] = round(after["anon"] - self.start["anon"], 1)
+            result["file_increase_mib"] = round(after["file"] - self.start["file"], 1)
+            if peak is not None:
+                result["peak_mib"] = peak
+                result["peak_increase_mib"] = round(peak - self.start["rss"], 1)
+        if tensors_mib:
+            result["tensors_mib"] = tensors_mib
+            if "steady_increase_mib" in result:
+                result["steady_over_tensors"] = round(
+                    result["steady_increase_mib"] / tensors_mib, 3
+                )
+        return result
 
 
 def write_files(folder: Path, tiny: bool = False) -> dict[str, Any]:
@@ -115,9 +182,11 @@ def run_load_adapter(folder: Path, variant: str, repeats: int) -> dict[str, Any]
     rss_start = current_rss_mib()
     models = Models()
     path = folder / ADAPTER_FILES[variant]
+    load_phase = Phase()
     started = time.perf_counter()
     loaded = models.adapter(path)
     first_s = time.perf_counter() - started
+    load_memory = load_phase.end()
     reads_after_first = models.file_reads
     peak_after_load = peak_rss_mib()
     again = []
@@ -152,6 +221,7 @@ def run_load_adapter(folder: Path, variant: str, repeats: int) -> dict[str, Any]
         "project_tokens_s": summary(project),
         "rss_after_imports_mib": rss_start,
         "peak_rss_after_load_mib": peak_after_load,
+        "memory": {"load": load_memory},
         "peak_rss_mib": peak_rss_mib(),
     }
 
@@ -177,9 +247,11 @@ def run_encoder(folder: Path, repeats: int) -> dict[str, Any]:
     rss_start = current_rss_mib()
     models = Models()
     path = folder / ENCODER_FOLDER
+    load_phase = Phase()
     started = time.perf_counter()
     encoder, key = models.encoder(path)
     first_s = time.perf_counter() - started
+    load_memory = load_phase.end(tensor_mib(encoder.module))
     reads_after_first = models.file_reads
     peak_after_load = peak_rss_mib()
     started = time.perf_counter()
@@ -200,16 +272,21 @@ def run_encoder(folder: Path, repeats: int) -> dict[str, Any]:
         "file_reads_after_cached_use": models.file_reads,
         "rss_after_imports_mib": rss_start,
         "peak_rss_after_load_mib": peak_after_load,
+        "memory": {"load": load_memory},
         "outputs": {},
     }
     images = _random_images(repeats, seed=7)
     for output, adapter in (("image_embeds", "base"), ("penultimate", "plus")):
         misses, hits = [], []
         calls_before = cache.encoder_calls
-        for image in images:
+        for index, image in enumerate(images):
+            # The first encode of each output kind, alone: its peak and what stays after it.
+            phase = Phase() if index == 0 else None
             started = time.perf_counter()
             features = cache.features(encoder, key, output, [image])
             misses.append(time.perf_counter() - started)
+            if phase is not None:
+                result["memory"][f"first encode ({output})"] = phase.end()
         calls_after_misses = cache.encoder_calls
         for image in images:
             # The same content in a new PIL object, as the next generation would send it.
@@ -222,9 +299,20 @@ def run_encoder(folder: Path, repeats: int) -> dict[str, Any]:
             "shape": list(features.shape),
             "images": len(images),
             "encode_per_image_s": summary(misses),
+            "first_encode_s": round(misses[0], 3),  # includes faulting in what the load left
             "encoder_calls_for_new_images": calls_after_misses - calls_before,
             "cache_hit_per_image_s": summary(hits),
             "encoder_calls_for_repeated_images": cache.encoder_calls - calls_after_misses,
         }
     result["peak_rss_mib"] = peak_rss_mib()
+    gc.collect()
+    end = memory_mib()
+    if end and load_memory.get("start"):
+        # What a first generation leaves resident: the load and every encode since.
+        result["memory"]["load and encodes"] = {
+            "start": load_memory["start"],
+            "after": end,
+            "steady_increase_mib": round(end["rss"] - load_memory["start"]["rss"], 1),
+            "tensors_mib": load_memory.get("tensors_mib"),
+        }
     return result

@@ -115,33 +115,44 @@ def render_step(unit: str, r: dict[str, Any]) -> str:
             f"{layer_calls['samples']} interleaved samples), microseconds per call (first "
             "layer and middle block shown; every layer in the JSON):"
         )
+        out.extend(_layer_tables(layer_calls))
+    host_only = r.get("layer_calls_host_only")
+    if host_only:
+        out.append(
+            "Host-only view: the same with one query token per row (a 1x1 latent), so the image "
+            f"term's arithmetic is negligible ({host_only['calls_per_sample']} calls x "
+            f"{host_only['samples']} samples; the engine's auto form as on a GPU):"
+        )
+        out.extend(_layer_tables(host_only))
+    host_ops = r.get("host_ops_per_attn2_call")
+    if host_ops:
+        out.append(
+            "Python-level torch calls and hooks added per attn2 call (TorchFunctionMode around "
+            "one steady-state UNet call; (hijacked - plain) / attn2 calls; the UNet-level work "
+            "per UNet call apart):"
+        )
         rows = []
-        shown = layer_calls.get("shown", list(layer_calls["layers"]))
-        for name in shown:
-            entry = layer_calls["layers"][name]
-            for variant, us in entry["us"].items():
-                added = entry["added_us"].get(variant)
-                rows.append(
-                    [
-                        name,
-                        "x".join(map(str, entry["x"])),
-                        variant,
-                        f"{us:.1f}",
-                        "-" if added is None else f"{added:+.1f}",
-                    ]
-                )
-        out.append(_table(["layer", "input", "variant", "us/call", "added us"], rows))
-        per_call = layer_calls.get("per_unet_call")
-        if per_call:
-            out.append(
-                f"Summed over all {len(layer_calls['layers'])} attn2 layers (added time per "
-                "UNet call, and 1 + that / the baseline's median step):"
+        for name, v in host_ops.items():
+            unet = v["per_unet_call"]
+            rows.append(
+                [
+                    name,
+                    f"{v['torch_calls']:g}",
+                    f"{v['hooks']:g}",
+                    f"{v['in_layer_hooks']['torch_calls']:g}",
+                    v["layers_block_diagonal"],
+                    str(v.get("entries_mib", "-")),
+                    f"{unet['torch_calls']} / {unet['hooks']}",
+                    str(unet["conditioning_and_batching_torch_calls"]),
+                ]
             )
-            rows = [
-                [name, f"{v['added_ms']:.3f}", f"{v['estimated_ratio']:.4f}"]
-                for name, v in per_call.items()
-            ]
-            out.append(_table(["variant", "added ms per UNet call", "estimated ratio"], rows))
+        out.append(
+            _table(
+                ["variant", "torch calls", "hooks", "in attn2 hooks", "block-diagonal layers",
+                 "entries MiB", "per UNet call: calls / hooks", "conditioning + cat calls"],
+                rows,
+            )
+        )  # fmt: skip
     profile = r.get("profile")
     if profile:
         out.append(f"cProfile of one {profile['variant']} step, calls out of lib_negip:")
@@ -151,6 +162,48 @@ def render_step(unit: str, r: dict[str, Any]) -> str:
         ]
         out.append(_table(["caller", "callee", "calls", "cumulative ms"], rows))
     return "\n\n".join(out)
+
+
+def _layer_tables(layer_calls: dict[str, Any]) -> list[str]:
+    out = []
+    rows = []
+    for name in layer_calls.get("shown", list(layer_calls["layers"])):
+        entry = layer_calls["layers"][name]
+        for variant, us in entry["us"].items():
+            added = entry["added_us"].get(variant)
+            rows.append(
+                [
+                    name,
+                    "x".join(map(str, entry["x"])),
+                    variant,
+                    f"{us:.1f}",
+                    "-" if added is None else f"{added:+.1f}",
+                ]
+            )
+    out.append(_table(["layer", "input", "variant", "us/call", "added us"], rows))
+    per_call = layer_calls.get("per_unet_call")
+    if per_call:
+        out.append(
+            f"Summed over all {len(layer_calls['layers'])} attn2 layers (added time per UNet "
+            "call, per attn2 call, and 1 + that / the baseline's median step):"
+        )
+        rows = [
+            [
+                name,
+                f"{v['added_ms']:.3f}",
+                str(v.get("added_us_per_attn2_call", "-")),
+                f"{v['estimated_ratio']:.4f}" if "estimated_ratio" in v else "-",
+            ]
+            for name, v in per_call.items()
+        ]
+        out.append(
+            _table(
+                ["variant", "added ms per UNet call", "added us per attn2 call",
+                 "estimated ratio"],
+                rows,
+            )
+        )  # fmt: skip
+    return out
 
 
 def render_models(results: dict[str, Any]) -> str:
@@ -199,6 +252,36 @@ def render_models(results: dict[str, Any]) -> str:
                 rows,
             )
         )
+    rows = []
+    for unit, label in (("load:base", "adapter base"), ("load:plus", "adapter plus"),
+                        ("encoder", "image encoder")):  # fmt: skip
+        for phase, m in (results.get(unit) or {}).get("memory", {}).items():
+            if "steady_increase_mib" not in m:
+                continue
+            peak = m.get("peak_increase_mib")
+            ratio = m.get("steady_over_tensors")
+            rows.append(
+                [
+                    f"{label}: {phase}",
+                    f"{m['start']['rss']:.0f}",
+                    "-" if peak is None else f"{m['peak_mib']:.0f} (+{peak:.0f})",
+                    f"{m['after']['rss']:.0f} ({m['steady_increase_mib']:+.0f})",
+                    "-"
+                    if "anon_increase_mib" not in m
+                    else f"{m['anon_increase_mib']:+.0f} / {m['file_increase_mib']:+.0f}",
+                    "-" if not m.get("tensors_mib") else f"{m['tensors_mib']:.0f}",
+                    "-" if ratio is None else f"{ratio:.3f}",
+                ]
+            )
+    if rows:
+        out.append("### Resident memory per phase (MiB; peak since the phase began)")
+        out.append(
+            _table(
+                ["phase", "start", "peak (increase)", "after (steady increase)",
+                 "anon / file pages increase", "tensors", "steady / tensors"],
+                rows,
+            )
+        )  # fmt: skip
     if encoder:
         rows = []
         for output, o in encoder["outputs"].items():
@@ -206,6 +289,7 @@ def render_models(results: dict[str, Any]) -> str:
                 [
                     f"{output} ({o['adapter']})",
                     _spread(o["encode_per_image_s"], 1.0, "{:.2f}"),
+                    f"{o['first_encode_s']:.2f}" if "first_encode_s" in o else "-",
                     str(o["encoder_calls_for_new_images"]),
                     f"{o['cache_hit_per_image_s']['median'] * 1e3:.2f}",
                     str(o["encoder_calls_for_repeated_images"]),
@@ -220,6 +304,7 @@ def render_models(results: dict[str, Any]) -> str:
                 [
                     "output",
                     "new image s median [IQR]",
+                    "first image s",
                     "encoder calls",
                     "same image again ms",
                     "encoder calls",

@@ -1,0 +1,108 @@
+"""The image term's forms on one layer, alone: ``python -m bench.forms [--device cuda]``.
+
+Times (microseconds per call, one thread on the CPU) the term plus its add to the hidden
+states, with keys and values prepared as the engine prepares them (keys pre-scaled):
+
+- ``per-head``: ``lib_negip.hijack``'s per-head form (unflatten, einsum, softmax, einsum,
+  flatten, add);
+- ``block-diagonal``: its block-diagonal form (matmul, unflatten, softmax, flatten, baddbmm);
+- ``sdpa``: the old engine's form (the query's head view, ``scaled_dot_product_attention``,
+  the merged heads added with ``addcmul``), a candidate for the CPU.
+
+The formulas are restated here (same calls, same layouts) rather than run through the hijack,
+so that one layer's shapes can be swept without a UNet; keep them in step with
+``_LayerHooks.image_term`` / ``probabilities``. Shapes: (B rows, Tq queries, inner width,
+H heads, N image tokens) of SD1.5's and SDXL's layers, tiny and full size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [
+    (2, 64, 64, 4, 4),  # tiny SDXL, first layer
+    (2, 16, 128, 8, 4),  # tiny SDXL, middle block
+    (2, 256, 32, 8, 4),  # tiny SD1.5, first layer
+    (2, 1024, 320, 8, 4),  # SD1.5 at a 32x32 latent, first layer, base
+    (2, 1024, 320, 8, 16),  # the same, plus
+    (2, 1024, 640, 10, 4),  # SDXL level 1 at a 32x32 latent, base
+    (2, 1024, 640, 10, 16),  # the same, plus
+    (2, 64, 1280, 20, 16),  # SDXL level 2, plus
+]
+
+
+def forms(b: int, tq: int, inner: int, h: int, n: int, device: torch.device) -> dict[str, Callable]:
+    d = inner // h
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=g, device=device)
+
+    q, hidden = randn(b, tq, inner), randn(b, tq, inner)
+    keys, values = randn(b, h, n, d) * d**-0.5, randn(b, h, n, d)
+    eye = torch.eye(h, device=device)
+    bd_keys = torch.einsum("bhnd,hg->bhdgn", keys, eye).reshape(b, inner, h * n).contiguous()
+    bd_values = torch.einsum("bhnd,hg->bhngd", values, eye).reshape(b, h * n, inner).contiguous()
+    one = torch.ones((), device=device)
+
+    def per_head() -> torch.Tensor:
+        heads = q.unflatten(-1, (h, -1))
+        probs = torch.einsum("bqhd,bhnd->bqhn", heads, keys).softmax(-1)
+        return hidden + torch.einsum("bqhn,bhnd->bqhd", probs, values).flatten(2)
+
+    def block_diagonal() -> torch.Tensor:
+        scores = torch.matmul(q, bd_keys)
+        probs = scores.unflatten(-1, (h, -1)).softmax(-1).flatten(2)
+        return torch.baddbmm(hidden, probs, bd_values)
+
+    def sdpa() -> torch.Tensor:
+        heads = q.view(b, tq, h, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(heads, keys, values, scale=1.0)
+        return torch.addcmul(hidden, out.transpose(1, 2).reshape(b, tq, inner), one)
+
+    reference = per_head()
+    for fn in (block_diagonal, sdpa):
+        error = (fn() - reference).abs().max().item()
+        if error > 1e-4 * max(reference.abs().max().item(), 1.0):
+            msg = f"{fn.__name__} differs from per-head by {error}"
+            raise AssertionError(msg)
+    return {"per-head": per_head, "block-diagonal": block_diagonal, "sdpa": sdpa}
+
+
+def per_call_us(fn: Callable, device: torch.device, seconds: float = 0.3) -> float:
+    for _ in range(5):
+        fn()
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        fn()
+        calls += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.forms", description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print("| B, Tq, inner, H, N | per-head us | block-diagonal us | sdpa + addcmul us |")
+    print("|---|---|---|---|")
+    with torch.no_grad():
+        for shape in SHAPES:
+            timed = {name: per_call_us(fn, device) for name, fn in forms(*shape, device).items()}
+            cells = " | ".join(
+                f"{timed[name]:.1f}" for name in ("per-head", "block-diagonal", "sdpa")
+            )
+            print(f"| {', '.join(map(str, shape))} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
