@@ -233,3 +233,37 @@ def test_coexists_with_forges_controlnet() -> None:
     both = pixels(generate(both_sides(), scripts=scripts))
     assert np.array_equal(zero, theirs)
     assert differs(both, theirs)
+
+
+SDXL_CHECKPOINT = os.environ.get("NEGIP_FORGE_SDXL_CHECKPOINT", "")
+
+
+@pytest.mark.skipif(not SDXL_CHECKPOINT, reason="NEGIP_FORGE_SDXL_CHECKPOINT is not set")
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+def test_sdxl(mode: str) -> None:
+    """An SDXL checkpoint (full size; random weights do) with an SDXL IP-Adapter installed:
+    "auto" takes it, block presets act, weight 0 is bit-exact, an SD1.5 adapter is refused."""
+    settings = {
+        "override_settings": {
+            "sd_model_checkpoint": SDXL_CHECKPOINT,
+            "forge_additional_modules": [],  # the SDXL checkpoint brings its own VAE
+        }
+    }
+    base = pixels(generate(None, mode=mode, **settings))
+    style = generate(both_sides(model="auto", positive_layers="style"), mode=mode, **settings)
+    full = pixels(generate(both_sides(model="auto"), mode=mode, **settings))
+    zero = pixels(
+        generate(
+            both_sides(model="auto", positive_weight=0.0, negative_weight=0.0),
+            mode=mode,
+            **settings,
+        )
+    )
+    assert differs(pixels(style), base, at_least=0.2)
+    assert differs(full, pixels(style), at_least=0.2)
+    assert np.array_equal(zero, base)
+    model = next(p for p in infotext(style).split(", ") if p.startswith("NegIP model: "))
+    assert ADAPTER not in model  # an SDXL adapter, not the SD1.5 one
+    refused = generate(both_sides(), mode=mode, expect=422, **settings)
+    assert "SD1.x" in refused["detail"]
+    assert "SDXL" in refused["detail"]
