@@ -333,14 +333,6 @@ class _LayerHooks:
         return projected.view(rows, n, 2, self.heads, -1).permute(0, 2, 3, 1, 4)
 
 
-@dataclass(frozen=True)
-class Reach:
-    """How far the image prompts got in the UNet calls that carried them (for checks)."""
-
-    calls: int = 0  # UNet calls whose context carried our block
-    layers_added: int = 0  # attn2 calls that added the image term (or skipped at weight 0)
-
-
 # The hijack currently installed on each UNet: never two at once.
 _INSTALLED: weakref.WeakKeyDictionary[nn.Module, AttentionHijack] = weakref.WeakKeyDictionary()
 
@@ -414,7 +406,7 @@ class AttentionHijack:
         self.added = 0  # layers that added (or skipped at weight 0) the term in this call
         self._expecting = False
         self._misses = 0
-        self.reach = Reach()
+        self.carried = 0  # UNet calls whose context carried our block
         self._warned_partial = False
 
     @property
@@ -529,7 +521,7 @@ class AttentionHijack:
             return
         if plan is None:
             # Tolerate one such call (another extension's own pass before the sampler's).
-            self._misses += self._expecting and self.reach.calls == 0
+            self._misses += self._expecting and self.carried == 0
             if self._misses >= 2:
                 self._abort()
                 msg = (
@@ -543,7 +535,7 @@ class AttentionHijack:
             return
         self._expecting = False
         added = self.added
-        self.reach = Reach(self.reach.calls + 1, self.reach.layers_added + added)
+        self.carried += 1
         if self._probing:
             self._probing = False
             for layer in self._layers:

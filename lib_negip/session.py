@@ -230,7 +230,7 @@ class ImagePromptSession:
     @property
     def acted(self) -> bool:
         """Whether the image prompts reached the UNet in at least one call."""
-        current = self._hijack.reach.calls if self._hijack is not None else 0
+        current = self._hijack.carried if self._hijack is not None else 0
         return self._carried + current > 0
 
     @property
@@ -357,7 +357,7 @@ class ImagePromptSession:
     def _remove(self) -> None:
         if self._hijack is not None:
             self._hijack.remove()
-            self._carried += self._hijack.reach.calls
+            self._carried += self._hijack.carried
         self._hijack = None
         self._unet = None
 
