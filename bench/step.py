@@ -743,8 +743,8 @@ def _layer_calls(
     ``host_only``: each layer gets the first query token of its input only (a 1x1 latent),
     so that the arithmetic of the image term is negligible and what is added is the host's
     cost per call (hooks, Python, torch dispatch): a CPU's view of what a fast GPU pays
-    per call when the host sets the pace (there the forms' FLOPs are free too, so the engine's
-    "auto" form is timed as on a GPU: block-diagonal).
+    per call when the host sets the pace (so the engine's "auto" form is timed as it chooses
+    on a GPU: per head).
 
     Per call = total / calls after a final synchronisation: on a GPU that is the host's
     launch time where the host is slower than the GPU (ldm's many small ops on a fast GPU),
@@ -783,7 +783,7 @@ def _layer_calls(
             for variant in variants:
                 bench.prepare(variant)
                 if host_only and variant.form == "auto":
-                    hijack_module.BLOCK_DIAGONAL = "always"  # the auto choice on a GPU
+                    hijack_module.BLOCK_DIAGONAL = "never"  # the auto choice on a GPU: per head
                 with (
                     torch.no_grad(),
                     bench.autocast(),

@@ -19,8 +19,9 @@ Where the work happens:
   keys pre-scaled by ``1/sqrt(d)`` and the values by the row's weight times the layer's block
   weight; per latent size, each side's mask at the layer's grid.
 - **Per ``attn2`` call**: two hooks. A forward hook on ``to_q`` keeps the host's own query; a
-  forward pre-hook on ``to_out[0]`` adds the image term to its input in six torch calls (no
-  second query or output projection).
+  forward pre-hook on ``to_out[0]`` adds the image term to its input in five torch calls (no
+  second query or output projection), in one of two forms chosen per layer and device
+  (:func:`use_block_diagonal`).
 
 An attention implementation that does not call ``to_q`` / ``to_out[0]`` as modules is found in
 the first UNet call after installation, where every layer also has a forward hook that adds the
@@ -129,12 +130,17 @@ class _Entry:
     optional additive key bias [B, 1, 1, N] (slots a row does not fill), the query's
     [B, H, Tq, d] view of its [B, Tq, inner] storage (``q_view``: sizes and strides, one call
     instead of a split and a transpose). Fused attention kernels on every device, and the
-    fewest multiply-adds: the default everywhere.
+    fewest multiply-adds: the choice on GPUs, and on the CPU where H*N is large.
 
-    Block-diagonal (``block_diagonal`` True, an option for measurements): the heads laid side
-    by side, keys [B, inner, H*N] and values [B, H*N, inner], so that one matmul gives every
-    head's scores and one ``baddbmm`` adds every head's term to the hidden states, at H times
-    the multiply-adds and memory of the per-head form. Bias [B, 1, H*N].
+    Block-diagonal (``block_diagonal`` True): the heads laid side by side, keys [B, inner, H*N]
+    (head h's keys in head h's channels, zeros elsewhere) and values [B, H*N, inner], so that
+    one ``bmm`` gives every head's scores [B, Tq, H*N] and one ``baddbmm`` adds every head's
+    term to the hidden states, at H times the multiply-adds and memory of the per-head form.
+    The softmax runs over the scores seen as [B, H, N, Tq] (``scores_view``): a softmax over a
+    last dimension of N = 4 or 16 pays a fixed cost per row of 4 values on the CPU, about ten
+    times what the same softmax costs with the Tq queries innermost. The softmax's output is
+    that [B, H, N, Tq] tensor, contiguous; ``probs_view`` sees it as [B, Tq, H*N] for the
+    ``baddbmm``. Bias [B, 1, H*N], given to the first ``baddbmm``.
 
     ``mask``: [B, Tq, 1], multiplies each row's term per query. ``cast_q`` / ``cast_out``: the
     dtype the query is cast to (upcast) and the one the term is returned in, where they differ
@@ -147,24 +153,39 @@ class _Entry:
     mask: torch.Tensor | None
     block_diagonal: bool = False
     q_view: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    scores_view: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    probs_view: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     cast_q: torch.dtype | None = None
     cast_out: torch.dtype | None = None
 
 
-#: The form of the image term: "auto" and "never" use the per-head form, "always" the
-#: block-diagonal one (tests and the benchmark compare the two).
+#: The form of the image term: "auto" chooses per layer (:func:`use_block_diagonal`), "never"
+#: is always per head, "always" always block-diagonal (tests and the benchmark compare them).
 BLOCK_DIAGONAL = "auto"
 
+#: "auto" takes the block-diagonal form on the CPU where a layer has at most this many image
+#: key columns (heads x image tokens): the base adapters everywhere, the plus adapters only on
+#: small layers. Measured with ``python -m bench.forms`` (one thread): at H*N <= 64 the
+#: block-diagonal form takes 0.3-0.9 of the per-head form's time (tiny layers: 15 us against
+#: 41; SD1.5 base at a 32x32 latent: 0.85 ms against 2.5); at H*N = 80-320 (SDXL's 1280-wide
+#: layers, the plus adapters) the per-head form is as fast or up to 4 times faster.
+CPU_BLOCK_DIAGONAL_COLUMNS = 64
 
-def use_block_diagonal() -> bool:
-    """Whether layers compute their term in the block-diagonal form.
 
-    Measured on this project's CPU benchmark (bench.forms) the per-head form through
-    ``scaled_dot_product_attention`` is as fast as the block-diagonal one or faster at every
-    size, and it keeps H times less memory per row (SDXL plus at batch 8 in fp16: about 65 MB
-    against 1.3 GB); on a GPU both make the same number of host calls. So "auto" is per head.
+def use_block_diagonal(device: torch.device, columns: int) -> bool:
+    """Whether a layer with ``columns`` = heads x image tokens takes the block-diagonal form.
+
+    On a GPU the step is bound by the host's calls, the same count in both forms (five per
+    layer), and the per-head form keeps H times less memory per row (SDXL plus at batch 8 in
+    fp16: about 65 MB against 1.3 GB), so "auto" is per head there. On the CPU the kernels
+    count, and where a layer has few key columns the block-diagonal form is faster (see
+    :data:`CPU_BLOCK_DIAGONAL_COLUMNS`).
     """
-    return BLOCK_DIAGONAL == "always"
+    if BLOCK_DIAGONAL == "always":
+        return True
+    if BLOCK_DIAGONAL == "never":
+        return False
+    return device.type == "cpu" and columns <= CPU_BLOCK_DIAGONAL_COLUMNS
 
 
 _SKIP = object()  # every row of this layer has weight 0 in this layout: nothing to add
@@ -262,11 +283,17 @@ class _LayerHooks:
         return (added, *args[1:])
 
     def probabilities(self, entry: _Entry, q: torch.Tensor) -> torch.Tensor:
-        """Block-diagonal form: every head's attention probabilities [B, Tq, H*N] (masked)."""
-        scores = torch.matmul(q, entry.keys)
-        if entry.bias is not None:
-            scores = scores + entry.bias
-        probs = scores.unflatten(-1, (self.heads, -1)).softmax(-1).flatten(2)
+        """Block-diagonal form: every head's attention probabilities [B, Tq, H*N] (masked).
+
+        The scores [B, Tq, H*N] are seen as [B, H, N, Tq] for the softmax (over N), whose
+        contiguous output is seen as [B, Tq, H*N] again: four calls, five with a mask.
+        """
+        if entry.bias is None:
+            scores = torch.bmm(q, entry.keys)
+        else:
+            scores = torch.baddbmm(entry.bias, q, entry.keys)
+        probs = torch.as_strided(scores, *entry.scores_view).softmax(2)
+        probs = torch.as_strided(probs, *entry.probs_view)
         return probs if entry.mask is None else probs * entry.mask
 
     def image_term(self, entry: _Entry, q: torch.Tensor) -> torch.Tensor:
@@ -619,7 +646,7 @@ class AttentionHijack:
         row_weights = torch.tensor(weights, dtype=dtype, device=device)
         values = keys_values[:, 1] * row_weights[:, None, None, None]
         tokens, inner = q.shape[1], heads * head_dim
-        block_diagonal = use_block_diagonal()
+        block_diagonal = use_block_diagonal(device, heads * n)
         bias = None
         if any(row.count < n for row in plan.rows):
             slots = torch.arange(n, device=device)
@@ -628,12 +655,18 @@ class AttentionHijack:
             bias = torch.zeros(batch, 1, 1, n, dtype=dtype, device=device)
             bias.masked_fill_(unused[:, None, None, :], -math.inf)
         mask = self._layer_mask(plan, tokens, device, dtype)  # [B, Tq, 1]
-        q_view = None
+        q_view = scores_view = probs_view = None
+        if block_diagonal:
+            columns = heads * n
+            scores_view = ((batch, heads, n, tokens), (tokens * columns, n, 1, columns))
+            probs_view = ((batch, tokens, columns), (columns * tokens, 1, tokens))
+            block_diagonal = _softmax_output_is_contiguous(scores_view, device, dtype)
         if block_diagonal:
             keys, values = _block_diagonal(keys, values)
             if bias is not None:
                 bias = bias.expand(batch, 1, heads, n).reshape(batch, 1, heads * n)
         else:
+            scores_view = probs_view = None
             keys, values = keys.contiguous(), values.contiguous()
             if q.is_contiguous() and dtype == q.dtype:  # the to_q output: always, in practice
                 q_view = ((batch, heads, tokens, head_dim), (tokens * inner, head_dim, inner, 1))
@@ -644,6 +677,8 @@ class AttentionHijack:
             mask=mask,
             block_diagonal=block_diagonal,
             q_view=q_view,
+            scores_view=scores_view,
+            probs_view=probs_view,
             cast_q=None if dtype == q.dtype else dtype,
             cast_out=None if dtype == out_dtype else out_dtype,
         )
@@ -673,6 +708,18 @@ class AttentionHijack:
                     by_side[side] = mask_at_grid(plan.masks[side], grid)
             rows.append(by_side[side])
         return torch.stack(rows).to(device=device, dtype=dtype)[:, :, None]
+
+
+def _softmax_output_is_contiguous(
+    view: tuple[tuple[int, ...], tuple[int, ...]], device: torch.device, dtype: torch.dtype
+) -> bool:
+    """Whether the softmax over dim 2 of scores seen through ``view`` returns a contiguous
+    tensor, as the block-diagonal form's ``probs_view`` assumes (torch makes the strided input
+    contiguous before the softmax; checked once per layer entry, not assumed)."""
+    sizes, _ = view
+    batch, heads, n, tokens = sizes
+    scores = torch.zeros(batch, tokens, heads * n, dtype=dtype, device=device)
+    return torch.as_strided(scores, *view).softmax(2).is_contiguous()
 
 
 def _block_diagonal(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

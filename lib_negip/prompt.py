@@ -109,12 +109,6 @@ class ImagePrompt:
         return blocks
 
 
-class Encoder(Protocol):
-    """What :func:`side_tokens` needs of an image encoder (``lib_negip.encoder.ImageEncoder``)."""
-
-    def encode(self, pixel_values: torch.Tensor, output: str) -> torch.Tensor: ...
-
-
 class Adapter(Protocol):
     """What :func:`side_tokens` needs of an adapter (``lib_negip.adapter.IPAdapter``)."""
 
@@ -135,18 +129,3 @@ def side_tokens(adapter: Adapter, features: torch.Tensor, combine: Combine) -> t
         return tokens.reshape(-1, tokens.shape[-1])
     msg = f"combine must be 'average' or 'concat', got {combine!r}."
     raise ArgumentError(msg)
-
-
-def unconditional_features(
-    encoder: Encoder, output: str, image_size: int, embed_dim: int
-) -> torch.Tensor:
-    """The features the reference uses where a side has no image, [1, ...] on the CPU.
-
-    Pooled-embed adapters (base/light): zeros in place of the embeds. Hidden-state adapters
-    (plus, full-face): the encoder run on an all-zero *normalised* pixel tensor, i.e.
-    ``zeros_like(pixel_values)``, as the IP-Adapter reference does.
-    """
-    if output == "image_embeds":
-        return torch.zeros(1, embed_dim)
-    pixels = torch.zeros(1, 3, image_size, image_size)
-    return encoder.encode(pixels, output).float().cpu()

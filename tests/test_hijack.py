@@ -35,7 +35,8 @@ FLOAT32_NOISE = 2e-5
 
 @pytest.fixture(params=["never", "always"])
 def term_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both forms of the image term: per head (the CPU's) and block-diagonal (the GPU's)."""
+    """Both forms of the image term: per head (GPUs, and the CPU's wide layers) and
+    block-diagonal (the CPU's layers with few key columns); "auto" chooses per layer."""
     from lib_negip import hijack as hijack_module
 
     monkeypatch.setattr(hijack_module, "BLOCK_DIAGONAL", request.param)
@@ -584,3 +585,80 @@ def test_side_tokens_project_keys_and_values_once_with_the_same_result(
     assert counts == {False: 3 * 16, True: 16}
     for projected, gathered in zip(outputs[False], outputs[True], strict=True):
         assert (projected - gathered).abs().max().item() < FLOAT32_NOISE
+
+
+def _entries(hijack: AttentionHijack) -> list:
+    return [e for plan in hijack._plans.values() for e in plan.entries if e is not None]
+
+
+def _run_hijack(unet: nn.Module, n_tokens: int) -> tuple[torch.Tensor, AttentionHijack]:
+    width = SD15.context_dim
+    layers = adapter_layers(unet, seed=40)
+    layout = TokenLayout.for_tokens(n_tokens)
+    positive, negative = tokens(n_tokens, width, 41), tokens(n_tokens, width, 42)
+    text = text_context(2, width, seed=43)
+    cond, uncond = append_blocks(
+        text[:1],
+        text[1:],
+        make_block(positive, 0.7, layout, side=0),
+        make_block(negative, 0.9, layout, side=1),
+    )
+    hijack = AttentionHijack(unet, layers, layout, side_tokens=[positive, negative])
+    hijack.install()
+    try:
+        out = unet(latents(2, seed=44), TIMESTEPS, context=torch.cat([cond, uncond]))
+    finally:
+        hijack.remove()
+    return out, hijack
+
+
+def test_auto_form_is_block_diagonal_on_the_cpu_only_where_a_layer_has_few_key_columns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lib_negip import hijack as hijack_module
+
+    assert hijack_module.BLOCK_DIAGONAL == "auto"
+    limit = hijack_module.CPU_BLOCK_DIAGONAL_COLUMNS
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert hijack_module.use_block_diagonal(cpu, limit)
+    assert not hijack_module.use_block_diagonal(cpu, limit + 1)
+    assert not hijack_module.use_block_diagonal(cuda, 4)  # GPUs: per head, fewest calls there
+    assert not hijack_module.use_block_diagonal(torch.device("mps"), 4)
+
+    unet = ldm_unet("sd15")  # 4 heads per layer
+    heads = {int(layer.module.heads) for layer in cross_attention_layers(unet)}
+    assert heads == {4}
+    outputs = {}
+    for n_tokens, expected in ((4, True), (16, True), (17, False)):  # 16, 64 and 68 columns
+        outputs[n_tokens], hijack = _run_hijack(unet, n_tokens)
+        forms = {entry.block_diagonal for entry in _entries(hijack)}
+        assert forms == {expected}
+    # and the per-head layers give what the block-diagonal form gives
+    monkeypatch.setattr(hijack_module, "BLOCK_DIAGONAL", "always")
+    forced, _ = _run_hijack(unet, 17)
+    assert (forced - outputs[17]).abs().max().item() < FLOAT32_NOISE
+
+
+def test_block_diagonal_falls_back_to_per_head_where_the_softmax_is_not_contiguous(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The block-diagonal form reads the softmax's output through fixed strides; a torch that
+    returned another layout would give wrong numbers, so each entry checks it and otherwise
+    takes the per-head form (same result)."""
+    from lib_negip import hijack as hijack_module
+
+    # this torch: contiguous (the view of 2 rows, 8 heads, 4 slots and 64 queries)
+    assert hijack_module._softmax_output_is_contiguous(
+        ((2, 8, 4, 64), (64 * 32, 4, 1, 32)), torch.device("cpu"), torch.float32
+    )
+    unet = ldm_unet("sd15")
+    monkeypatch.setattr(hijack_module, "BLOCK_DIAGONAL", "always")
+    block_diagonal, hijack = _run_hijack(unet, 4)
+    assert {entry.block_diagonal for entry in _entries(hijack)} == {True}
+    monkeypatch.setattr(hijack_module, "_softmax_output_is_contiguous", lambda *args: False)
+    fallback, hijack = _run_hijack(unet, 4)
+    entries = _entries(hijack)
+    assert entries
+    assert {entry.block_diagonal for entry in entries} == {False}
+    assert all(entry.scores_view is None and entry.probs_view is None for entry in entries)
+    assert (fallback - block_diagonal).abs().max().item() < FLOAT32_NOISE
