@@ -784,3 +784,61 @@ def test_another_extensions_own_unet_pass_before_the_samplers_is_tolerated(
     result = run(world, fields_for()).result
     assert passes == [True]
     assert torch.equal(result, reference)
+
+
+def test_png_info_buttons_are_wired_when_the_png_info_picture_is_made(world: World) -> None:
+    """The PNG Info tab is made after both generation tabs, outside their scripts' reach: the
+    entry script registers an after-component callback that connects each tab's waiting
+    "PNG Info image" buttons to that picture once, and ignores every other component."""
+    from modules import script_callbacks
+
+    from lib_negip.webui import ui
+
+    callbacks = [entry.callback for entry in script_callbacks.callbacks["after_component"]]
+    assert callbacks == [ui.on_after_component]
+
+    wired: list[tuple[str, object]] = []
+    ui.PENDING_PNG_INFO.clear()
+    ui.PENDING_PNG_INFO["txt2img"] = lambda component: wired.append(("txt2img", component))
+    ui.PENDING_PNG_INFO["img2img"] = lambda component: wired.append(("img2img", component))
+    other = SimpleNamespace(elem_id="txt2img_gallery")
+    picture = SimpleNamespace(elem_id=ui.PNG_INFO_IMAGE)
+    script_callbacks.run("after_component", other)
+    assert wired == []
+    script_callbacks.run("after_component", picture)
+    assert wired == [("txt2img", picture), ("img2img", picture)]
+    assert ui.PENDING_PNG_INFO == {}
+    script_callbacks.run("after_component", picture)  # a second picture: nothing left to wire
+    assert len(wired) == 2
+
+    # a wiring that fails is logged; the other tab's buttons are still connected
+    def broken(component: object) -> None:
+        raise ValueError("no such event")
+
+    ui.PENDING_PNG_INFO["txt2img"] = broken
+    ui.PENDING_PNG_INFO["img2img"] = lambda component: wired.append(("img2img", component))
+    script_callbacks.run("after_component", picture)
+    assert wired[-1] == ("img2img", picture)
+    assert script_callbacks.errors == []
+
+
+def test_added_pictures_are_read_like_uploads() -> None:
+    """The "➕" buttons' pictures (a result, img2img's input, the PNG Info tab's RGBA picture)
+    become PNG files the way an uploaded file is read: transparency over white; the side's
+    files already there keep their order; no picture adds nothing."""
+    from lib_negip.webui import ui
+
+    picture = Image.new("RGBA", (8, 8), (10, 20, 30, 255))
+    picture.putpixel((0, 0), (0, 0, 0, 0))  # transparent
+    existing = b"bytes of a file the side already holds"
+    paths = ui.add_input_image(picture, [existing])
+    assert len(paths) == 2
+    assert Path(paths[0]).read_bytes() == existing
+    added = Image.open(paths[1])
+    assert added.mode == "RGB"
+    assert added.getpixel((0, 0)) == (255, 255, 255)
+    assert added.getpixel((1, 1)) == (10, 20, 30)
+    assert Path(paths[1]).name == f"{reference_of(added)}.png"
+    # the inpaint editor's {"image": ..., "mask": ...} and nothing at all
+    assert ui.add_input_image({"image": picture, "mask": None}, None) == [paths[1]]
+    assert ui.add_input_image(None, [existing]) == [paths[0]]

@@ -35,6 +35,9 @@ def register() -> None:
     script_callbacks.on_app_started(on_app_started, name="negip")
     script_callbacks.on_before_ui(register_xyz_axes, name="negip")
     script_callbacks.on_script_unloaded(shutdown, name="negip")
+    from lib_negip.webui import ui
+
+    script_callbacks.on_after_component(ui.on_after_component, name="negip")
 
 
 def _console_logging() -> None:

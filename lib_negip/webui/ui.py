@@ -72,6 +72,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
 
         add_buttons: dict[str, Any] = {}
         add_input_buttons: dict[str, Any] = {}
+        add_png_info_buttons: dict[str, Any] = {}
         with gr.Row(elem_id=eid("images"), elem_classes=["negip-images"]):
             for side in ("positive", "negative"):
                 if side == "negative":
@@ -108,6 +109,13 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                                 elem_id=eid(f"add_input_{side}"),
                                 elem_classes=["negip-add-result"],
                             )
+                        # the picture in the PNG Info tab (a result read back from disk)
+                        add_png_info_buttons[side] = gr.Button(
+                            f"{ADD_SYMBOL} PNG Info image",
+                            size="sm",
+                            elem_id=eid(f"add_png_info_{side}"),
+                            elem_classes=["negip-add-result"],
+                        )
         swap.click(
             fn=None,
             _js=SWAP_JS,
@@ -273,7 +281,22 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 show_progress=False,
             )
 
+    def wire_png_info(component: Any) -> None:
+        for side, button in add_png_info_buttons.items():
+            button.click(
+                fn=add_input_image,
+                inputs=[component, components[f"{side}_images"]],
+                outputs=[components[f"{side}_images"]],
+                show_progress=False,
+            )
+
     script.on_after_component(wire_gallery, elem_id=f"{tab}_gallery")
+    # The PNG Info tab is made after both generation tabs, outside their scripts' reach.
+    existing = _existing_component(PNG_INFO_IMAGE)
+    if existing is not None:
+        wire_png_info(existing)
+    else:
+        PENDING_PNG_INFO[tab] = wire_png_info
     if is_img2img:
         # img2img's input picture is made before the scripts' controls: find it; a host that
         # makes it later calls wire_input when it does.
@@ -289,6 +312,28 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
 
 
 ADD_SYMBOL = "\u2795"
+
+#: The PNG Info tab's picture (A1111's and Forge's element id).
+PNG_INFO_IMAGE = "pnginfo_image"
+
+#: Per tab, the wiring of its "PNG Info image" buttons, waiting for the PNG Info tab's
+#: picture to be made: :func:`on_after_component` wires them when it is, then forgets them
+#: (a tab built again for a reloaded UI replaces its entry).
+PENDING_PNG_INFO: dict[str, Callable[[Any], None]] = {}
+
+
+def on_after_component(component: Any, **_kwargs: Any) -> None:
+    """A1111's after-component callback (every component of every tab): wires the waiting
+    "PNG Info image" buttons to the PNG Info tab's picture."""
+    if getattr(component, "elem_id", None) != PNG_INFO_IMAGE:
+        return
+    pending = list(PENDING_PNG_INFO.values())
+    PENDING_PNG_INFO.clear()
+    for wire in pending:
+        try:
+            wire(component)
+        except Exception:  # a UI that cannot take the event keeps working without the button
+            logger.exception("could not connect a 'PNG Info image' button")
 
 
 def _existing_component(element_id: str) -> Any:
@@ -344,6 +389,7 @@ def _with_image(files: Any, image: Any) -> list[str]:
     as a PNG copy in a temporary folder named by its content."""
     import tempfile
 
+    from lib_negip.images import to_rgb
     from lib_negip.store import reference_of
 
     paths = []
@@ -358,7 +404,7 @@ def _with_image(files: Any, image: Any) -> list[str]:
         elif getattr(data, "name", None):
             paths.append(str(data.name))
     if image is not None:
-        image = image.convert("RGB")
+        image = to_rgb(image)  # as an uploaded file would be read: transparency over white
         path = folder / f"{reference_of(image)}.png"
         if not path.exists():
             image.save(path)

@@ -568,6 +568,46 @@ def test_png_info_send_to_txt2img_restores_the_image_prompts(
     assert np.array_equal(decode(fetch(page, again["image"])), decode(png.read_bytes()))
 
 
+def test_png_info_image_goes_to_the_negative_side(page: Any, files: dict[str, Path]) -> None:
+    """The "➕ PNG Info image" button adds the picture dropped on the PNG Info tab (here a
+    plain PNG without parameters) to a side of the txt2img tab; the generation stores it, the
+    same pixels, under the reference its infotext names. img2img's button takes it too."""
+    page.locator("#tabs > .tab-nav button", has_text="PNG Info").click()
+    page.wait_for_selector("#pnginfo_image", state="visible")
+    page.set_input_files("#pnginfo_image input[type=file]", str(files["negative"]))
+    page.wait_for_selector("#pnginfo_image img", state="attached")
+    settle(page)
+    page.click("#txt2img_tab")
+    page.wait_for_selector("#tab_txt2img", state="visible")
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    assert file_names(page, "txt2img", "negative") == []
+    page.click("#negip_txt2img_add_png_info_negative")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#negip_txt2img_negative_images tr.file').length === 1"
+    )
+    names = file_names(page, "txt2img", "negative")
+    assert len(names) == 1, names
+    assert REFERENCE.fullmatch(names[0][:-4]), names
+    assert file_names(page, "txt2img", "positive") == ["positive.png"]  # untouched
+    result = generate(page)
+    assert result["image"], result["log"]
+    reference = negip_value(result["infotext"], "NegIP negative images")
+    assert reference == names[0][:-4]
+    stored = np.asarray(Image.open(store_folder() / f"{reference}.png").convert("RGB"))
+    assert np.array_equal(stored, np.asarray(Image.open(files["negative"]).convert("RGB")))
+    # the img2img tab's buttons take the same picture
+    page.locator("#tabs > .tab-nav button", has_text="img2img").first.click()
+    page.wait_for_selector("#tab_img2img", state="visible")
+    open_accordion(page, "img2img")
+    page.click("#negip_img2img_add_png_info_positive")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#negip_img2img_positive_images tr.file').length === 1"
+    )
+    assert file_names(page, "img2img", "positive") == names
+
+
 def test_send_to_txt2img_names_a_deleted_stored_image(
     page: Any, files: dict[str, Path], tmp_path: Path
 ) -> None:

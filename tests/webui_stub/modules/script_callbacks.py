@@ -6,7 +6,14 @@ from types import SimpleNamespace
 log = logging.getLogger("webui_stub")
 callbacks = {
     name: []
-    for name in ("cfg_denoiser", "ui_settings", "app_started", "before_ui", "script_unloaded")
+    for name in (
+        "cfg_denoiser",
+        "ui_settings",
+        "app_started",
+        "before_ui",
+        "script_unloaded",
+        "after_component",
+    )
 }
 errors = []  # what A1111 would print to the console
 
@@ -33,6 +40,10 @@ def on_before_ui(fun, *, name=None):
 
 def on_script_unloaded(fun, *, name=None):
     _add("script_unloaded", fun, name)
+
+
+def on_after_component(fun, *, name=None):
+    _add("after_component", fun, name)
 
 
 def run(category, *args):
