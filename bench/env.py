@@ -61,13 +61,19 @@ def add_wheels(wheel_dir: str | None) -> None:
             continue
         with zipfile.ZipFile(wheel) as archive:
             names = archive.namelist()
-            tops = {n.split("/")[0] for n in names if "/" in n}
-            packages = sorted(t for t in tops if not t.endswith((".dist-info", ".data")))
+            # Packages (folders) and top-level modules (pytest's py.py, for one).
+            tops = {n.split("/")[0] if "/" in n else n for n in names}
+            packages = sorted(
+                t.removesuffix(".py")
+                for t in tops
+                if not t.endswith((".dist-info", ".data")) and ("." not in t or t.endswith(".py"))
+            )
             missing = [p for p in packages if not has_module(p)]
             if not missing:
                 continue
             # Only the missing packages: an unpacked copy must not shadow an installed one.
-            archive.extractall(target, [n for n in names if n.split("/")[0] in missing])
+            wanted = set(missing) | {f"{m}.py" for m in missing}
+            archive.extractall(target, [n for n in names if n.split("/")[0] in wanted])
         note(f"using {', '.join(missing)} from {wheel.name} (unpacked, not installed)")
     if str(target) not in sys.path:
         sys.path.insert(0, str(target))

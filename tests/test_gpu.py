@@ -108,7 +108,11 @@ def test_half_precision_on_the_gpu_matches_float32_on_the_cpu(
     got, _ = run(unet_on(dtype), [KeyValueWeights(k, v) for k, v in layers], dtype)
     assert got.dtype == dtype
     error = (got.float().cpu() - expected).abs().max().item() / expected.abs().max().item()
-    assert error < (1e-4 if dtype == torch.float32 else 3e-2), error
+    # bfloat16 keeps 8 significant bits against float16's 11: about 8 times the error. With
+    # NEGIP_TEST_DEVICE=cpu: float16 0.0026 (per head) / 0.0035 (block-diagonal), bfloat16
+    # 0.027 / 0.032 of the output's largest value.
+    tolerance = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 8e-2}[dtype]
+    assert error < tolerance, error
 
 
 def run_cpu(unet, layers):
