@@ -842,3 +842,35 @@ def test_added_pictures_are_read_like_uploads() -> None:
     # the inpaint editor's {"image": ..., "mask": ...} and nothing at all
     assert ui.add_input_image({"image": picture, "mask": None}, None) == [paths[1]]
     assert ui.add_input_image(None, [existing]) == [paths[0]]
+
+
+def test_mask_input_asks_for_the_sketch_tool_on_gradio_3_only() -> None:
+    """gradio 3 (A1111) gets the sketch tool; gradio 4 (Forge) only warns about ``source`` and
+    ``tool``, so they are not passed there; a gradio that refuses them gets an upload box."""
+    from lib_negip.webui import ui
+
+    def fake_gradio(version: str, refuses: bool = False) -> SimpleNamespace:
+        made: list[dict] = []
+
+        def image(**kwargs):
+            if refuses and "tool" in kwargs:
+                raise TypeError("unexpected keyword argument 'tool'")
+            made.append(kwargs)
+            return kwargs
+
+        return SimpleNamespace(__version__=version, Image=image, made=made)
+
+    gradio3, gradio4, strict = (
+        fake_gradio("3.41.2"),
+        fake_gradio("4.40.0"),
+        fake_gradio("3.9", True),
+    )
+    for gr in (gradio3, gradio4, strict):
+        ui._mask_input(gr, "Positive mask", "negip_txt2img_positive_mask")
+        assert len(gr.made) == 1
+        assert gr.made[0]["elem_id"] == "negip_txt2img_positive_mask"
+        assert gr.made[0]["image_mode"] == "RGBA"
+    assert gradio3.made[0]["tool"] == "sketch"
+    assert "tool" not in gradio4.made[0]
+    assert "source" not in gradio4.made[0]
+    assert "tool" not in strict.made[0]

@@ -351,25 +351,28 @@ def _existing_component(element_id: str) -> Any:
 
 def _mask_input(gr: Any, label: str, element_id: str) -> Any:
     """A mask: an uploaded image whose luminance is the mask, on which a mask can also be
-    drawn (gradio 3's sketch tool; gradio 4, in Forge, takes an upload)."""
+    drawn (gradio 3's sketch tool; gradio 4, in Forge, takes an upload: it has no ``source`` /
+    ``tool`` arguments and only warns about them, so they are not passed there)."""
+    common = {
+        "label": label,
+        "type": "pil",
+        "image_mode": "RGBA",
+        "elem_id": element_id,
+        "elem_classes": ["negip-mask"],
+    }
+    if _gradio_major(gr) >= 4:
+        return gr.Image(**common)
     try:
-        return gr.Image(
-            label=label,
-            source="upload",
-            tool="sketch",
-            type="pil",
-            image_mode="RGBA",
-            elem_id=element_id,
-            elem_classes=["negip-mask"],
-        )
-    except TypeError:  # gradio 4: no source/tool arguments
-        return gr.Image(
-            label=label,
-            type="pil",
-            image_mode="RGBA",
-            elem_id=element_id,
-            elem_classes=["negip-mask"],
-        )
+        return gr.Image(source="upload", tool="sketch", **common)
+    except TypeError:  # a gradio that refuses them outright
+        return gr.Image(**common)
+
+
+def _gradio_major(gr: Any) -> int:
+    try:
+        return int(str(getattr(gr, "__version__", "3")).split(".")[0])
+    except ValueError:
+        return 3
 
 
 def add_image(item: Any, files: Any) -> list[str]:
