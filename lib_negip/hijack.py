@@ -32,6 +32,7 @@ error (the image prompts would silently not act): see :class:`UnreachedError`.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -646,7 +647,6 @@ class AttentionHijack:
         row_weights = torch.tensor(weights, dtype=dtype, device=device)
         values = keys_values[:, 1] * row_weights[:, None, None, None]
         tokens, inner = q.shape[1], heads * head_dim
-        block_diagonal = use_block_diagonal(device, heads * n)
         bias = None
         if any(row.count < n for row in plan.rows):
             slots = torch.arange(n, device=device)
@@ -655,18 +655,19 @@ class AttentionHijack:
             bias = torch.zeros(batch, 1, 1, n, dtype=dtype, device=device)
             bias.masked_fill_(unused[:, None, None, :], -math.inf)
         mask = self._layer_mask(plan, tokens, device, dtype)  # [B, Tq, 1]
-        q_view = scores_view = probs_view = None
+        columns = heads * n
+        scores_view = ((batch, heads, n, tokens), (tokens * columns, n, 1, columns))
+        block_diagonal = use_block_diagonal(device, columns) and _softmax_output_is_contiguous(
+            scores_view, device, dtype
+        )
+        q_view = probs_view = None
         if block_diagonal:
-            columns = heads * n
-            scores_view = ((batch, heads, n, tokens), (tokens * columns, n, 1, columns))
             probs_view = ((batch, tokens, columns), (columns * tokens, 1, tokens))
-            block_diagonal = _softmax_output_is_contiguous(scores_view, device, dtype)
-        if block_diagonal:
             keys, values = _block_diagonal(keys, values)
             if bias is not None:
-                bias = bias.expand(batch, 1, heads, n).reshape(batch, 1, heads * n)
+                bias = bias.expand(batch, 1, heads, n).reshape(batch, 1, columns)
         else:
-            scores_view = probs_view = None
+            scores_view = None
             keys, values = keys.contiguous(), values.contiguous()
             if q.is_contiguous() and dtype == q.dtype:  # the to_q output: always, in practice
                 q_view = ((batch, heads, tokens, head_dim), (tokens * inner, head_dim, inner, 1))
@@ -710,12 +711,13 @@ class AttentionHijack:
         return torch.stack(rows).to(device=device, dtype=dtype)[:, :, None]
 
 
+@functools.lru_cache(maxsize=64)
 def _softmax_output_is_contiguous(
     view: tuple[tuple[int, ...], tuple[int, ...]], device: torch.device, dtype: torch.dtype
 ) -> bool:
     """Whether the softmax over dim 2 of scores seen through ``view`` returns a contiguous
     tensor, as the block-diagonal form's ``probs_view`` assumes (torch makes the strided input
-    contiguous before the softmax; checked once per layer entry, not assumed)."""
+    contiguous before the softmax; checked once per view, device and dtype, not assumed)."""
     sizes, _ = view
     batch, heads, n, tokens = sizes
     scores = torch.zeros(batch, tokens, heads * n, dtype=dtype, device=device)

@@ -587,6 +587,25 @@ def test_side_tokens_project_keys_and_values_once_with_the_same_result(
         assert (projected - gathered).abs().max().item() < FLOAT32_NOISE
 
 
+def sided_context(
+    text: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    weights: tuple[float, float],
+    layout: TokenLayout,
+) -> torch.Tensor:
+    """The batched context [2, T, C]: row 0 (cond) with the positive tokens, row 1 (uncond)
+    with the negative ones, in blocks that name their side, as the session makes them."""
+    return torch.cat(
+        append_blocks(
+            text[:1],
+            text[1:],
+            make_block(positive, weights[0], layout, side=0),
+            make_block(negative, weights[1], layout, side=1),
+        )
+    )
+
+
 def _entries(hijack: AttentionHijack) -> list:
     return [e for plan in hijack._plans.values() for e in plan.entries if e is not None]
 
@@ -597,16 +616,11 @@ def _run_hijack(unet: nn.Module, n_tokens: int) -> tuple[torch.Tensor, Attention
     layout = TokenLayout.for_tokens(n_tokens)
     positive, negative = tokens(n_tokens, width, 41), tokens(n_tokens, width, 42)
     text = text_context(2, width, seed=43)
-    cond, uncond = append_blocks(
-        text[:1],
-        text[1:],
-        make_block(positive, 0.7, layout, side=0),
-        make_block(negative, 0.9, layout, side=1),
-    )
+    context = sided_context(text, positive, negative, (0.7, 0.9), layout)
     hijack = AttentionHijack(unet, layers, layout, side_tokens=[positive, negative])
     hijack.install()
     try:
-        out = unet(latents(2, seed=44), TIMESTEPS, context=torch.cat([cond, uncond]))
+        out = unet(latents(2, seed=44), TIMESTEPS, context=context)
     finally:
         hijack.remove()
     return out, hijack

@@ -542,6 +542,18 @@ def without_recorder(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(script_callbacks.callbacks, "cfg_denoiser", kept)
 
 
+def hide_the_unet(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host whose model keeps its UNet where the extension does not look (see HiddenWrapper)."""
+    without_recorder(world, monkeypatch)
+    empty = shared.sd_model.cond_stage_model_empty_prompt
+    shared.sd_model = SimpleNamespace(
+        elsewhere=SimpleNamespace(unet=world.sd15),
+        cond_stage_key="txt",
+        cond_stage_model_empty_prompt=empty,
+    )
+    monkeypatch.setattr(processing, "UNetWrapper", HiddenWrapper)
+
+
 def use_a1111(world: World) -> None:
     world.use("sd15")
 
@@ -576,14 +588,7 @@ def test_unet_at_an_unknown_place_fails_from_p_sample(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reference = reference_result(world)
-    without_recorder(world, monkeypatch)
-    empty = shared.sd_model.cond_stage_model_empty_prompt
-    shared.sd_model = SimpleNamespace(
-        elsewhere=SimpleNamespace(unet=world.sd15),
-        cond_stage_key="txt",
-        cond_stage_model_empty_prompt=empty,
-    )
-    monkeypatch.setattr(processing, "UNetWrapper", HiddenWrapper)
+    hide_the_unet(world, monkeypatch)
     error, p, tb = refused(
         world, fields_for(), r"cannot reach the UNet.*Switch Negative Image Prompt off"
     )
@@ -689,14 +694,7 @@ def test_ui_requests_get_the_ui_wording(world: World, fields: dict, api_words: s
 def test_ui_wording_of_a_host_that_cannot_be_driven(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    without_recorder(world, monkeypatch)
-    empty = shared.sd_model.cond_stage_model_empty_prompt
-    shared.sd_model = SimpleNamespace(
-        elsewhere=SimpleNamespace(unet=world.sd15),
-        cond_stage_key="txt",
-        cond_stage_model_empty_prompt=empty,
-    )
-    monkeypatch.setattr(processing, "UNetWrapper", HiddenWrapper)
+    hide_the_unet(world, monkeypatch)
     error, _, _ = refused(world, fields_for(), r"cannot reach the UNet", is_api=False)
     assert type(error).__name__ == "Negative Image Prompt"
     assert isinstance(error, UnreachedError)

@@ -35,6 +35,7 @@ from test_hijack import (
     hook_state,
     ldm_unet,
     load_into_diffusers,
+    sided_context,
     tokens,
     unet_pair,
 )
@@ -194,12 +195,7 @@ def ours(
     """Row 0 (cond) with the positive tokens, row 1 (uncond) with the negative ones; blocks
     naming their side, as the session makes them."""
     layout = TokenLayout.for_tokens(max(positive.shape[0], negative.shape[0]))
-    cond, uncond = append_blocks(
-        text[:1],
-        text[1:],
-        make_block(positive, weights[0], layout, side=0),
-        make_block(negative, weights[1], layout, side=1),
-    )
+    context = sided_context(text, positive, negative, weights, layout)
     hijack = AttentionHijack(
         unet,
         layers,
@@ -210,7 +206,7 @@ def ours(
     )
     hijack.install()
     try:
-        return unet(x, TIMESTEPS[: x.shape[0]], context=torch.cat([cond, uncond]))
+        return unet(x, TIMESTEPS[: x.shape[0]], context=context)
     finally:
         hijack.remove()
 
@@ -868,14 +864,7 @@ def test_odd_latent_masks_match_diffusers_layer_by_layer(
 
     layout = TokenLayout.for_tokens(4)
     row_weights = (0.9, 1.3)
-    context = torch.cat(
-        append_blocks(
-            text[:1],
-            text[1:],
-            make_block(positive, row_weights[0], layout, side=0),
-            make_block(negative, row_weights[1], layout, side=1),
-        )
-    )
+    context = sided_context(text, positive, negative, row_weights, layout)
     hijack = AttentionHijack(
         container, weights_kv, layout, side_tokens=[positive, negative], masks=masks
     )
@@ -1055,14 +1044,7 @@ def test_sdxl_real_width_layers_with_presets_per_side_match_diffusers() -> None:
     positive = torch.randn(16, 2048, generator=generator)
     negative = torch.randn(16, 2048, generator=generator)
     row_weights = (0.8, 1.1)
-    context = torch.cat(
-        append_blocks(
-            text[:1],
-            text[1:],
-            make_block(positive, row_weights[0], layout, side=0),
-            make_block(negative, row_weights[1], layout, side=1),
-        )
-    )
+    context = sided_context(text, positive, negative, row_weights, layout)
     hijack = AttentionHijack(
         container, kv, layout, side_tokens=[positive, negative], layer_scales=scales
     )

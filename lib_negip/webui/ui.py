@@ -262,33 +262,24 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
             value="", visible=False, elem_id=eid("infotext_images")
         )
 
-    def wire_gallery(event: Any) -> None:
-        for side, button in add_buttons.items():
+    def connect(buttons: dict[str, Any], source: Any, fn: Callable, js: str | None = None) -> None:
+        """Each side's "➕" button appends ``fn(source's value, side's files)`` to its files."""
+        browser = {} if js is None else {"_js": js}
+        for side, button in buttons.items():
+            files = components[f"{side}_images"]
             button.click(
-                fn=add_image,
-                _js="(item, files) => [extract_image_from_gallery(item)[0], files]",
-                inputs=[event.component, components[f"{side}_images"]],
-                outputs=[components[f"{side}_images"]],
-                show_progress=False,
+                fn=fn, inputs=[source, files], outputs=[files], show_progress=False, **browser
             )
+
+    def wire_gallery(event: Any) -> None:
+        gallery_js = "(item, files) => [extract_image_from_gallery(item)[0], files]"
+        connect(add_buttons, event.component, add_image, gallery_js)
 
     def wire_input(event: Any) -> None:
-        for side, button in add_input_buttons.items():
-            button.click(
-                fn=add_input_image,
-                inputs=[event.component, components[f"{side}_images"]],
-                outputs=[components[f"{side}_images"]],
-                show_progress=False,
-            )
+        connect(add_input_buttons, event.component, add_input_image)
 
     def wire_png_info(component: Any) -> None:
-        for side, button in add_png_info_buttons.items():
-            button.click(
-                fn=add_input_image,
-                inputs=[component, components[f"{side}_images"]],
-                outputs=[components[f"{side}_images"]],
-                show_progress=False,
-            )
+        connect(add_png_info_buttons, component, add_input_image)
 
     script.on_after_component(wire_gallery, elem_id=f"{tab}_gallery")
     # The PNG Info tab is made after both generation tabs, outside their scripts' reach.

@@ -262,6 +262,16 @@ def file_names(page: Any, tab: str, side: str) -> list[str]:
     )
 
 
+def click_add(page: Any, tab: str, side: str, button: str, count: int) -> list[str]:
+    """Click a side's "➕" button (``add_<button>_<side>``), wait until the side holds
+    ``count`` files, and return their names."""
+    page.click(f"#negip_{tab}_add_{button}_{side}")
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#negip_{tab}_{side}_images tr.file').length === {count}"
+    )
+    return file_names(page, tab, side)
+
+
 def upload(page: Any, tab: str, side: str, *paths: Path) -> None:
     before = len(file_names(page, tab, side))
     box = f"#negip_{tab}_{side}_images"
@@ -478,11 +488,7 @@ def test_selected_result_goes_to_the_negative_side(page: Any, files: dict[str, P
     first = generate(page)
     assert first["image"], first["log"]
     assert file_names(page, "txt2img", "negative") == []
-    page.click("#negip_txt2img_add_result_negative")
-    page.wait_for_function(
-        "() => document.querySelectorAll('#negip_txt2img_negative_images tr.file').length === 1"
-    )
-    names = file_names(page, "txt2img", "negative")
+    names = click_add(page, "txt2img", "negative", "result", 1)
     assert len(names) == 1, names
     assert re.fullmatch(r"[0-9a-f]{16}\.png", names[0]), names
     assert file_names(page, "txt2img", "positive") == ["positive.png"]  # untouched
@@ -494,10 +500,7 @@ def test_selected_result_goes_to_the_negative_side(page: Any, files: dict[str, P
         decode(fetch(page, second["image"])), decode(fetch(page, first["image"]))
     )
     # a second click adds the newest result too
-    page.click("#negip_txt2img_add_result_negative")
-    page.wait_for_function(
-        "() => document.querySelectorAll('#negip_txt2img_negative_images tr.file').length === 2"
-    )
+    click_add(page, "txt2img", "negative", "result", 2)
 
 
 def test_swap_button_swaps_the_sides(page: Any, files: dict[str, Path]) -> None:
@@ -583,11 +586,7 @@ def test_png_info_image_goes_to_the_negative_side(page: Any, files: dict[str, Pa
     open_accordion(page)
     upload(page, "txt2img", "positive", files["positive"])
     assert file_names(page, "txt2img", "negative") == []
-    page.click("#negip_txt2img_add_png_info_negative")
-    page.wait_for_function(
-        "() => document.querySelectorAll('#negip_txt2img_negative_images tr.file').length === 1"
-    )
-    names = file_names(page, "txt2img", "negative")
+    names = click_add(page, "txt2img", "negative", "png_info", 1)
     assert len(names) == 1, names
     assert REFERENCE.fullmatch(names[0][:-4]), names
     assert file_names(page, "txt2img", "positive") == ["positive.png"]  # untouched
@@ -601,11 +600,7 @@ def test_png_info_image_goes_to_the_negative_side(page: Any, files: dict[str, Pa
     page.locator("#tabs > .tab-nav button", has_text="img2img").first.click()
     page.wait_for_selector("#tab_img2img", state="visible")
     open_accordion(page, "img2img")
-    page.click("#negip_img2img_add_png_info_positive")
-    page.wait_for_function(
-        "() => document.querySelectorAll('#negip_img2img_positive_images tr.file').length === 1"
-    )
-    assert file_names(page, "img2img", "positive") == names
+    assert click_add(page, "img2img", "positive", "png_info", 1) == names
 
 
 def test_send_to_txt2img_names_a_deleted_stored_image(
