@@ -91,7 +91,7 @@ class Models:
         self.file_reads = 0  # model files loaded from disk; cache hits do not count
 
     def folders(self) -> tuple[list[Path], list[Path]]:
-        """Adapter folders and encoder folders, as DESIGN.md lists them."""
+        """Adapter folders and encoder folders, as the README's "Models" section lists them."""
         from modules import paths, shared
 
         from lib_negip.registry import ModelFolder
