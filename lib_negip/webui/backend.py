@@ -37,6 +37,7 @@ TESTED = (
     "AUTOMATIC1111 1.10.1",
     "Forge f2.0.1v1.10.1 (main dfdcbab, 2025-06-26)",
     "reForge (main 3b56b26, 2026-03-11)",
+    "Forge Classic (classic 1f95d71, 2025-02-21)",
 )
 
 

@@ -10,6 +10,7 @@ refusal is therefore raised as a :class:`~lib_negip.errors.NegIPError` that is a
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -32,21 +33,25 @@ def _request_error_class(error_type: type[NegIPError], for_ui: bool) -> type[Exc
     """
     try:
         from fastapi import HTTPException
-    except ImportError:  # no web stack: the plain error is just as clear
-        return error_type
+    except ImportError:  # no web stack: the same error with the same attributes, no HTTP base
+        HTTPException = None
 
     def __init__(self, message: str, *, api: str = "", ui: str = "") -> None:
         error_type.__init__(self, message, ui=ui or None)
-        HTTPException.__init__(self, status_code=422, detail=message)
+        if HTTPException is None:
+            self.status_code, self.detail = 422, message
+        else:
+            HTTPException.__init__(self, status_code=422, detail=message)
         self.api_message = api or message
         self.ui_message = ui or message
 
     def __str__(self) -> str:
         return str(self.detail)
 
+    bases = (error_type,) if HTTPException is None else (error_type, HTTPException)
     return type(
         UI_NAME if for_ui else error_type.__name__,
-        (error_type, HTTPException),
+        bases,
         {"__init__": __init__, "__str__": __str__, "__module__": __name__},
     )
 
@@ -102,3 +107,82 @@ def explain_out_of_memory(error: BaseException) -> BaseException:
             "encoders kept loaded' in Settings > Negative Image Prompt."
         )
     return ResourceError(msg)
+
+
+class MainThreadErrors:
+    """Our refusals shown in the UI of reForge and Forge Classic, not a ``TypeError``.
+
+    Those hosts run each UI generation on their "main thread" (``modules_forge.main_thread``):
+    ``run_and_wait_result(func, ...)`` queues a ``Task`` and waits for it, ``Task.work`` calls
+    ``func``, and the thread's loop prints an exception and drops it. The waiting call then
+    returns None, and the UI shows "TypeError: 'NoneType' object is not iterable" in place of
+    the message (the API, which does not go through that thread, answers 422 with it).
+
+    :meth:`install` wraps both functions: a :class:`NegIPError` raised by a task queued
+    through ``run_and_wait_result`` is kept and raised again in the waiting thread, where the
+    host's ``wrap_gradio_call`` shows it the way A1111 does. Any other exception, any other
+    task, and a host whose ``Task.work`` keeps its exceptions itself (Forge) see no change.
+    :meth:`remove` puts the host's functions back where ours are still the ones installed.
+    """
+
+    def __init__(self) -> None:
+        self._installed: tuple[Any, Any, Any, Any, Any, Any] | None = None
+
+    @property
+    def installed(self) -> bool:
+        return self._installed is not None
+
+    def install(self, main_thread: Any) -> bool:
+        """Wrap ``main_thread``'s functions (once); False where it lacks the expected shape."""
+        if self._installed is not None:
+            return True
+        task = getattr(main_thread, "Task", None)
+        run = getattr(main_thread, "run_and_wait_result", None)
+        work = getattr(task, "work", None)
+        if not (callable(run) and callable(work)):
+            return False
+        failed: dict[int, BaseException] = {}
+
+        def work_keeping_our_errors(self: Any) -> Any:
+            try:
+                return work(self)
+            except NegIPError as error:
+                if getattr(self.func, "negip_waiting", False):
+                    failed[id(self.func)] = error
+                raise
+
+        def run_raising_our_errors(func: Any, *args: Any, **kwargs: Any) -> Any:
+            def call(*call_args: Any, **call_kwargs: Any) -> Any:
+                return func(*call_args, **call_kwargs)
+
+            call.negip_waiting = True  # type: ignore[attr-defined]
+            result = run(call, *args, **kwargs)
+            error = failed.pop(id(call), None)
+            if error is not None:
+                raise error
+            return result
+
+        task.work = work_keeping_our_errors
+        main_thread.run_and_wait_result = run_raising_our_errors
+        self._installed = (
+            main_thread,
+            task,
+            run,
+            work,
+            run_raising_our_errors,
+            work_keeping_our_errors,
+        )
+        return True
+
+    def remove(self) -> None:
+        if self._installed is None:
+            return
+        main_thread, task, run, work, our_run, our_work = self._installed
+        if main_thread.run_and_wait_result is our_run:
+            main_thread.run_and_wait_result = run
+        if task.__dict__.get("work") is our_work:
+            task.work = work
+        self._installed = None
+
+
+MAIN_THREAD_ERRORS = MainThreadErrors()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -16,14 +17,12 @@ def on_app_started(_demo: Any, app: Any) -> None:
     app.add_api_route("/negip/v1/models", models_listing, methods=["GET"])
     # Registered now, after every extension's scripts loaded, so that ours runs last and
     # sees (and appends after) whatever other callbacks did to the conditioning.
-    from modules import script_callbacks
-
-    script_callbacks.on_cfg_denoiser(on_cfg_denoiser, name="negip")
+    _on("cfg_denoiser", on_cfg_denoiser)
 
 
 def register() -> None:
     """Called once by the entry script."""
-    from modules import safe, script_callbacks
+    from modules import safe
 
     from lib_negip import files
 
@@ -31,13 +30,52 @@ def register() -> None:
     # and returns None after logging a traceback; ours always loads with weights_only=True.
     files.set_torch_load(safe.unsafe_torch_load)
     _console_logging()
-    script_callbacks.on_ui_settings(on_ui_settings, name="negip")
-    script_callbacks.on_app_started(on_app_started, name="negip")
-    script_callbacks.on_before_ui(register_xyz_axes, name="negip")
-    script_callbacks.on_script_unloaded(shutdown, name="negip")
+    _on("ui_settings", on_ui_settings)
+    _on("app_started", on_app_started)
+    _on("before_ui", register_xyz_axes)
+    _on("script_unloaded", shutdown)
     from lib_negip.webui import ui
 
-    script_callbacks.on_after_component(ui.on_after_component, name="negip")
+    _on("after_component", ui.on_after_component)
+    _show_errors_of_the_main_thread()
+
+
+def _on(event: str, callback: Any) -> None:
+    """``script_callbacks.on_<event>(callback)``, named "negip" where the host takes names.
+
+    A1111 1.9 added the ``name`` keyword (shown in its callback-order settings); Forge Classic
+    (2025-02) still has the older functions, which take the callback alone.
+    """
+    from modules import script_callbacks
+
+    add = getattr(script_callbacks, f"on_{event}")
+    try:
+        takes_name = "name" in inspect.signature(add).parameters
+    except (TypeError, ValueError):  # no signature to read: call it the old way
+        takes_name = False
+    if takes_name:
+        add(callback, name="negip")
+    else:
+        add(callback)
+
+
+def _show_errors_of_the_main_thread() -> None:
+    """On reForge and Forge Classic, our refusals reach the UI through their main thread only
+    with :data:`~lib_negip.webui.failures.MAIN_THREAD_ERRORS` installed."""
+    from lib_negip.webui.backend import FORGE_CLASSIC, REFORGE, host_kind
+    from lib_negip.webui.failures import MAIN_THREAD_ERRORS
+
+    if host_kind() not in (REFORGE, FORGE_CLASSIC):
+        return
+    try:
+        from modules_forge import main_thread  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    if not MAIN_THREAD_ERRORS.install(main_thread):
+        logger.warning(
+            "this web UI's main thread is not the one expected: a refusal shows as a TypeError in "
+            "the UI (the console and the API have the message)"
+        )
 
 
 def _console_logging() -> None:
@@ -59,5 +97,8 @@ def _console_logging() -> None:
 
 
 def shutdown() -> None:
+    from lib_negip.webui.failures import MAIN_THREAD_ERRORS
+
+    MAIN_THREAD_ERRORS.remove()
     Generation.end()
     MODELS.clear()

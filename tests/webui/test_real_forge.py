@@ -1,5 +1,9 @@
 """The extension in a real Forge (lllyasviel/stable-diffusion-webui-forge), through its HTTP API.
 
+The same tests run against reForge and Forge Classic (point ``NEGIP_FORGE_URL`` at them); a
+built-in script a host does not ship (Forge's PAG and SAG, Classic's RescaleCFG) is skipped
+there, and the SDXL test sends Forge's ``forge_additional_modules`` only where the host has it.
+
 Skipped unless ``NEGIP_FORGE_URL`` names a running Forge (``--api``) with this extension, a
 full-size SD1.5 checkpoint (Forge does not recognise tiny UNets), an SD1.5 IP-Adapter and a
 ViT-H-14 image encoder; ``NEGIP_FORGE_ADAPTER`` names the adapter (default
@@ -197,13 +201,18 @@ def test_infotext_restores_the_image_prompts() -> None:
     [
         ("PerturbedAttentionGuidance Integrated", [True, 3.0]),
         ("SelfAttentionGuidance Integrated (SD 1.x, SD 2.x, SDXL)", [True, 0.5]),
+        ("RescaleCFG", [0.7]),
     ],
-    ids=["pag", "sag"],
+    ids=["pag", "sag", "rescale-cfg"],
 )
 def test_coexists_with_forges_guidance_extensions(script: tuple[str, list]) -> None:
-    """PAG and SAG run extra UNet passes of their own: with ours at weight 0 the image is
-    theirs alone, bit for bit, and with ours it differs."""
+    """PAG and SAG (Forge) run extra UNet passes of their own, RescaleCFG (Forge Classic)
+    replaces the CFG combination of the two passes: with ours at weight 0 the image is theirs
+    alone, bit for bit, and with ours it differs."""
     name, args = script
+    status, listing = call("/sdapi/v1/scripts")
+    if status != 200 or name.lower() not in listing.get("txt2img", []):
+        pytest.skip(f"this host has no {name!r} script")
     theirs = pixels(generate(None, scripts={name: {"args": args}}))
     zero = pixels(
         generate(
@@ -243,12 +252,12 @@ SDXL_CHECKPOINT = os.environ.get("NEGIP_FORGE_SDXL_CHECKPOINT", "")
 def test_sdxl(mode: str) -> None:
     """An SDXL checkpoint (full size; random weights do) with an SDXL IP-Adapter installed:
     "auto" takes it, block presets act, weight 0 is bit-exact, an SD1.5 adapter is refused."""
-    settings = {
-        "override_settings": {
-            "sd_model_checkpoint": SDXL_CHECKPOINT,
-            "forge_additional_modules": [],  # the SDXL checkpoint brings its own VAE
-        }
-    }
+    overrides: dict[str, Any] = {"sd_model_checkpoint": SDXL_CHECKPOINT}
+    status, options = call("/sdapi/v1/options")
+    assert status == 200, options
+    if "forge_additional_modules" in options:  # Forge 2; Classic and reForge have no such option
+        overrides["forge_additional_modules"] = []  # the SDXL checkpoint brings its own VAE
+    settings = {"override_settings": overrides}
     base = pixels(generate(None, mode=mode, **settings))
     style = generate(both_sides(model="auto", positive_layers="style"), mode=mode, **settings)
     full = pixels(generate(both_sides(model="auto"), mode=mode, **settings))
