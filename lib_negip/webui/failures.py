@@ -126,22 +126,24 @@ class MainThreadErrors:
     """
 
     def __init__(self) -> None:
-        self._installed: tuple[Any, Any, Any, Any, Any, Any] | None = None
+        self.failed: dict[int, BaseException] = {}  # id of a waited-for call -> its refusal
+        self._host: tuple[Any, Any, Any, Any] | None = None  # module, Task, their run, work
+        self._ours: tuple[Any, Any] = (None, None)  # our run_and_wait_result, our Task.work
 
     @property
     def installed(self) -> bool:
-        return self._installed is not None
+        return self._host is not None
 
     def install(self, main_thread: Any) -> bool:
         """Wrap ``main_thread``'s functions (once); False where it lacks the expected shape."""
-        if self._installed is not None:
+        if self._host is not None:
             return True
         task = getattr(main_thread, "Task", None)
         run = getattr(main_thread, "run_and_wait_result", None)
         work = getattr(task, "work", None)
         if not (callable(run) and callable(work)):
             return False
-        failed: dict[int, BaseException] = {}
+        failed = self.failed
 
         def work_keeping_our_errors(self: Any) -> Any:
             try:
@@ -164,25 +166,22 @@ class MainThreadErrors:
 
         task.work = work_keeping_our_errors
         main_thread.run_and_wait_result = run_raising_our_errors
-        self._installed = (
-            main_thread,
-            task,
-            run,
-            work,
-            run_raising_our_errors,
-            work_keeping_our_errors,
-        )
+        self._host = (main_thread, task, run, work)
+        self._ours = (run_raising_our_errors, work_keeping_our_errors)
         return True
 
     def remove(self) -> None:
-        if self._installed is None:
+        if self._host is None:
             return
-        main_thread, task, run, work, our_run, our_work = self._installed
+        main_thread, task, run, work = self._host
+        our_run, our_work = self._ours
         if main_thread.run_and_wait_result is our_run:
             main_thread.run_and_wait_result = run
         if task.__dict__.get("work") is our_work:
             task.work = work
-        self._installed = None
+        self._host = None
+        self._ours = (None, None)
+        self.failed.clear()
 
 
 MAIN_THREAD_ERRORS = MainThreadErrors()
