@@ -9,6 +9,9 @@ engine taken apart:
 - ``none``: no extension;
 - ``image prompts``: the engine as it runs (the form ``BLOCK_DIAGONAL = "auto"`` chooses);
 - ``per head``: the same, every layer forced to the per-head form;
+- ``as module hooks``: the same, its two calls per layer registered as module hooks on
+  ``to_q`` and ``to_out[0]`` instead of set as their instance ``forward`` (what the engine did
+  until the instance forwards replaced them);
 - ``term computed, not added``: the image term computed as usual, the hidden states left as
   they are (the step's result is the plain one);
 - ``hooks only``: every hook runs, the UNet's context is split, but no term is computed;
@@ -56,10 +59,15 @@ def _not_added(original: Callable) -> Callable:
     return add_image_term
 
 
+#: The engine as it runs, its two per-layer calls registered as module hooks instead of set as
+#: the instance forwards of ``to_q`` and ``to_out[0]`` (``hijack.INSTANCE_FORWARDS`` False).
+MODULE_HOOKS = "as module hooks"
+
 VARIANTS: dict[str, tuple[Variant, Callable | None]] = {
     "none": (Variant("sdpa", "sdpa"), None),
     "image prompts": (Variant("sdpa+base", "sdpa", "base"), None),
     "per head": (Variant("sdpa+base per-head", "sdpa", "base", form="never"), None),
+    MODULE_HOOKS: (Variant("sdpa+base module hooks", "sdpa", "base"), None),
     "term computed, not added": (Variant("sdpa+base not added", "sdpa", "base"), _not_added),
     "hooks only": (Variant("sdpa+base hooks only", "sdpa", "base"), _hooks_only),
     "hooks, no block": (
@@ -100,6 +108,7 @@ def main() -> None:
             for name in names:
                 variant, patch = VARIANTS[name]
                 hijack._LayerHooks.add_image_term = original if patch is None else patch(original)
+                hijack.INSTANCE_FORWARDS = name != MODULE_HOOKS  # read where hooks go on
                 bench.prepare(variant)
                 bench.step()
                 started = time.process_time()
@@ -109,6 +118,7 @@ def main() -> None:
                 bench.finish()
     finally:
         hijack._LayerHooks.add_image_term = original
+        hijack.INSTANCE_FORWARDS = True
         bench.close()
     layers = len(bench.layers)
     base = statistics.median(samples["none"])

@@ -559,9 +559,10 @@ def _scoped_hooks(counter: list[_TorchCalls | None]) -> Iterator[None]:
 
 
 def _hooks_on(bench: StepBench) -> tuple[int, int]:
-    """Forward hooks registered on the attn2 modules (and their submodules), and on the UNet."""
+    """Forward hooks and instance forwards set on the attn2 modules (and their submodules), and
+    forward hooks on the UNet."""
     layer_hooks = sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks)
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in vars(m))
         for layer in bench.layers
         for m in layer.module.modules()
     )

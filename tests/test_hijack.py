@@ -302,11 +302,14 @@ def test_context_without_block_passes_through_and_remove_restores() -> None:
     hijack.install()
     hijack.install()  # idempotent
     assert hook_state(unet) != before_state
-    # Two hooks per layer (to_q, to_out[0]) and, until the first call carrying our block, the
-    # attn2 safety net.
+    # Two calls per layer, set as the instance forward of to_q and to_out[0] (no hooks there),
+    # and, until the first call carrying our block, the attn2 safety net (a hook).
     first = cross_attention_layers(unet)[0].module
-    assert len(first.to_out[0]._forward_pre_hooks) == 1
-    assert len(first.to_q._forward_hooks) == 1
+    for sub in (first.to_q, first.to_out[0]):
+        assert "forward" in vars(sub)
+        assert not sub._forward_hooks
+        assert not sub._forward_pre_hooks
+    assert len(first._forward_hooks) == 1
     # A step outside both windows appends nothing: the hijacked UNet is exact.
     assert torch.equal(unet(x, TIMESTEPS, context=text), before)
     hijack.remove()
@@ -337,9 +340,19 @@ def add_one_wrapper(module: nn.Module) -> callable:
     return restore
 
 
+def wrapped_modules(unet: nn.Module, where: str) -> list[nn.Module]:
+    """The modules another extension wraps: the attn2 modules (as the ControlNet extension's
+    IP-Adapter does), or the two projections whose instance forwards carry our calls."""
+    modules = [layer.module for layer in cross_attention_layers(unet)]
+    if where == "attn2":
+        return modules
+    return [sub for m in modules for sub in (m.to_q, m.to_out[0])]
+
+
+@pytest.mark.parametrize("where", ["attn2", "projections"])
 @pytest.mark.parametrize("order", ["ours_first", "theirs_first"])
 @pytest.mark.parametrize("removal", ["ours_first", "theirs_first"])
-def test_coexists_with_another_wrapper(order: str, removal: str) -> None:
+def test_coexists_with_another_wrapper(order: str, removal: str, where: str) -> None:
     unet = ldm_unet("sd15")
     width = SD15.context_dim
     layers = adapter_layers(unet, seed=16)
@@ -352,7 +365,7 @@ def test_coexists_with_another_wrapper(order: str, removal: str) -> None:
             text[:1], text[1:], make_block(positive, 1.0, layout), make_block(negative, 1.0, layout)
         )
     )
-    modules = [layer.module for layer in cross_attention_layers(unet)]
+    modules = wrapped_modules(unet, where)
     before_state = hook_state(unet)
     plain = unet(x, TIMESTEPS, context=text)
 
@@ -364,6 +377,8 @@ def test_coexists_with_another_wrapper(order: str, removal: str) -> None:
     else:
         restores = [add_one_wrapper(m) for m in modules]
         hijack.install()
+        if where == "projections":  # their forward is below: ours are hooks there
+            assert all(len(m._forward_hooks) + len(m._forward_pre_hooks) == 1 for m in modules)
     both = unet(x, TIMESTEPS, context=context)
     if removal == "ours_first":
         hijack.remove()
@@ -375,6 +390,15 @@ def test_coexists_with_another_wrapper(order: str, removal: str) -> None:
             restore()
         ours_only = unet(x, TIMESTEPS, context=context)
         hijack.remove()
+    if where == "projections" and order == removal == "ours_first":
+        # Theirs was set over ours, so ours stayed in their chain, a pass-through, and their
+        # restore put it back: the plain UNet's result, and the next installation clears it.
+        assert hook_state(unet) != before_state
+        assert torch.equal(unet(x, TIMESTEPS, context=text), plain)
+        next_one = AttentionHijack(unet, layers, layout)
+        next_one.install()
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+        next_one.remove()
     assert hook_state(unet) == before_state
     assert torch.equal(unet(x, TIMESTEPS, context=text), plain)
 
@@ -389,6 +413,52 @@ def test_coexists_with_another_wrapper(order: str, removal: str) -> None:
     else:
         reference = ours(unet, layers, x, text[:1], text[1:], positive, negative, (1.0, 1.0))
         assert (ours_only - reference).abs().max().item() < FLOAT32_NOISE
+
+
+def test_instance_forwards_follow_a_class_patch_made_after_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A1111's LoRA and manual-cast code replace ``nn.Linear.forward`` on the class, during a
+    generation too: our instance forwards call the class's forward as it is at each call."""
+    unet = ldm_unet("sd15")
+    width = SD15.context_dim
+    layers = adapter_layers(unet, seed=60)
+    x = latents(1, seed=61).repeat(2, 1, 1, 1)
+    text = text_context(2, width, seed=62)
+    positive, negative = tokens(4, width, 63), tokens(4, width, 64)
+    plain_linear = nn.Linear.forward
+
+    def shifted(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+        return plain_linear(self, input) + 0.25
+
+    monkeypatch.setattr(nn.Linear, "forward", shifted)
+    expected = ours(unet, layers, x, text[:1], text[1:], positive, negative, (1.0, 0.5))
+    patched_plain = unet(x, TIMESTEPS, context=text)
+    monkeypatch.setattr(nn.Linear, "forward", plain_linear)
+
+    layout = TokenLayout.for_tokens(4)
+    hijack = AttentionHijack(unet, layers, layout)
+    hijack.install()
+    try:
+        first = cross_attention_layers(unet)[0].module
+        assert "forward" in vars(first.to_q)
+        assert "forward" in vars(first.to_out[0])
+        monkeypatch.setattr(nn.Linear, "forward", shifted)  # after our installation
+        context = torch.cat(
+            append_blocks(
+                text[:1],
+                text[1:],
+                make_block(positive, 1.0, layout),
+                make_block(negative, 0.5, layout),
+            )
+        )
+        got = unet(x, TIMESTEPS, context=context)
+        assert torch.equal(unet(x, TIMESTEPS, context=text), patched_plain)
+    finally:
+        hijack.remove()
+    assert (got - expected).abs().max().item() < FLOAT32_NOISE
+    monkeypatch.setattr(nn.Linear, "forward", plain_linear)
+    assert not torch.equal(unet(x, TIMESTEPS, context=text), patched_plain)
 
 
 def strip_first_token(unet: nn.Module) -> callable:
