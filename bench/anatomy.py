@@ -126,12 +126,30 @@ def main() -> None:
         f"{args.family} ({'full size' if args.full else 'tiny'}, {layers} attn2, latent "
         f"{args.latent}, batch 2, CPU, 1 thread), {args.rounds} interleaved rounds:\n"
     )
-    print("| variant | step ms, median | / none | added us per attn2 call |")
-    print("|---|---|---|---|")
+    print(
+        "| variant | step ms, median | / none | added us per attn2 call "
+        "| / none, paired: median [IQR] of rounds |"
+    )
+    print("|---|---|---|---|---|")
     for name, values in samples.items():
         median = statistics.median(values)
         added = (median - base) / layers * 1e3
-        print(f"| {name} | {median:.2f} | {median / base:.4f} | {added:+.1f} |")
+        paired = _paired(values, samples["none"])
+        print(f"| {name} | {median:.2f} | {median / base:.4f} | {added:+.1f} | {paired} |")
+    print(
+        f"\nimage prompts / {MODULE_HOOKS}, paired: "
+        + _paired(samples["image prompts"], samples[MODULE_HOOKS])
+    )
+
+
+def _paired(values: list[float], baseline: list[float]) -> str:
+    """Median and quartiles of the per-round ratios (the two samples of a round are seconds
+    apart, so the machine's slower drifts cancel)."""
+    ratios = [value / base for value, base in zip(values, baseline, strict=True)]
+    if len(ratios) < 2:
+        return f"{ratios[0]:.4f}"
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return f"{statistics.median(ratios):.4f} [{low:.4f}-{high:.4f}]"
 
 
 if __name__ == "__main__":
