@@ -1,0 +1,117 @@
+"""The extension's UI in a real Forge-family host (Forge, reForge, Forge Classic), in headless
+Chromium: what a user sees there, beside the API checks of ``test_real_forge.py``.
+
+Skipped unless ``NEGIP_FORGE_URL`` names a running host with this extension (the same server
+``test_real_forge.py`` uses: a full-size SD1.5 checkpoint, an SD1.5 IP-Adapter and a ViT-H-14
+encoder) and playwright and a Chromium are installed (``NEGIP_CHROMIUM``, as in
+``test_browser.py``, whose helpers these tests share).
+
+The point of these tests is the two things that differ from A1111 in these hosts: a generation
+made from the UI changes the pixels, and a refusal reaches the page in the extension's words.
+reForge and Forge Classic run a generation in their own worker thread and hand the UI the
+host's "TypeError: 'NoneType' object is not iterable" for any exception there; the extension's
+``MainThreadErrors`` puts its own message back (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import test_browser
+from test_browser import (  # noqa: F401  (browser is a fixture)
+    browser,
+    decode,
+    fetch,
+    generate,
+    negip_value,
+    open_accordion,
+    random_png,
+    small_settings,
+    upload,
+)
+
+URL = os.environ.get("NEGIP_FORGE_URL", "").rstrip("/")
+
+pytestmark = [
+    pytest.mark.webui,
+    pytest.mark.skipif(not URL, reason="NEGIP_FORGE_URL is not set (no running Forge)"),
+]
+
+#: A full-size SD1.5 UNet on the CPU: one 64x64 image of 4 steps takes 10-40 s.
+SLOW_GENERATION_MS = 300_000
+
+
+@pytest.fixture
+def page(browser: Any, monkeypatch: pytest.MonkeyPatch):  # noqa: F811  (the imported fixture)
+    """A freshly loaded page of the host; fails the test on a JavaScript exception."""
+    monkeypatch.setattr(test_browser, "GENERATION_TIMEOUT_MS", SLOW_GENERATION_MS)
+    page = browser.new_page()
+    page.set_default_timeout(SLOW_GENERATION_MS)
+    sockets: set[Any] = set()
+
+    def opened(socket: Any) -> None:
+        sockets.add(socket)
+        socket.on("close", lambda _socket: sockets.discard(socket))
+
+    page.on("websocket", opened)
+    page.negip_sockets = sockets
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(f"{error}\n{error.stack}"))
+    page.goto(URL, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_selector("#tab_txt2img", state="visible", timeout=180_000)
+    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
+    yield page
+    page.close()
+    assert [error for error in errors if "reading 'props'" not in error] == []
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "positive": random_png(tmp_path / "positive.png", 1),
+        "negative": random_png(tmp_path / "negative.png", 2),
+    }
+
+
+def close_accordion(page: Any, tab: str = "txt2img") -> None:
+    accordion = f"#negip_{tab}_enabled"
+    page.locator(f"{accordion} .label-wrap").first.click()
+    page.wait_for_function(
+        "id => !document.querySelector(`#${id}-checkbox input`).checked", arg=accordion[1:]
+    )
+
+
+def test_a_generation_from_the_ui_changes_the_pixels(page: Any, files: dict[str, Path]) -> None:
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    upload(page, "txt2img", "negative", files["negative"])
+    ours = generate(page)
+    assert ours["image"], ours["log"]
+    text = ours["infotext"]
+    assert "NegIP model: " in text, text
+    negip_value(text, "NegIP positive images")
+    negip_value(text, "NegIP negative images")
+    close_accordion(page)  # the extension off: the host's own image, same settings
+    plain = generate(page)
+    assert plain["image"], plain["log"]
+    assert "NegIP" not in plain["infotext"]
+    ours_pixels = decode(fetch(page, ours["image"])).astype(np.int16)
+    plain_pixels = decode(fetch(page, plain["image"])).astype(np.int16)
+    assert ours_pixels.shape == plain_pixels.shape
+    assert float(np.abs(ours_pixels - plain_pixels).mean()) >= 0.5
+
+
+def test_a_refusal_shows_the_extensions_message(page: Any) -> None:
+    small_settings(page)
+    open_accordion(page)  # on, and no image on either side
+    result = generate(page)
+    message = result["log"]
+    assert result["image"] == ""
+    assert "Negative Image Prompt:" in message, message
+    assert "drop an image" in message, message
+    assert "NoneType" not in message, message
