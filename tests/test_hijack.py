@@ -360,11 +360,7 @@ def test_coexists_with_another_wrapper(order: str, removal: str, where: str) -> 
     text = text_context(2, width, seed=18)
     positive, negative = tokens(4, width, 40), tokens(4, width, 41)
     layout = TokenLayout.for_tokens(4)
-    context = torch.cat(
-        append_blocks(
-            text[:1], text[1:], make_block(positive, 1.0, layout), make_block(negative, 1.0, layout)
-        )
-    )
+    context = sided_context(text, positive, negative, (1.0, 1.0), layout, sides=(-1, -1))
     modules = wrapped_modules(unet, where)
     before_state = hook_state(unet)
     plain = unet(x, TIMESTEPS, context=text)
@@ -444,14 +440,7 @@ def test_instance_forwards_follow_a_class_patch_made_after_them(
         assert "forward" in vars(first.to_q)
         assert "forward" in vars(first.to_out[0])
         monkeypatch.setattr(nn.Linear, "forward", shifted)  # after our installation
-        context = torch.cat(
-            append_blocks(
-                text[:1],
-                text[1:],
-                make_block(positive, 1.0, layout),
-                make_block(negative, 0.5, layout),
-            )
-        )
+        context = sided_context(text, positive, negative, (1.0, 0.5), layout, sides=(-1, -1))
         got = unet(x, TIMESTEPS, context=context)
         assert torch.equal(unet(x, TIMESTEPS, context=text), patched_plain)
     finally:
@@ -663,15 +652,17 @@ def sided_context(
     negative: torch.Tensor,
     weights: tuple[float, float],
     layout: TokenLayout,
+    sides: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """The batched context [2, T, C]: row 0 (cond) with the positive tokens, row 1 (uncond)
-    with the negative ones, in blocks that name their side, as the session makes them."""
+    with the negative ones, in blocks that name their side, as the session makes them
+    (``sides`` (-1, -1): blocks that carry their own tokens)."""
     return torch.cat(
         append_blocks(
             text[:1],
             text[1:],
-            make_block(positive, weights[0], layout, side=0),
-            make_block(negative, weights[1], layout, side=1),
+            make_block(positive, weights[0], layout, side=sides[0]),
+            make_block(negative, weights[1], layout, side=sides[1]),
         )
     )
 

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,15 @@ def browser():
 @pytest.fixture
 def page(browser: Any):
     """A freshly loaded A1111 page; fails the test on a JavaScript exception of the page."""
+    yield from loaded_page(browser, URL, ("txt2img", "img2img"), known_page_error)
+
+
+def loaded_page(
+    browser: Any, url: str, tabs: tuple[str, ...], known: Callable[[str], bool]
+) -> Iterator[Any]:
+    """The body of a page fixture: ``url`` loaded in a new page, with our accordion on each of
+    ``tabs``; after the test, the page's JavaScript exceptions other than ``known`` ones fail
+    it."""
     page = browser.new_page()
     # gradio 3.41 runs each queued event over its own websocket: settle() waits for them
     sockets: set[Any] = set()
@@ -181,15 +191,15 @@ def page(browser: Any):
     page.negip_sockets = sockets
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(f"{error}\n{error.stack}"))
-    page.goto(URL, wait_until="domcontentloaded", timeout=120_000)
+    page.goto(url, wait_until="domcontentloaded", timeout=120_000)
     # gradio 3.41 builds the UI in the browser after "load": wait for the elements themselves,
     # and for A1111's onUiLoaded work (the accordion's visible checkbox is made there).
     page.wait_for_selector("#tab_txt2img", state="visible", timeout=180_000)
-    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
-    page.wait_for_selector("#negip_img2img_enabled-visible-checkbox", state="attached")
+    for tab in tabs:
+        page.wait_for_selector(f"#negip_{tab}_enabled-visible-checkbox", state="attached")
     yield page
     page.close()
-    assert [error for error in errors if not known_page_error(error)] == []
+    assert [error for error in errors if not known(error)] == []
 
 
 def known_page_error(error: str) -> bool:

@@ -27,6 +27,7 @@ from test_browser import (  # noqa: F401  (browser is a fixture)
     decode,
     fetch,
     generate,
+    loaded_page,
     negip_value,
     open_accordion,
     random_png,
@@ -49,24 +50,9 @@ SLOW_GENERATION_MS = 300_000
 def page(browser: Any, monkeypatch: pytest.MonkeyPatch):  # noqa: F811  (the imported fixture)
     """A freshly loaded page of the host; fails the test on a JavaScript exception."""
     monkeypatch.setattr(test_browser, "GENERATION_TIMEOUT_MS", SLOW_GENERATION_MS)
-    page = browser.new_page()
-    page.set_default_timeout(SLOW_GENERATION_MS)
-    sockets: set[Any] = set()
-
-    def opened(socket: Any) -> None:
-        sockets.add(socket)
-        socket.on("close", lambda _socket: sockets.discard(socket))
-
-    page.on("websocket", opened)
-    page.negip_sockets = sockets
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(f"{error}\n{error.stack}"))
-    page.goto(URL, wait_until="domcontentloaded", timeout=120_000)
-    page.wait_for_selector("#tab_txt2img", state="visible", timeout=180_000)
-    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
-    yield page
-    page.close()
-    assert [error for error in errors if "reading 'props'" not in error] == []
+    for page in loaded_page(browser, URL, ("txt2img",), lambda error: "reading 'props'" in error):
+        page.set_default_timeout(SLOW_GENERATION_MS)
+        yield page
 
 
 @pytest.fixture
