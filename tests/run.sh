@@ -17,6 +17,14 @@ stamp="$venv/.negip-requirements"
 wanted=$(cat tests/requirements*.txt | sha256sum | cut -d' ' -f1)
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     echo "Setting up $venv (torch and torchvision come from this machine's local wheels)..."
+    # On x86_64 pip's torch is a CUDA build: the venv takes about 6 GB (5.8 measured). Say so
+    # plainly instead of failing half-way with pip's "No space left on device".
+    free_mb=$(df -Pm . | awk 'NR == 2 {print $4}')
+    if [ ! -x "$venv/bin/python" ] && [ "${free_mb:-0}" -lt 7000 ]; then
+        echo "tests/run.sh: setting up $venv needs about 7 GB free on this disk; $free_mb MB are." >&2
+        echo "Free some space (or run where there is more) and run it again." >&2
+        exit 1
+    fi
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/requirements.txt
     "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -r tests/requirements-nodeps.txt
