@@ -8,6 +8,7 @@ with ``IPAdapterAttnProcessor2_0`` and per-row image embeds.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -81,6 +82,29 @@ def adapter_layers(unet: nn.Module, seed: int = 3) -> list[tuple[torch.Tensor, t
 
 def tokens(n: int, width: int, seed: int) -> torch.Tensor:
     return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
+
+
+class Sd15Case(NamedTuple):
+    unet: nn.Module
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    x: torch.Tensor  # one latent twice: the cond and the uncond row
+    text: torch.Tensor  # [2, 77, C]
+    positive: torch.Tensor  # [4, C]
+    negative: torch.Tensor  # [4, C]
+
+
+def sd15_case(layers: int, x: int, text: int, positive: int, negative: int) -> Sd15Case:
+    """A tiny SD1.5 UNet, its adapter weights and inputs, each drawn from the seed named."""
+    unet = ldm_unet("sd15")
+    width = SD15.context_dim
+    return Sd15Case(
+        unet,
+        adapter_layers(unet, seed=layers),
+        latents(1, seed=x).repeat(2, 1, 1, 1),
+        text_context(2, width, seed=text),
+        tokens(4, width, positive),
+        tokens(4, width, negative),
+    )
 
 
 def load_into_diffusers(twin: nn.Module, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -353,12 +377,7 @@ def wrapped_modules(unet: nn.Module, where: str) -> list[nn.Module]:
 @pytest.mark.parametrize("order", ["ours_first", "theirs_first"])
 @pytest.mark.parametrize("removal", ["ours_first", "theirs_first"])
 def test_coexists_with_another_wrapper(order: str, removal: str, where: str) -> None:
-    unet = ldm_unet("sd15")
-    width = SD15.context_dim
-    layers = adapter_layers(unet, seed=16)
-    x = latents(1, seed=17).repeat(2, 1, 1, 1)
-    text = text_context(2, width, seed=18)
-    positive, negative = tokens(4, width, 40), tokens(4, width, 41)
+    unet, layers, x, text, positive, negative = sd15_case(16, 17, 18, 40, 41)
     layout = TokenLayout.for_tokens(4)
     context = sided_context(text, positive, negative, (1.0, 1.0), layout, sides=(-1, -1))
     modules = wrapped_modules(unet, where)
@@ -416,12 +435,7 @@ def test_instance_forwards_follow_a_class_patch_made_after_them(
 ) -> None:
     """A1111's LoRA and manual-cast code replace ``nn.Linear.forward`` on the class, during a
     generation too: our instance forwards call the class's forward as it is at each call."""
-    unet = ldm_unet("sd15")
-    width = SD15.context_dim
-    layers = adapter_layers(unet, seed=60)
-    x = latents(1, seed=61).repeat(2, 1, 1, 1)
-    text = text_context(2, width, seed=62)
-    positive, negative = tokens(4, width, 63), tokens(4, width, 64)
+    unet, layers, x, text, positive, negative = sd15_case(60, 61, 62, 63, 64)
     plain_linear = nn.Linear.forward
 
     def shifted(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
@@ -463,12 +477,8 @@ def strip_first_token(unet: nn.Module) -> callable:
 
 
 def test_recognises_block_after_controlnet_marker_is_stripped() -> None:
-    unet = ldm_unet("sd15")
+    unet, layers, x, text, positive, negative = sd15_case(19, 20, 21, 50, 51)
     width = SD15.context_dim
-    layers = adapter_layers(unet, seed=19)
-    x = latents(1, seed=20).repeat(2, 1, 1, 1)
-    text = text_context(2, width, seed=21)
-    positive, negative = tokens(4, width, 50), tokens(4, width, 51)
     expected = ours(unet, layers, x, text[:1], text[1:], positive, negative, (1.0, 0.7))
 
     marker = torch.full((1, 1, width), 1024.0)
@@ -536,12 +546,7 @@ def test_adapter_for_another_family_is_refused() -> None:
 @pytest.mark.parametrize("attention_forward", ["sdp"], indirect=True)
 def test_half_precision_close_to_float32(attention_forward: str, term_form: str) -> None:
     """bfloat16 on the CPU (ldm's stock attention mixes dtypes there; A1111 replaces it)."""
-    unet = ldm_unet("sd15")
-    width = SD15.context_dim
-    layers = adapter_layers(unet, seed=23)
-    x = latents(1, seed=24).repeat(2, 1, 1, 1)
-    text = text_context(2, width, seed=25)
-    positive, negative = tokens(4, width, 60), tokens(4, width, 61)
+    unet, layers, x, text, positive, negative = sd15_case(23, 24, 25, 60, 61)
     reference = ours(unet, layers, x, text[:1], text[1:], positive, negative, (1.0, 1.0))
     half = make_ldm_unet(SD15).to(torch.bfloat16)
     # ldm computes the timestep embedding in float32; A1111 casts it (sd_hijack_unet), so do we.
