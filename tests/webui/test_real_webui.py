@@ -423,7 +423,12 @@ def test_batch_of_two(plain: np.ndarray) -> None:
     plain_batch = generate(batch_size=2)
     answer = generate(fields(), batch_size=2)
     assert len(answer["images"]) == 2
-    assert_same(pixels(plain_batch, 0), plain)
+    # The host's own premise: batch index 0 is the single image of the same seed, up to the
+    # CPU's rounding (a batch of two runs other GEMM shapes: on an AMD EPYC 1/255 in 1 of 12288
+    # values; on the Intel Xeon none). Our checks below compare like with like, exactly.
+    difference = np.abs(pixels(plain_batch, 0) - plain)
+    assert difference.max() <= 1
+    assert np.mean(difference > 0) < 0.01
     for index in range(2):
         assert_differs(pixels(answer, index), pixels(plain_batch, index))
         assert "NegIP model" in infotext(answer, index)
