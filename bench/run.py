@@ -84,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--latent", type=int, help="latent side for every family (overrides defaults)"
     )
     parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="images per step, A1111's batch size (the UNet runs cond and uncond: 2x rows)",
+    )
+    parser.add_argument(
         "--tiny",
         action="store_true",
         help="tiny models with the same layouts: a quick check of the code path",
@@ -119,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device_type = args.device.split(":")[0]
     if args.device_type not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda[:N], not {args.device}")
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, not {args.batch}")
     args.dtype = args.dtype or ("float32" if args.device_type == "cpu" else "float16")
     default_stages = "step,load,encode" if args.device_type == "cpu" else "step"
     args.stages = [s for s in (args.stages or default_stages).split(",") if s]
@@ -184,6 +192,7 @@ def child_main(args: argparse.Namespace) -> int:
             budget_s=float(plan["budget_s"]),
             hook_steps=plan["hook_steps"],
             layer_calls=plan["layer_calls"],
+            batch=args.batch,
         )
     elif unit == "write":
         from bench.models import write_files
@@ -258,6 +267,7 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> int:
             "tiny": args.tiny,
             "quick": args.quick,
             "families": args.families,
+            "batch": args.batch,
             "baselines": args.baselines,
             "threads": args.threads,
             "malloc": args.malloc,

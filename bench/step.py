@@ -103,7 +103,7 @@ class StepBench:
     """One UNet, its inputs, the adapters' weights and image prompts, and the variants' steps."""
 
     def __init__(self, family: str, *, tiny: bool, latent: int, device: torch.device,
-                 dtype: torch.dtype) -> None:  # fmt: skip
+                 dtype: torch.dtype, batch: int = 1) -> None:  # fmt: skip
         from lib_negip.hijack import KeyValueWeights
         from lib_negip.unet_layers import cross_attention_layers
 
@@ -111,7 +111,10 @@ class StepBench:
         started = time.perf_counter()
         self.unet = build_unet(family, tiny=tiny, device=device, dtype=dtype)
         self.build_s = time.perf_counter() - started
-        self.inputs = unet_inputs(family, tiny=tiny, latent=latent, device=device, dtype=dtype)
+        self.images = batch
+        self.inputs = unet_inputs(
+            family, tiny=tiny, latent=latent, device=device, dtype=dtype, batch=batch
+        )
         self.layers = cross_attention_layers(self.unet)
         self.switch = AttentionSwitch()
         width = self.layers[0].context_dim
@@ -148,7 +151,8 @@ class StepBench:
         return {
             "family": self.family,
             "latent": list(x.shape[2:]),
-            "batch": x.shape[0],
+            "batch": x.shape[0],  # UNet rows: cond and uncond of each image
+            "images": self.images,  # A1111's batch size
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "attn2_layers": len(self.layers),
@@ -264,9 +268,11 @@ def run_step_stage(
     hook_steps: int,
     layer_calls: int = 50,
     seed: int = 0,
+    batch: int = 1,
 ) -> dict[str, Any]:
-    """Interleaved rounds of every variant; ratios per round; hook-path time; a profile."""
-    bench = StepBench(family, tiny=tiny, latent=latent, device=device, dtype=dtype)
+    """Interleaved rounds of every variant; ratios per round; hook-path time; a profile.
+    ``batch``: images per step (A1111's batch size; the UNet runs twice as many rows)."""
+    bench = StepBench(family, tiny=tiny, latent=latent, device=device, dtype=dtype, batch=batch)
     clock = clock_for(device)
     variants = variants_for(baselines)
     result: dict[str, Any] = {**bench.describe(), "clock": clock.name}

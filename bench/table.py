@@ -32,8 +32,8 @@ def _spread(s: dict[str, Any], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
 def render_step(unit: str, r: dict[str, Any]) -> str:
     out = [
         f"### {unit}: {r['family']} UNet ({r['unet_parameters_m']} M parameters, "
-        f"{r['attn2_layers']} attn2), latent {r['latent'][0]}x{r['latent'][1]}, batch "
-        f"{r['batch']}, {r['dtype']} on {r['device']}; {r['rounds']} interleaved rounds; clock: "
+        f"{r['attn2_layers']} attn2), latent {r['latent'][0]}x{r['latent'][1]}, "
+        f"{r.get('images', r['batch'] // 2)} image(s) = {r['batch']} rows, {r['dtype']} on {r['device']}; {r['rounds']} interleaved rounds; clock: "
         f"{r['clock']}"
     ]
     rows = []

@@ -187,10 +187,18 @@ def _deep_transformer(channels: int, depth: int, shape: UNetShape) -> nn.Module:
 
 
 def unet_inputs(
-    family: str, *, tiny: bool, latent: int, device: torch.device, dtype: torch.dtype, seed: int = 1
+    family: str,
+    *,
+    tiny: bool,
+    latent: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int = 1,
+    seed: int = 1,
 ) -> dict[str, Any]:
-    """Inputs of one batched cond+uncond UNet call: x [2, 4, S, S], timesteps [2], the text
-    conditioning of each side [1, 77, C] and, for SDXL, y [2, adm]."""
+    """Inputs of one batched cond+uncond UNet call for ``batch`` images (A1111's batch size):
+    x [2B, 4, S, S], timesteps [2B], the text conditioning of each side [B, 77, C] and, for
+    SDXL, y [2B, adm]."""
     shape = SHAPES[(family, tiny)]
     generator = torch.Generator().manual_seed(seed)
 
@@ -198,11 +206,11 @@ def unet_inputs(
         return torch.randn(size, generator=generator).to(device=device, dtype=dtype)
 
     return {
-        "x": randn(2, 4, latent, latent),
-        "timesteps": torch.tensor([700.0, 700.0], device=device),
-        "text_cond": randn(1, 77, shape.context_dim),
-        "text_uncond": randn(1, 77, shape.context_dim),
-        "y": randn(2, shape.adm_channels) if shape.adm_channels else None,
+        "x": randn(2 * batch, 4, latent, latent),
+        "timesteps": torch.full((2 * batch,), 700.0, device=device),
+        "text_cond": randn(batch, 77, shape.context_dim),
+        "text_uncond": randn(batch, 77, shape.context_dim),
+        "y": randn(2 * batch, shape.adm_channels) if shape.adm_channels else None,
     }
 
 
