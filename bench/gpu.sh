@@ -6,8 +6,8 @@
 # The machine has python3 + torch (CUDA) + safetensors + numpy + einops; ldm
 # (stable-diffusion-sdkit) and pytest are unpacked from .whl/, Pillow is stood in for.
 # Extra arguments go to bench.run (e.g. --families sdxl, --rounds 40, --tiny). A dry run of
-# this script on a CPU (SD1.5 only, about 90 s): PATH=.venv/bin:$PATH DEVICE=cpu DTYPE=float32 \
-#   NEGIP_TEST_DEVICE=cpu bash bench/gpu.sh --tiny --rounds 2 --stages step
+# this script on a CPU (tiny SD1.5 only, about 90 s): PATH=.venv/bin:$PATH DEVICE=cpu DTYPE=float32 \
+#   NEGIP_TEST_DEVICE=cpu bash bench/gpu.sh --tiny --rounds 2 --stages step --families sd15
 set -u
 OUT_DIR=${OUT:-bench/results}
 mkdir -p "$OUT_DIR"
@@ -16,12 +16,15 @@ python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', 
 git rev-parse --short HEAD 2>/dev/null || true
 # Batch 1 (2 UNet rows: what most users run) with every table; then batch 2 (4 rows), only
 # against SDPA (what A1111 installs on a GPU) and with a shorter budget, to bound the call.
+# SDXL first: at 1024 px it is where the users are, so a time limit would cut SD1.5, not it.
 python3 -m bench.run --device "${DEVICE:-cuda}" --dtype "${DTYPE:-float16}" --quick --ldm-wheel-dir .whl --batch 1 \
+  --families sdxl,sd15 \
   --time-limit-s "${LIMIT:-240}" --out "$OUT_DIR/gpu.json" "$@"
 bench_status=$?
 echo "bench.run (batch 1) exit status: $bench_status"
 if [ "${BATCH2:-1}" != 0 ]; then
   python3 -m bench.run --device "${DEVICE:-cuda}" --dtype "${DTYPE:-float16}" --quick --ldm-wheel-dir .whl --batch 2 \
+    --families sdxl,sd15 \
     --baselines sdpa --budget-s 30 --time-limit-s "${LIMIT2:-170}" \
     --out "$OUT_DIR/gpu-batch2.json" "$@"
   batch2_status=$?
