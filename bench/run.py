@@ -173,6 +173,20 @@ def child_main(args: argparse.Namespace) -> int:
         env.ensure_omegaconf_importable()
     unit, _, part = args.child.partition(":")
     work = Path(args.work_dir)
+
+    def write(result: dict[str, Any], partial: bool = False) -> None:
+        from bench.models import peak_rss_mib
+
+        result = dict(result)
+        if partial:
+            result["partial"] = True  # cleared by the final write
+        result.setdefault("peak_rss_mib", peak_rss_mib())
+        result["machine"] = env.machine(args.device)
+        result["notes"] = list(env.NOTES)
+        temporary = args.child_out.with_suffix(".tmp")
+        temporary.write_text(json.dumps(result, indent=1))
+        temporary.replace(args.child_out)  # never half a file for the parent to read
+
     if unit == "step":
         from bench.step import run_step_stage
 
@@ -193,6 +207,7 @@ def child_main(args: argparse.Namespace) -> int:
             hook_steps=plan["hook_steps"],
             layer_calls=plan["layer_calls"],
             batch=args.batch,
+            checkpoint=lambda partial: write(partial, partial=True),
         )
     elif unit == "write":
         from bench.models import write_files
@@ -209,12 +224,7 @@ def child_main(args: argparse.Namespace) -> int:
     else:
         msg = f"unknown unit {args.child}"
         raise ValueError(msg)
-    from bench.models import peak_rss_mib
-
-    result.setdefault("peak_rss_mib", peak_rss_mib())
-    result["machine"] = env.machine(args.device)
-    result["notes"] = list(env.NOTES)
-    args.child_out.write_text(json.dumps(result, indent=1))
+    write(result)
     return 0
 
 
@@ -304,7 +314,7 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> int:
                 rc = completed.returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
-            if rc == 0 and out.is_file():
+            if out.is_file():  # a step stage stopped early leaves its first tables
                 result = json.loads(out.read_text())
                 result["unit_s"] = round(time.perf_counter() - unit_started, 1)
                 report.setdefault("machine", result.pop("machine"))
@@ -312,8 +322,11 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> int:
                 for line in result.pop("notes", []):
                     env.note(line)
                 report["results"][unit] = result
-            else:
-                report["failed"][unit] = f"exit status {rc}"
+            if rc != 0 or unit not in report["results"]:
+                kept = unit in report["results"]
+                report["failed"][unit] = f"exit status {rc}" + (
+                    "; the tables measured before it are kept" if kept else ""
+                )
                 env.note(f"{unit} FAILED ({rc}); see the output above")
             report["notes"] = list(env.NOTES)
             report["total_s"] = round(time.perf_counter() - started, 1)

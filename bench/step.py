@@ -283,9 +283,14 @@ def run_step_stage(
     layer_calls: int = 50,
     seed: int = 0,
     batch: int = 1,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Interleaved rounds of every variant; ratios per round; hook-path time; a profile.
-    ``batch``: images per step (A1111's batch size; the UNet runs twice as many rows)."""
+    ``batch``: images per step (A1111's batch size; the UNet runs twice as many rows).
+    ``checkpoint(result)`` is called with what is measured so far after the ratios and after
+    each later table (most important first), so that a stage killed at a time limit keeps
+    them."""
+    save = checkpoint or (lambda _: None)
     bench = StepBench(family, tiny=tiny, latent=latent, device=device, dtype=dtype, batch=batch)
     clock = clock_for(device)
     variants = variants_for(baselines)
@@ -331,22 +336,27 @@ def run_step_stage(
             if target is not None and per_round:
                 entry["meets_target"] = entry["ratio"]["median"] <= target
             result["comparisons"].append(entry)
+        save(result)
         baseline = "sdpa" if "sdpa" in baselines else baselines[0]
         baseline_step = result["variants"][baseline]["step_s"]["median"]
+        result["host_ops_per_attn2_call"] = _host_ops(bench, baseline)
+        save(result)
         result["hook_path"] = {
             v.name: _hook_time(bench, v, hook_steps, baseline_step)
             for v in variants
             if v.adapter is not None and v.attention == baseline
         }
-        result["host_ops_per_attn2_call"] = _host_ops(bench, baseline)
-        result["profile"] = _profile(bench, Variant(f"{baseline}+plus", baseline, "plus"))
+        save(result)
         result["layer_calls"] = _layer_calls(bench, baseline, layer_calls, baseline_step)
+        save(result)
         if tiny or device.type == "cuda":  # at full size on a CPU the text's keys/values
             # projections (77 tokens) dwarf a 1-token query's term: noise, not a host view
             result["layer_calls_host_only"] = _layer_calls(
                 bench, baseline, max(layer_calls, 50), baseline_step, host_only=True,
                 samples_per_layer=3,
             )  # fmt: skip
+            save(result)
+        result["profile"] = _profile(bench, Variant(f"{baseline}+plus", baseline, "plus"))
     finally:
         bench.close()
     return result

@@ -35,6 +35,11 @@ def render_step(unit: str, r: dict[str, Any]) -> str:
         f"{r['attn2_layers']} attn2), latent {r['latent'][0]}x{r['latent'][1]}, "
         f"{r.get('images', r['batch'] // 2)} image(s) = {r['batch']} rows, {r['dtype']} on {r['device']}; {r['rounds']} interleaved rounds; clock: "
         f"{r['clock']}"
+        + (
+            "; STOPPED EARLY: the tables below are those measured before"
+            if r.get("partial")
+            else ""
+        )
     ]
     rows = []
     syncs = r.get("synchronisations_per_step", {})
