@@ -17,15 +17,15 @@ git rev-parse --short HEAD 2>/dev/null || true
 # Batch 1 (2 UNet rows: what most users run) with every table; then batch 2 (4 rows), only
 # against SDPA (what A1111 installs on a GPU) and with a shorter budget, to bound the call.
 # SDXL first: at 1024 px it is where the users are, so a time limit would cut SD1.5, not it.
-python3 -m bench.run --device "${DEVICE:-cuda}" --dtype "${DTYPE:-float16}" --quick --ldm-wheel-dir .whl --batch 1 \
-  --families sdxl,sd15 \
-  --time-limit-s "${LIMIT:-240}" --out "$OUT_DIR/gpu.json" "$@"
+bench() {
+  python3 -m bench.run --device "${DEVICE:-cuda}" --dtype "${DTYPE:-float16}" --quick \
+    --ldm-wheel-dir .whl --families sdxl,sd15 "$@"
+}
+bench --batch 1 --time-limit-s "${LIMIT:-240}" --out "$OUT_DIR/gpu.json" "$@"
 bench_status=$?
 echo "bench.run (batch 1) exit status: $bench_status"
 if [ "${BATCH2:-1}" != 0 ]; then
-  python3 -m bench.run --device "${DEVICE:-cuda}" --dtype "${DTYPE:-float16}" --quick --ldm-wheel-dir .whl --batch 2 \
-    --families sdxl,sd15 \
-    --baselines sdpa --budget-s 30 --time-limit-s "${LIMIT2:-170}" \
+  bench --batch 2 --baselines sdpa --budget-s 30 --time-limit-s "${LIMIT2:-170}" \
     --out "$OUT_DIR/gpu-batch2.json" "$@"
   batch2_status=$?
   echo "bench.run (batch 2) exit status: $batch2_status"

@@ -322,8 +322,8 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> int:
                 for line in result.pop("notes", []):
                     env.note(line)
                 report["results"][unit] = result
-            if rc != 0 or unit not in report["results"]:
-                kept = unit in report["results"]
+            kept = unit in report["results"]
+            if rc != 0 or not kept:
                 report["failed"][unit] = f"exit status {rc}" + (
                     "; the tables measured before it are kept" if kept else ""
                 )

@@ -166,6 +166,7 @@ def ours(
     positive: torch.Tensor,
     negative: torch.Tensor,
     weights: tuple[float, float],
+    upcast: bool = False,
 ) -> torch.Tensor:
     layout = TokenLayout.for_tokens(max(positive.shape[0], negative.shape[0]))
     cond, uncond = append_blocks(
@@ -174,7 +175,7 @@ def ours(
         make_block(positive, weights[0], layout),
         make_block(negative, weights[1], layout),
     )
-    hijack = AttentionHijack(unet, layers, layout)
+    hijack = AttentionHijack(unet, layers, layout, upcast=upcast)
     hijack.install()
     try:
         return unet(x, TIMESTEPS[: x.shape[0]], context=torch.cat([cond, uncond]))
@@ -595,22 +596,10 @@ def test_under_autocast_as_a1111_samples_on_a_gpu(
     reference = ours(unet, layers, x, text[:1], text[1:], positive, negative, (1.0, 0.7))
     half = half_unet(dtype)
     inputs = [t.to(dtype) for t in (x, text[:1], text[1:], positive, negative)]
-    layout = TokenLayout.for_tokens(4)
 
     def run(weights: tuple[float, float]) -> torch.Tensor:
-        cond, uncond = append_blocks(
-            inputs[1],
-            inputs[2],
-            make_block(inputs[3], weights[0], layout),
-            make_block(inputs[4], weights[1], layout),
-        )
-        hijack = AttentionHijack(half, layers, layout, upcast=upcast)
-        hijack.install()
-        try:
-            with torch.autocast("cpu", dtype=dtype):
-                return half(inputs[0], TIMESTEPS, context=torch.cat([cond, uncond]))
-        finally:
-            hijack.remove()
+        with torch.autocast("cpu", dtype=dtype):
+            return ours(half, layers, *inputs, weights, upcast=upcast)
 
     got = run((1.0, 0.7))
     assert got.dtype == dtype
