@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 
 from lib_negip import logger
+from lib_negip.adapter import family_of
 from lib_negip.blocks import ALL_LAYERS, LayerSpec, block_weights, layer_scales
 from lib_negip.cache import LRUCache, image_digest
 from lib_negip.conditioning import PadMode, append_blocks
@@ -285,7 +286,7 @@ class ImagePromptSession:
         if not self.applies_to_pass(hires):
             self._unhook()
             return None
-        hijack = self._hijack_for(unet)
+        hijack = self._hijack_for(unet, hires=hires)
         if hijack is None:
             return None
         crossattn = text_cond["crossattn"] if isinstance(text_cond, dict) else text_cond
@@ -311,22 +312,16 @@ class ImagePromptSession:
         self.appended += 1
         return Appended(cond=cond, uncond=uncond, padded=padded)
 
-    def _hijack_for(self, unet: nn.Module) -> AttentionHijack | None:
+    def _hijack_for(self, unet: nn.Module, *, hires: bool = False) -> AttentionHijack | None:
         if unet is self._unet:
             return self._hijack
-        # A different UNet mid-generation: the refiner, or a model reload.
+        # A different UNet mid-generation: the refiner, a Hires. fix checkpoint, a model reload.
         self._remove()
         self._unet = unet
         layers = cross_attention_layers(unet)
-        if not layers or layers[0].context_dim != self.context_dim:
-            logger.info(
-                "Negative Image Prompt: the model now sampling has context width %s, the "
-                "IP-Adapter %s; its steps run without image prompts.",
-                layers[0].context_dim if layers else None,
-                self.context_dim,
-            )
-            return None
         try:
+            if not layers or layers[0].context_dim != self.context_dim:
+                raise IncompatibleModelError(self._misfit_message(layers, hires=hires))
             scales, _ = resolve_layers(self.prompt, unet)
             if all(scale == (0.0, 0.0) for scale in scales):
                 return None  # every block at weight 0: exactly the UNet without image prompts
@@ -342,13 +337,40 @@ class ImagePromptSession:
                 raise_as=self.raise_as,
             )
         except (IncompatibleModelError, ArgumentError) as error:
+            if not self.acted and self._can_act():
+                # No step so far had the image prompts and none of this model's will: the
+                # image would come without them (a Hires. fix checkpoint with hires_pass
+                # "second", a refiner taking over before a window opens).
+                self._unet = None
+                raise
             logger.info(
-                "Negative Image Prompt: skipping a model the adapter does not fit: %s", error
+                "Negative Image Prompt: the model now sampling does not fit the IP-Adapter, so "
+                "its steps run without image prompts (earlier steps had them): %s",
+                error,
             )
             return None
         hijack.install()
         self._hijack = hijack
         return hijack
+
+    def _can_act(self) -> bool:
+        return any(side.weight != 0.0 for side in self.prompt.sides)
+
+    def _misfit_message(self, layers: list, *, hires: bool) -> str:
+        model = (
+            "the model sampling the Hires. fix pass (a Hires. fix checkpoint or the refiner)"
+            if hires
+            else "the model that took over sampling (the refiner, or a reloaded checkpoint)"
+        )
+        width = layers[0].context_dim if layers else None
+        family = family_of(width) if width is not None else "a model without cross-attention"
+        return (
+            f"The IP-Adapter is for {family_of(self.context_dim)}, but {model} is {family}, and "
+            "no step before it had the image prompts, so the image would be made without them. "
+            "Choose a Hires. fix checkpoint or refiner of the adapter's family (or none), or let "
+            "the image prompts act before it takes over: set hires_pass to 'both' or 'first', or "
+            "start the step windows earlier."
+        )
 
     def _unhook(self) -> None:
         if self._hijack is not None and self._hijack.installed:

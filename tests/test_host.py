@@ -396,6 +396,36 @@ def test_refiner_with_another_context_width_is_left_alone(world: World) -> None:
     assert hook_state(world.sdxl) == hook_state(make_ldm_unet(SDXL))
 
 
+def test_hires_checkpoint_of_another_family_with_hires_pass_second_fails_loudly(
+    world: World,
+) -> None:
+    """A1111's Hires. fix checkpoint (another family) runs the only pass the image prompts
+    were asked for: no step could have them, so the generation fails with 422 instead of
+    making the image without them (and an infotext that names them)."""
+
+    def hires_checkpoint(params):
+        # As sample_hr_pass with hr_checkpoint_name: the checkpoint reloaded, conds remade.
+        if params.denoiser.p.is_hr_pass:
+            if world.unet is world.sd15:
+                world.use("sdxl")
+            params.text_cond = conditioning(params.text_cond.shape[0], SDXL, seed=8)
+            params.text_uncond = conditioning(params.text_uncond.shape[0], SDXL, seed=9)
+
+    script_callbacks.callbacks["cfg_denoiser"].insert(
+        0, type("E", (), {"callback": staticmethod(hires_checkpoint), "name": "h"})()
+    )
+    p = None
+    with pytest.raises(
+        Exception,
+        match=r"Hires\. fix pass \(a Hires\. fix checkpoint or the refiner\) is a model family",
+    ) as raised:
+        p = generation(world, default_fields(hires_pass="second"), enable_hr=True)
+    assert p is None
+    assert raised.value.status_code == 422
+    assert hook_state(world.sd15) == hook_state(make_ldm_unet(SD15))
+    assert hook_state(world.sdxl) == hook_state(make_ldm_unet(SDXL))
+
+
 def test_xyz_override_of_a_weight(world: World) -> None:
     cond = ([[(0, 1.0)]], conditioning(1, SD15, seed=3))
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))

@@ -1641,6 +1641,18 @@ def _(lab: Lab) -> None:
     assert lengths[2:] == [77, 77]  # the refiner's steps untouched
 
 
+@case(
+    FAULTS,
+    "refiner of another context width takes over before any step had the image prompts",
+    families=("sd15", "sdxl"),
+)
+def _(lab: Lab) -> None:
+    refiner_at_step(lab, 2, lab.world.sdxl, SDXL)
+    # Both windows open after the switch: without the refusal no step would get them.
+    late = {"positive_start": 0.5, "negative_start": 0.5}
+    lab.refused(reference_fields(**late), r"no step before it had the image prompts", steps=4)
+
+
 @case(FAULTS, "refiner of the same family takes over mid-pass")
 def _(lab: Lab) -> None:
     refiner = lab.extra_unet(SD15, seed=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -10,12 +11,14 @@ from PIL import Image
 from test_hijack import hook_state
 from tiny_adapters import make_adapter_state_dict
 from tiny_encoders import hf_vision_config, hf_vision_state_dict
-from tiny_unets import SD15, SDXL, make_ldm_unet, text_context
+from tiny_unets import SD15, SDXL, latents, make_ldm_unet, text_context
 
-from lib_negip.adapter import adapter_from_state_dict
+from lib_negip.adapter import adapter_from_state_dict, family_of
+from lib_negip.blocks import parse_layers
 from lib_negip.encoder import encoder_from_state_dict
+from lib_negip.errors import ArgumentError, IncompatibleModelError
 from lib_negip.hijack import KeyValueWeights
-from lib_negip.prompt import StepWindow
+from lib_negip.prompt import ImagePrompt, StepWindow
 from lib_negip.session import (
     FeatureCache,
     ImagePromptSession,
@@ -201,7 +204,10 @@ def test_session_hijacks_lazily_follows_model_swaps_and_closes_clean() -> None:
     appended = session.conditioning(sd15, text, text, progress=0.0)
     assert appended.cond.shape == (1, 77 + prompt.layout.total, SD15.context_dim)
     assert hook_state(sd15) != clean_sd15
-    # The refiner: another context width. Left alone; the first UNet is unhooked.
+    sample(sd15, appended)
+    assert session.acted
+    # The refiner: another context width. Left alone (the image prompts acted before it); the
+    # first UNet is unhooked.
     wide = text_context(1, SDXL.context_dim)
     assert session.conditioning(sdxl, wide, wide, progress=0.5) is None
     assert hook_state(sd15) == clean_sd15
@@ -209,6 +215,62 @@ def test_session_hijacks_lazily_follows_model_swaps_and_closes_clean() -> None:
     assert session.conditioning(sd15, text, text, progress=0.5) is not None
     session.close()
     assert hook_state(sd15) == clean_sd15
+
+
+def sample(model, appended) -> torch.Tensor:
+    """One UNet call with an appended conditioning, cond rows then uncond rows."""
+    context = torch.cat([appended.cond, appended.uncond])
+    return model(latents(context.shape[0]), torch.full((context.shape[0],), 500), context=context)
+
+
+@pytest.mark.parametrize("hires", [False, True])
+def test_a_model_the_adapter_does_not_fit_is_refused_when_nothing_acted_before_it(
+    hires: bool,
+) -> None:
+    """A Hires. fix checkpoint (hires_pass "second") or a refiner of another family taking over
+    before any step had the image prompts: the image would come without them, so the session
+    raises instead of leaving the model alone; nothing stays hooked."""
+    session = session_for(build("base", [picture(1)], [picture(2)]), "second" if hires else "both")
+    sd15, sdxl = unet("sd15"), unet("sdxl")
+    clean_sd15, clean_sdxl = hook_state(sd15), hook_state(sdxl)
+    text, wide = text_context(1, SD15.context_dim), text_context(1, SDXL.context_dim)
+    if not hires:
+        # The first model's conditioning was appended, but the refiner took over before the
+        # UNet ran it: nothing acted.
+        assert session.conditioning(sd15, text, text, progress=0.0) is not None
+    with pytest.raises(IncompatibleModelError) as raised:
+        session.conditioning(sdxl, wide, wide, progress=0.5, hires=hires)
+    message = str(raised.value)
+    assert f"for {family_of(SD15.context_dim)}, but" in message
+    assert f"is {family_of(SDXL.context_dim)}, and" in message
+    assert ("Hires. fix" in message.split(",")[1]) == hires
+    assert hook_state(sd15) == clean_sd15
+    assert hook_state(sdxl) == clean_sdxl
+    # Asked again (a caller that kept going), the model is still refused, never left alone.
+    with pytest.raises(IncompatibleModelError):
+        session.conditioning(sdxl, wide, wide, progress=0.5, hires=hires)
+    session.close()
+
+
+def test_a_model_without_the_blocks_asked_for_is_refused_when_nothing_acted() -> None:
+    """Block weights for a block the model that takes over lacks (same context width, fewer
+    transformer blocks) are an ArgumentError then, as at the start of a generation."""
+    fewer = make_ldm_unet(SD15, seed=1)
+    fewer.output_blocks = fewer.output_blocks[:3]  # the last transformer blocks gone
+    prompt = build("base", [picture(1)], [picture(2)])
+    positive = dataclasses.replace(prompt.positive, layers=parse_layers("positive_layers", "15:1"))
+    session = session_for(ImagePrompt(positive=positive, negative=prompt.negative))
+    text = text_context(1, SD15.context_dim)
+    with pytest.raises(ArgumentError, match="positive_layers"):
+        session.conditioning(fewer, text, text, progress=0.0)
+    session.close()
+
+
+def test_a_misfit_model_with_both_weights_zero_is_left_alone() -> None:
+    session = session_for(build("base", [picture(1)], [picture(2)], weights=(0.0, 0.0)))
+    wide = text_context(1, SDXL.context_dim)
+    assert session.conditioning(unet("sdxl"), wide, wide, progress=0.0) is None
+    session.close()
 
 
 @pytest.mark.parametrize(
