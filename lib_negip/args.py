@@ -370,7 +370,7 @@ def _checked_mask(name: str, mask: Any) -> Image.Image | None:
     if not isinstance(mask, Image.Image):
         msg = f"{name} must be a PIL image or None; got {_show(mask)}."
         raise ArgumentError(msg)
-    return mask if mask.mode == "L" else _luminance(name, mask)
+    return _luminance(name, mask)
 
 
 def _check_noise(
@@ -628,15 +628,10 @@ def _parse_side(
 
 
 def _luminance(label: str, image: Image.Image) -> Image.Image:
-    """A mask's values: the luminance of the image; transparent pixels count as black (no
-    effect), so white strokes on a transparent background mark where the side acts."""
+    """A mask's values: see :func:`lib_negip.images.to_mask`."""
     try:
         image.load()
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            return Image.alpha_composite(black, rgba).convert("L")
-        return image.convert("L")
+        return image_io.to_mask(image)
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         msg = f"{label}: the mask cannot be read ({error}). Save it again and send the new file."
         raise ImageError(msg) from error

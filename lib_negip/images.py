@@ -211,6 +211,26 @@ def _float_to_l(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
 
 
+def to_mask(image: Image.Image) -> Image.Image:
+    """Any PIL image as an 8-bit "L" mask: its luminance as a viewer shows the image.
+
+    First frame; EXIF orientation applied; transparent pixels count as black (no effect), so
+    white strokes on a transparent background mark where a side acts; 16-bit, 32-bit and float
+    grey images scaled (not clipped) to 8 bits, as :func:`to_rgb` does.
+    """
+    image = _apply_exif_orientation(_first_frame(image))
+    mode = image.mode
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("L")
+    if mode in _INT_MODES or mode.startswith("I;"):
+        return _integer_to_l(image)
+    if mode == "F":
+        return _float_to_l(image)
+    return image.convert("L")
+
+
 def _composite_on_white(image: Image.Image) -> Image.Image:
     """An image with alpha laid over white: transparent areas show as most viewers show them."""
     rgba = image.convert("RGBA")

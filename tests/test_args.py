@@ -1816,6 +1816,43 @@ def test_mask_forms(form: str, field: str, make_mask: Any, expected: Any) -> Non
     assert np.asarray(mask).tolist() == expected
 
 
+def _encoded(image: Image.Image, fmt: str = "PNG", **save: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_high_bit_depth_masks_are_scaled_not_clipped() -> None:
+    """A 16-bit PNG and a float TIFF mask mean what a viewer shows: 25 % grey is 25 %, not
+    white (Pillow's own conversion to 8 bits clips 16-bit values and truncates floats)."""
+    grey16 = Image.fromarray(np.array([[0, 16384, 65535]], np.uint16))
+    assert grey16.mode.startswith("I")
+    floats = Image.fromarray(np.array([[0.0, 0.25, 1.0]], np.float32))
+    assert floats.mode == "F"
+    for mask in (_encoded(grey16), _encoded(floats, "TIFF"), grey16, floats):
+        for form in ("dict", "positional"):
+            fields = {"positive_mask": mask}
+            args = (
+                _enabled(**fields)
+                if form == "dict"
+                else parse_script_args(full_positional(**fields))
+            )
+            assert np.asarray(args.positive_mask).tolist() == [[0, 64, 255]], (form, type(mask))
+
+
+def test_a_mask_is_turned_as_its_exif_orientation_says() -> None:
+    """Like an image prompt, a mask saved by a camera or an editor with an EXIF orientation
+    covers the part of the picture a viewer shows it covering."""
+    stored = Image.fromarray(np.array([[255, 0], [0, 0]], np.uint8))  # white at the top left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the viewer turns it 90 degrees clockwise: white at the top right
+    args = _enabled(negative_mask=_encoded(stored, "JPEG", exif=exif, quality=100))
+    shown = np.asarray(args.negative_mask)
+    assert shown[0, 1] > 200
+    assert shown[0, 0] < 50
+    assert shown[1].max() < 50
+
+
 def test_sketch_transparent_white_drawing_keeps_image() -> None:
     args = _enabled(positive_mask={"image": halves(), "mask": rgba([(255, 255, 255, 0)] * 4)})
     assert np.asarray(args.positive_mask).tolist() == HALVES
