@@ -32,13 +32,18 @@ CHUNK_LENGTH = 77
 # Channels of the meta token. The pattern values are small dyadic numbers, exact in
 # float16 and bfloat16, so the check needs no tolerance in any dtype.
 META_WEIGHT = 0
+# The number of real tokens as count // 64 and count % 64: bfloat16 holds integers exactly only
+# up to 256 (a full-face image alone has 257 tokens) and float16 up to 2048, both halves up to
+# 256 (counts up to 16,447; a side holds at most 16 images of 257 tokens).
 META_COUNT = 1
 META_PATTERN = slice(2, 6)
 # Which side's tokens the block holds (0 positive, 1 negative; -1 unknown), so the attention
 # can use keys and values projected once per generation instead of once per layer call.
 META_SIDE = 6
+META_COUNT_LOW = 7
+COUNT_RADIX = 64
 PATTERN = (0.75, -1.5, 2.25, -3.0)
-MIN_CONTEXT_WIDTH = 7
+MIN_CONTEXT_WIDTH = META_COUNT_LOW + 1
 
 PadMode = Literal["empty_chunks", "repeat_last"]
 
@@ -92,7 +97,8 @@ def make_block(
     block[0, :n] = tokens
     meta = block[0, layout.n_tokens :]
     meta[:, META_WEIGHT] = weight
-    meta[:, META_COUNT] = n
+    meta[:, META_COUNT] = n // COUNT_RADIX
+    meta[:, META_COUNT_LOW] = n % COUNT_RADIX
     meta[:, META_PATTERN] = torch.tensor(PATTERN, dtype=tokens.dtype, device=tokens.device)
     meta[:, META_SIDE] = side
     return block
@@ -194,7 +200,7 @@ def read_rows(context: torch.Tensor, layout: TokenLayout) -> tuple[BlockRow, ...
     per UNet call, not per layer. The rows then select keys and values on the host, so the
     attention needs no device gather and no synchronisation of its own.
     """
-    meta = context[:, -layout.n_meta :, : META_SIDE + 1].tolist()  # [B][n_meta][7], on the host
+    meta = context[:, -layout.n_meta :, :MIN_CONTEXT_WIDTH].tolist()  # [B][n_meta][8], on the host
     pattern = list(PATTERN)
     if not all(token[META_PATTERN] == pattern for row in meta for token in row):
         msg = (
@@ -206,7 +212,9 @@ def read_rows(context: torch.Tensor, layout: TokenLayout) -> tuple[BlockRow, ...
         raise ConditioningError(msg)
     return tuple(
         BlockRow(
-            side=int(row[0][META_SIDE]), weight=row[0][META_WEIGHT], count=int(row[0][META_COUNT])
+            side=int(row[0][META_SIDE]),
+            weight=row[0][META_WEIGHT],
+            count=int(row[0][META_COUNT]) * COUNT_RADIX + int(row[0][META_COUNT_LOW]),
         )
         for row in meta
     )

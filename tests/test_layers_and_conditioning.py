@@ -151,6 +151,17 @@ def test_block_and_rows_round_trip() -> None:
         read_rows(context * 1.1, layout)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rows_read_the_token_count_exactly_in_every_dtype(dtype: torch.dtype) -> None:
+    """The count of real tokens survives half precision: bfloat16 holds integers exactly only
+    up to 256 (one full-face image has 257 tokens), float16 up to 2048 (nine concatenated)."""
+    for count in (1, 4, 63, 64, 65, 256, 257, 2313, 16 * 257):
+        layout = TokenLayout.for_tokens(count + 3)  # the other side is longer
+        block = make_block(torch.randn(count, 8, dtype=dtype), 0.75, layout, side=1)
+        context = torch.cat([torch.randn(1, 77, 8, dtype=dtype), block], dim=1)
+        assert read_rows(context, layout) == (BlockRow(side=1, weight=0.75, count=count),), count
+
+
 class DictWithShape(dict):
     """A1111's SDXL conditioning type (modules.prompt_parser.DictWithShape), as A1111 defines it."""
 
