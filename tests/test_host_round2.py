@@ -872,3 +872,45 @@ def test_mask_input_asks_for_the_sketch_tool_on_gradio_3_only() -> None:
     assert "tool" not in gradio4.made[0]
     assert "source" not in gradio4.made[0]
     assert "tool" not in strict.made[0]
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ({"NegIP enabled": "maybe"}, "'NegIP enabled'"),
+        ({"NegIP positive weight": "abc"}, "'NegIP positive weight'"),
+        ({"NegIP negative start": "x"}, "'NegIP negative start'"),
+        ({"NegIP negative noise": "x"}, "'NegIP negative noise'"),
+        ({"NegIP positive images": "12345"}, "12345"),
+    ],
+    ids=["switch", "weight", "start", "noise", "reference"],
+)
+def test_a_malformed_infotext_value_is_refused_where_a1111_reads_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, entry: dict, named: str
+) -> None:
+    """A1111 reads the switch first of our infotext fields, for the API's ``infotext`` and for a
+    paste. A malformed NegIP value is answered there with 422 naming it (one log line), before
+    A1111's own float() of a number fails with HTTP 500; after a paste in the UI the accordion
+    says which value was not restored, in the UI's words."""
+    import gradio
+
+    from lib_negip.webui import ui
+
+    monkeypatch.setattr(gradio, "update", lambda **kwargs: kwargs, raising=False)
+    params = {"Steps": "4", "NegIP model": "tiny-base_sd15", **entry}
+    with caplog.at_level("ERROR", logger="negip"), pytest.raises(NegIPError) as raised:
+        ui.infotext_switch(params)
+    assert raised.value.status_code == 422
+    assert named in raised.value.detail
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Negative Image Prompt: {raised.value.api_message}"
+    ]
+    status = ui.restore_message(params)["value"]
+    assert "were not restored" in status
+    assert named.replace("'", "&#x27;") in status
+    assert UI_FORBIDDEN.search(status) is None
+    # Well-formed infotexts: the switch as written (on wherever a NegIP key is present).
+    assert ui.infotext_switch({"NegIP model": "m"}) is True
+    assert ui.infotext_switch({"NegIP model": "m", "NegIP enabled": "False"}) is False
+    assert ui.infotext_switch({"Steps": "4"}) is False
+    assert ui.restore_message({"NegIP model": "m"}) == {"value": ""}

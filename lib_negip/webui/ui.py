@@ -64,10 +64,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
     with enabled:
         warning = backend.warn_if_unsupported()
         if warning:
-            gr.HTML(
-                f'<p class="negip-status"><span class="negip-error">{html.escape(warning)}</span></p>',
-                elem_id=eid("unsupported"),
-            )
+            gr.HTML(error_status(warning), elem_id=eid("unsupported"))
         gr.Markdown(HINT, elem_id=eid("hint"), elem_classes=["negip-hint"])
 
         add_buttons: dict[str, Any] = {}
@@ -438,7 +435,7 @@ def infotext_fields(
 ) -> list[tuple[Any, Any]]:
     """(component, infotext key or function) pairs for PNG Info / "Send to" / the API's infotext.
 
-    The switch restores through ``args.infotext_enabled`` (A1111 would read "False" as True);
+    The switch restores through :func:`infotext_switch` (A1111 would read "False" as True);
     every scalar target is the field's key, so that A1111 also copies its value between tabs.
     The model and encoder keep the written label ("name [hash]", what
     ``args.restore_model_label`` returns for every label ``args.to_infotext`` writes); their
@@ -446,7 +443,7 @@ def infotext_fields(
     store into their components (:func:`restore_images`), and for the API through the hidden
     ``infotext_images`` field.
     """
-    fields: list[tuple[Any, Any]] = [(components["enabled"], negip_args.infotext_enabled)]
+    fields: list[tuple[Any, Any]] = [(components["enabled"], infotext_switch)]
     fields += [
         (components[field], key)
         for key, field in negip_args.INFOTEXT_FIELDS
@@ -458,6 +455,29 @@ def infotext_fields(
     if restore_status is not None:
         fields.append((restore_status, restore_message))
     return fields
+
+
+def infotext_switch(params: dict[str, Any]) -> bool:
+    """The switch's value from an infotext, after checking every NegIP value in it.
+
+    A1111 reads this field first of ours, both for the API's ``infotext`` and for a paste. A
+    malformed value ("NegIP positive weight: abc") raises here as a 422 naming its key, logged
+    once: the API answers with it, where A1111's own conversion of the number would fail with an
+    HTTP 500 and a traceback. A paste in the UI leaves the switch as it is (A1111 logs the error)
+    and the accordion shows the message (:func:`restore_message`).
+    """
+    try:
+        return bool(negip_args.parse_infotext(params).get("enabled", False))
+    except NegIPError as error:
+        from lib_negip.webui.failures import request_error
+
+        logger.error("Negative Image Prompt: %s", error)
+        raise request_error(error) from None
+
+
+def error_status(text: str) -> str:
+    """The accordion's status line for an error."""
+    return f'<p class="negip-status"><span class="negip-error">{html.escape(text)}</span></p>'
 
 
 def _has_ours(params: dict[str, Any]) -> bool:
@@ -517,11 +537,22 @@ def restore_images(field: str, params: dict[str, Any]) -> Any:
 
 
 def restore_message(params: dict[str, Any]) -> Any:
-    """What the accordion says after a paste whose stored images are missing."""
+    """What the accordion says after a paste with a malformed NegIP value or whose stored
+    images are missing."""
     import gradio as gr
 
     if not _has_ours(params):
         return None
+    try:
+        negip_args.parse_infotext(params)
+    except NegIPError as error:
+        from lib_negip.webui.failures import request_error
+
+        text = (
+            f"This infotext's Negative Image Prompt settings were not restored: "
+            f"{request_error(error, for_ui=True).ui_message}"
+        )
+        return gr.update(value=error_status(text))
     missing = []
     for field in ("positive_images", "negative_images", "positive_mask", "negative_mask"):
         missing += _stored_paths(field, params)[1]
@@ -535,9 +566,7 @@ def restore_message(params: dict[str, Any]) -> Any:
         f"({', '.join(missing)}): they were deleted or come from another installation. Add them "
         "again before generating."
     )
-    return gr.update(
-        value=f'<p class="negip-status"><span class="negip-error">{html.escape(text)}</span></p>'
-    )
+    return gr.update(value=error_status(text))
 
 
 def _choices(listing: Callable[..., list[str]], refresh: bool = False) -> list[str]:

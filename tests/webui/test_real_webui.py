@@ -1008,6 +1008,27 @@ def test_infotext_naming_a_malformed_reference_is_refused(server_log: ServerLog)
     assert "12345" in detail, detail
 
 
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ("NegIP enabled: maybe", "NegIP enabled"),
+        ("NegIP positive weight: abc", "NegIP positive weight"),
+        ("NegIP negative noise: x", "NegIP negative noise"),
+    ],
+)
+def test_infotext_with_a_malformed_value_is_refused(
+    server_log: ServerLog, entry: str, named: str
+) -> None:
+    """Answered with 422 naming the value (A1111's own float() of it would answer 500)."""
+    text = f"Steps: 4, NegIP model: {BASE}, {entry}"
+    server_log.new_lines()
+    detail = generate([], expect=422, infotext=text)["detail"]
+    problems = ServerLog.problems(server_log.new_lines())
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(OUR_ERROR_LINE), problems
+    assert named in detail, detail
+
+
 # ---------------------------------------------------------------------------------------------
 # Round 2: X/Y/Z plot axes
 
