@@ -191,13 +191,60 @@ def _check_encoder(name: str, value: Any) -> str:
 
 
 def _check_references(name: str, value: Any) -> str:
-    """Stored image references (see :mod:`lib_negip.store`) in their canonical text."""
+    """Stored image references (see :mod:`lib_negip.store`) and the restored noise seed (see
+    :func:`split_noise_seed`) in their canonical text."""
     if value is None:
         return ""
     if not isinstance(value, str):
         msg = f"{name} must be a text of stored image references; got {_show(value)}."
         raise ArgumentError(msg)
-    return format_references(parse_references(name, value))
+    references, noise_seed = split_noise_seed(name, value)
+    return _with_noise_seed(format_references(parse_references(name, references)), noise_seed)
+
+
+#: The part of ``infotext_images`` that carries a noise negative's seed restored from an
+#: infotext: "noise seed: <seed of the noise> for seed <the image's seed>".
+NOISE_SEED_PART = "noise seed"
+_NOISE_SEED = re.compile(r"^noise seed\s*:\s*(\d{1,20})\s+for seed\s+(\d{1,20})$", re.IGNORECASE)
+
+NoiseSeed = tuple[int, int]  # (seed of the noise, seed of the image it was restored with)
+
+
+def split_noise_seed(name: str, text: str) -> tuple[str, NoiseSeed | None]:
+    """``text`` (an ``infotext_images`` value) without its noise seed part, and that part.
+
+    The noise of a noise negative is seeded with the first seed of its generation, so an image
+    after the first of a batch was made with another seed than its own: restored from its
+    infotext, the noise seed comes back with the image seed it belongs to, and applies only
+    while the generation's seed is still that one (a new seed makes new noise, as always).
+    """
+    rest, found = [], None
+    for part in text.split(";"):
+        words = " ".join(part.split())
+        if not words.lower().startswith(NOISE_SEED_PART):
+            rest.append(part)
+            continue
+        match = _NOISE_SEED.match(words)
+        if match is None:
+            msg = f"{name}: {words[:60]!r} is not '{NOISE_SEED_PART}: <seed> for seed <seed>'."
+            raise ArgumentError(msg)
+        if found is not None:
+            msg = f"{name}: the {NOISE_SEED_PART} is named twice; name it once."
+            raise ArgumentError(msg)
+        found = (int(match[1]), int(match[2]))
+    return ";".join(rest), found
+
+
+def noise_seed_text(noise_seed: NoiseSeed | None) -> str:
+    """The noise seed part of ``infotext_images`` ("" for None)."""
+    if noise_seed is None:
+        return ""
+    return f"{NOISE_SEED_PART}: {noise_seed[0]} for seed {noise_seed[1]}"
+
+
+def _with_noise_seed(references: str, noise_seed: NoiseSeed | None) -> str:
+    part = noise_seed_text(noise_seed)
+    return "; ".join(text for text in (references, part) if text)
 
 
 def _weight(name: str, value: Any) -> float:
@@ -335,7 +382,13 @@ class NegIPArgs:
     @property
     def references(self) -> dict[str, tuple[str, ...]]:
         """Stored images named by ``infotext_images`` (restored from an infotext), by field."""
-        return parse_references("infotext_images", self.infotext_images)
+        text, _ = split_noise_seed("infotext_images", self.infotext_images)
+        return parse_references("infotext_images", text)
+
+    @property
+    def restored_noise_seed(self) -> NoiseSeed | None:
+        """The noise seed restored from an infotext, with the image seed it belongs to."""
+        return split_noise_seed("infotext_images", self.infotext_images)[1]
 
     def as_fields(self) -> dict[str, Any]:
         """Every field by name, in :data:`FIELD_ORDER` (images as tuples of PIL RGB images)."""
@@ -779,6 +832,8 @@ INFOTEXT_REFERENCES: tuple[tuple[str, str], ...] = (
 INFOTEXT_IMAGES = "NegIP images"
 #: Read but never written: lets a hand-written infotext (e.g. the API's) turn the prompts off.
 INFOTEXT_ENABLED = "NegIP enabled"
+#: The seed of a noise negative: the generation's first seed (see :func:`split_noise_seed`).
+INFOTEXT_NOISE_SEED = "NegIP noise seed"
 INFOTEXT_PREFIX = "NegIP"
 
 _IMAGE_COUNTS = re.compile(r"^\s*(\d+) positive / (\d+) negative\s*$")
@@ -810,6 +865,8 @@ def to_infotext(
     model_label: str,
     encoder_label: str,
     references: Mapping[str, Sequence[str]] | None = None,
+    *,
+    noise_seed: int | None = None,
 ) -> dict[str, str | float]:
     """The generation parameters to add to ``p.extra_generation_params``; empty when disabled.
 
@@ -817,6 +874,7 @@ def to_infotext(
     adapter and the encoder that 'auto' picked). Values are raw: A1111's ``create_infotext``
     quotes those with a comma, colon or newline itself. ``references``: the stored images by
     field (see :mod:`lib_negip.store`); without them only the number of images per side.
+    ``noise_seed``: the seed of a noise negative (written only when there is one).
     """
     if not args.enabled:
         return {}
@@ -831,20 +889,28 @@ def to_infotext(
         for key, name in INFOTEXT_REFERENCES:
             if references.get(name):
                 info[key] = " ".join(references[name])
-    return info | {
-        "NegIP positive weight": _infotext_float(args.positive_weight),
-        "NegIP positive start": _infotext_float(args.positive_start),
-        "NegIP positive end": _infotext_float(args.positive_end),
-        "NegIP negative weight": _infotext_float(args.negative_weight),
-        "NegIP negative start": _infotext_float(args.negative_start),
-        "NegIP negative end": _infotext_float(args.negative_end),
-        "NegIP hires pass": args.hires_pass,
-        "NegIP combine": args.combine,
-        "NegIP positive layers": args.positive_layers,
-        "NegIP negative layers": args.negative_layers,
-        "NegIP negative noise": _infotext_float(args.negative_noise),
-        "NegIP noise type": args.negative_noise_type,
-    }
+    return (
+        info
+        | {
+            "NegIP positive weight": _infotext_float(args.positive_weight),
+            "NegIP positive start": _infotext_float(args.positive_start),
+            "NegIP positive end": _infotext_float(args.positive_end),
+            "NegIP negative weight": _infotext_float(args.negative_weight),
+            "NegIP negative start": _infotext_float(args.negative_start),
+            "NegIP negative end": _infotext_float(args.negative_end),
+            "NegIP hires pass": args.hires_pass,
+            "NegIP combine": args.combine,
+            "NegIP positive layers": args.positive_layers,
+            "NegIP negative layers": args.negative_layers,
+            "NegIP negative noise": _infotext_float(args.negative_noise),
+            "NegIP noise type": args.negative_noise_type,
+        }
+        | (
+            {INFOTEXT_NOISE_SEED: noise_seed}
+            if args.negative_noise > 0.0 and noise_seed is not None
+            else {}
+        )
+    )
 
 
 def _infotext_bool(key: str, value: Any) -> bool:
@@ -929,9 +995,28 @@ def parse_infotext(params: Mapping[str, Any]) -> dict[str, Any]:
                 raise ArgumentError(msg) from error
         else:
             result[name] = _infotext_number(key, name, value)
-    references = infotext_references(params)
-    result["infotext_images"] = format_references(references)
+    result["infotext_images"] = infotext_hidden_text(params)
     return result
+
+
+def infotext_hidden_text(params: Mapping[str, Any]) -> str:
+    """The ``infotext_images`` value an infotext restores: its stored images' references, and
+    its noise seed with the image's own seed ("Seed"); raises :class:`ArgumentError` for a
+    malformed value."""
+    noise_seed = None
+    if params.get(INFOTEXT_NOISE_SEED) is not None:
+        noise = _infotext_seed(INFOTEXT_NOISE_SEED, params[INFOTEXT_NOISE_SEED])
+        if params.get("Seed") is not None:
+            noise_seed = (noise, _infotext_seed("Seed", params["Seed"]))
+    return _with_noise_seed(format_references(infotext_references(params)), noise_seed)
+
+
+def _infotext_seed(key: str, value: Any) -> int:
+    text = str(value).strip()
+    if not text.isdigit() or len(text) > 20:
+        msg = f"Infotext {key!r} must be a whole number of at least 0; got {_show(value)}."
+        raise ArgumentError(msg)
+    return int(text)
 
 
 def infotext_references(params: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:

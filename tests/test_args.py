@@ -38,6 +38,7 @@ from lib_negip.args import (
     MAX_IMAGES_PER_SIDE,
     NegIPArgs,
     infotext_enabled,
+    infotext_hidden_text,
     infotext_image_counts,
     infotext_references,
     parse_api_dict,
@@ -49,7 +50,6 @@ from lib_negip.args import (
 )
 from lib_negip.errors import ArgumentError, ImageError, NegIPError
 from lib_negip.prompt import StepWindow
-from lib_negip.store import format_references
 from lib_negip.wording import UI_FORBIDDEN
 
 RED = (200, 30, 40)
@@ -225,9 +225,7 @@ def a1111_script_args(request_args: Sequence[Any], infotext: str | None = None) 
         # ... the enabled checkbox with a callable target, and the stored images' references
         # (one hidden field for several keys) with another.
         script_args[0] = infotext_enabled(params)
-        script_args[FIELD_ORDER.index("infotext_images")] = format_references(
-            infotext_references(params)
-        )
+        script_args[FIELD_ORDER.index("infotext_images")] = infotext_hidden_text(params)
     for index, value in enumerate(request_args[: len(FIELD_ORDER)]):
         script_args[index] = value
     return script_args
@@ -1628,6 +1626,60 @@ def test_noise_without_positive_images_names_the_noise() -> None:
 def test_infotext_images_canonical(written: Any, canonical: str) -> None:
     assert _enabled(infotext_images=written).infotext_images == canonical
     assert parse_script_args(full_positional(infotext_images=written)).infotext_images == canonical
+
+
+@pytest.mark.parametrize(
+    ("written", "canonical", "seeds"),
+    [
+        pytest.param("noise seed: 5 for seed 6", "noise seed: 5 for seed 6", (5, 6), id="alone"),
+        pytest.param(
+            f" Noise  Seed :5  for seed 6 ; positive images: {REF_A}",
+            f"positive images: {REF_A}; noise seed: 5 for seed 6",
+            (5, 6),
+            id="written-loosely-and-first",
+        ),
+        pytest.param(f"positive images: {REF_A}", f"positive images: {REF_A}", None, id="none"),
+    ],
+)
+def test_infotext_images_carries_a_restored_noise_seed(
+    written: str, canonical: str, seeds: tuple[int, int] | None
+) -> None:
+    args = _enabled(infotext_images=written)
+    assert args.infotext_images == canonical
+    assert args.restored_noise_seed == seeds
+    assert args.references == ({"positive_images": (REF_A,)} if REF_A in written else {})
+
+
+@pytest.mark.parametrize(
+    ("value", "pattern"),
+    [
+        ("noise seed: 5", "is not 'noise seed: <seed> for seed <seed>'"),
+        ("noise seed: -5 for seed 6", "is not 'noise seed"),
+        ("noise seed: 5 for seed 6; noise seed: 5 for seed 6", "named twice"),
+    ],
+)
+def test_infotext_images_noise_seed_errors(value: str, pattern: str) -> None:
+    with pytest.raises(ArgumentError, match=f"^infotext_images: .*{re.escape(pattern)}"):
+        _enabled(infotext_images=value)
+
+
+def test_infotext_restores_the_noise_seed_with_the_images_own_seed() -> None:
+    params = {"NegIP model": "m", "NegIP noise seed": "1000", "Seed": "1001"}
+    assert parse_infotext(params)["infotext_images"] == "noise seed: 1000 for seed 1001"
+    assert infotext_hidden_text(params) == "noise seed: 1000 for seed 1001"
+    # Without the image's seed there is nothing to tie the noise seed to.
+    assert parse_infotext({"NegIP model": "m", "NegIP noise seed": "1000"})["infotext_images"] == ""
+    with pytest.raises(ArgumentError, match=r"^Infotext 'NegIP noise seed' must be a whole"):
+        parse_infotext({"NegIP model": "m", "NegIP noise seed": "x", "Seed": "1"})
+    with pytest.raises(ArgumentError, match=r"^Infotext 'Seed' must be a whole"):
+        parse_infotext({"NegIP model": "m", "NegIP noise seed": "1", "Seed": "-1"})
+
+
+def test_the_infotext_names_the_noise_seed_only_with_a_noise_negative() -> None:
+    noisy = _enabled(negative_images=[], negative_noise=0.5)
+    assert to_infotext(noisy, "m", "e", noise_seed=1000)["NegIP noise seed"] == 1000
+    assert "NegIP noise seed" not in to_infotext(noisy, "m", "e")
+    assert "NegIP noise seed" not in to_infotext(_enabled(), "m", "e", noise_seed=1000)
 
 
 def test_references_by_field() -> None:

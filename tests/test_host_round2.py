@@ -914,3 +914,51 @@ def test_a_malformed_infotext_value_is_refused_where_a1111_reads_it(
     assert ui.infotext_switch({"NegIP model": "m", "NegIP enabled": "False"}) is False
     assert ui.infotext_switch({"Steps": "4"}) is False
     assert ui.restore_message({"NegIP model": "m"}) == {"value": ""}
+
+
+def test_a_noise_negative_restores_for_every_image_of_a_batch(world: World) -> None:
+    """The noise is seeded with the generation's first seed, which the infotext names: image 2
+    of a batch (its own seed 1001) restored from its infotext gets the batch's noise back, by
+    the API and in the UI; a seed changed after the restore makes new noise, as always."""
+    from lib_negip.args import DEFAULTS, FIELD_ORDER, parse_infotext
+
+    negatives: list[torch.Tensor] = []
+
+    def negative_tokens(params) -> None:
+        if Generation.current is not None and len(negatives) < runs:
+            negatives.append(Generation.current.session.prompt.negative.tokens.clone())
+
+    script_callbacks.on_cfg_denoiser(negative_tokens)
+    fields = noise_fields(negative_noise=0.5)
+    runs = 1
+    p = make_p(fields, world=world, batch=2)
+    p.all_seeds = [1000, 1001]
+    processing.process_images(p)
+    batch_noise = negatives[-1]
+    assert p.extra_generation_params["NegIP noise seed"] == 1000
+    # Image 2's infotext: the batch's settings, its own seed.
+    params = {key: str(value) for key, value in p.extra_generation_params.items()}
+    hidden = parse_infotext({**params, "Seed": "1001"})["infotext_images"]
+    assert hidden.endswith("noise seed: 1000 for seed 1001")
+    restored = {**fields, "infotext_images": hidden}
+
+    def noise_of(seed: int, request: dict | list, *, is_api: bool = True) -> torch.Tensor:
+        nonlocal runs
+        runs += 1
+        p = make_p(None, world=world, seed=seed, is_api=is_api)
+        p.scripts = [(world.script, request if isinstance(request, list) else [request])]
+        processing.process_images(p)
+        assert len(negatives) == runs
+        return negatives[-1]
+
+    assert torch.equal(noise_of(1001, restored), batch_noise)  # the API's infotext field
+    values = [DEFAULTS[name] for name in FIELD_ORDER]  # the UI's components after a paste
+    for name, value in {"enabled": True, **restored}.items():
+        values[FIELD_ORDER.index(name)] = value
+    assert torch.equal(noise_of(1001, values, is_api=False), batch_noise)
+    # Another seed than the restored image's: the noise of that seed, as without the restore.
+    other = noise_of(1002, restored)
+    assert not torch.equal(other, batch_noise)
+    assert torch.equal(other, noise_of(1002, fields))
+    # Without a noise negative the infotext names no noise seed.
+    assert "NegIP noise seed" not in run(world, fields_for(), seed=7).extra_generation_params

@@ -202,15 +202,20 @@ def process(p: Any, values: Sequence[Any]) -> None:
 
 
 def _without_ui_references(p: Any, values: Sequence[Any]) -> Sequence[Any]:
-    """The UI's values without the hidden ``infotext_images`` field: a pasted infotext puts
-    the stored images into the file boxes themselves, which the user may then change; the
-    hidden references are for API requests (the API's ``infotext`` field)."""
-    from lib_negip.args import FIELD_ORDER
+    """The UI's values without the references of the hidden ``infotext_images`` field: a
+    pasted infotext puts the stored images into the file boxes themselves, which the user may
+    then change; the hidden references are for API requests (the API's ``infotext`` field).
+    Its restored noise seed stays (it has no box of its own)."""
+    from lib_negip.args import FIELD_ORDER, noise_seed_text, split_noise_seed
 
     index = FIELD_ORDER.index("infotext_images")
     if not wants_ui_words(p) or len(values) <= index or isinstance(values[0], Mapping):
         return values
-    return [*values[:index], "", *values[index + 1 :]]
+    hidden = values[index]
+    kept = ""
+    if isinstance(hidden, str):
+        kept = noise_seed_text(split_noise_seed("infotext_images", hidden)[1])
+    return [*values[:index], kept, *values[index + 1 :]]
 
 
 def _loaded_model() -> Any:
@@ -235,6 +240,7 @@ def start(p: Any, args: Any) -> None:
             "apply: enable Hires. fix or choose 'both' / 'first'."
         )
         raise ArgumentError(msg)
+    noise_seed = _noise_seed(p, args)
     args = _with_stored_images(args, for_api=not wants_ui_words(p))
     MODELS.apply_limits()
     adapter_entry, encoder_entry = _resolve_models(args, unet)
@@ -251,7 +257,7 @@ def start(p: Any, args: Any) -> None:
         from lib_negip.noise import noise_images
 
         negative_images = noise_images(
-            args.positive_images, args.negative_noise, args.negative_noise_type, _seed_of(p)
+            args.positive_images, args.negative_noise, args.negative_noise_type, noise_seed
         )
     references = _store(args) if setting_bool(OPT_STORE_IMAGES) else None
     prompt = _encode(
@@ -275,7 +281,13 @@ def start(p: Any, args: Any) -> None:
     )
     if unet is not None:  # block weights for blocks this UNet lacks fail now too
         session.check_fits(unet)
-    infotext = to_infotext(args, entry_label(adapter_entry), entry_label(encoder_entry), references)
+    infotext = to_infotext(
+        args,
+        entry_label(adapter_entry),
+        entry_label(encoder_entry),
+        references,
+        noise_seed=noise_seed,
+    )
     generation = Generation(p, session, infotext)
     with Generation.lock:
         Generation.current = generation
@@ -311,6 +323,15 @@ def _resolve_models(args: Any, unet: Any) -> tuple[Any, Any]:
         registry.refresh()
         adapter_entry, encoder_entry = resolve()
     return adapter_entry, encoder_entry
+
+
+def _noise_seed(p: Any, args: Any) -> int:
+    """The seed of a noise negative: the generation's, or the one restored from an infotext
+    while the generation's seed is still the restored image's own (see
+    :func:`lib_negip.args.split_noise_seed`)."""
+    seed = _seed_of(p)
+    restored = args.restored_noise_seed
+    return restored[0] if restored is not None and restored[1] == seed else seed
 
 
 def _seed_of(p: Any) -> int:

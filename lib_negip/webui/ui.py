@@ -24,7 +24,6 @@ from typing import Any
 from lib_negip import args as negip_args
 from lib_negip import download, logger
 from lib_negip.errors import NegIPError
-from lib_negip.store import format_references
 from lib_negip.webui import TITLE, models
 
 REFRESH_SYMBOL = "\U0001f504"  # the refresh icon A1111's own model lists use
@@ -485,12 +484,13 @@ def _has_ours(params: dict[str, Any]) -> bool:
 
 
 def _infotext_images(params: dict[str, Any]) -> str | None:
-    """The hidden field's value: the stored images the infotext names, as one text. A malformed
-    reference is passed on as written, so that the generation refuses it by name."""
+    """The hidden field's value: the stored images the infotext names and its noise seed, as
+    one text (:func:`lib_negip.args.infotext_hidden_text`). A malformed reference is passed on
+    as written, so that the generation refuses it by name."""
     if not _has_ours(params):
         return None
     try:
-        return format_references(negip_args.infotext_references(params))
+        return negip_args.infotext_hidden_text(params)
     except NegIPError:
         return "; ".join(
             f"{field.replace('_', ' ')}: {params[key]}"

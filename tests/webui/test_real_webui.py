@@ -958,6 +958,21 @@ def test_infotext_alone_restores_a_noise_negative() -> None:
     assert negip_params(infotext(again))["NegIP noise type"] == "dissolve"
 
 
+def test_infotext_of_the_second_image_of_a_batch_restores_its_noise_negative() -> None:
+    """The noise is seeded with the batch's first seed, which every image's infotext names:
+    image 2, restored with its own seed, gets the same noise and comes out the same."""
+    original = generate(
+        fields(negative_images=[], negative_noise=0.75, negative_noise_type="dissolve"),
+        seed=5150,
+        batch_size=2,
+    )
+    second = infotext(original, 1)
+    assert negip_params(second)["NegIP noise seed"] == "5150"
+    again = infotext_only(second, [])
+    assert json.loads(again["info"])["seed"] == 5151
+    assert_same(pixels(again), pixels(original, 1))
+
+
 def test_infotext_alone_restores_in_img2img() -> None:
     original = generate(fields(negative_mask=mask_png("left")), mode="img2img")
     # (A1111 takes no size from the infotext in img2img: give it as the original had it)
