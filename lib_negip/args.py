@@ -503,9 +503,12 @@ def _require_images(
 
 
 def _rgb(label: str, image: Image.Image) -> Image.Image:
-    """``images.to_rgb`` with the field and index in the message."""
+    """``images.to_rgb`` with the field and index in the message; a strip too thin for the
+    image encoder is refused here too, where the message can name it."""
     try:
-        return image_io.to_rgb(image)
+        rgb = image_io.to_rgb(image)
+        image_io.check_proportions(rgb)
+        return rgb
     except ImageError as error:
         msg = f"{label}: {error}"
         raise ImageError(msg) from error
@@ -520,6 +523,8 @@ def _looks_like_path(text: str) -> bool:
     stripped = text.strip()
     if stripped.startswith("/9j/"):  # the base64 of every JPEG (FF D8 FF), not a path
         return False
+    if stripped[:8].lower().startswith(("http://", "https://")):
+        return False  # a URL: decode_image's own message says what to do
     return len(stripped) < 4096 and bool(
         stripped.startswith(("/", "~", "./", "../", "file:"))
         or re.match(r"^[A-Za-z]:[\\/]", stripped)

@@ -275,8 +275,9 @@ def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     return int(size * width / height), size
 
 
-def _resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
-    """Short side to ``size`` (bicubic), centre crop ``size`` x ``size``: uint8 [size, size, 3]."""
+def check_proportions(image: Image.Image, size: int = 224) -> None:
+    """Raise :class:`ImageError` for a strip too thin to resize for the image encoder (its short
+    side to ``size``, the CLIP encoders' 224 by default)."""
     width, height = image.size
     new_width, new_height = _resized_size(width, height, size)
     if new_width * new_height > _MAX_RESIZED_PIXELS:
@@ -286,6 +287,13 @@ def _resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
             "proportions (at most about 1:1000)."
         )
         raise ImageError(msg)
+
+
+def _resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
+    """Short side to ``size`` (bicubic), centre crop ``size`` x ``size``: uint8 [size, size, 3]."""
+    check_proportions(image, size)
+    width, height = image.size
+    new_width, new_height = _resized_size(width, height, size)
     resized = image.resize((new_width, new_height), resample=Image.Resampling.BICUBIC)
     pixels = np.asarray(resized, dtype=np.uint8)  # [H', W', 3]
     # floor division puts the extra pixel of an odd margin on the bottom/right, like transformers

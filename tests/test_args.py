@@ -728,8 +728,14 @@ INVALID = [
     pytest.param(
         _dict(positive_images=["https://example.com/cat.png"]),
         ImageError,
-        [r"positive_images\[0\]", r"not downloaded"],
+        [r"positive_images\[0\]", r"not downloaded", r"^(?!.*file paths)"],
         id="http-url",
+    ),
+    pytest.param(
+        _dict(negative_images=[b64(), b64(Image.new("RGB", (1, 5000)))]),
+        ImageError,
+        [r"^negative_images\[1\]: The image is 1x5000, a strip too thin for CLIP"],
+        id="thin-strip",
     ),
     pytest.param(
         _dict(positive_images=["data:image/png," + b64()]),
