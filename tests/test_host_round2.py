@@ -14,6 +14,7 @@ import re
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -44,6 +45,7 @@ from lib_negip.blocks import block_weights, layer_scales, parse_layers
 from lib_negip.conditioning import TokenLayout, make_block, pad_text_to_same_length
 from lib_negip.errors import NegIPError, UnreachedError
 from lib_negip.hijack import AttentionHijack
+from lib_negip.prompt import StepWindow
 from lib_negip.session import pass_progress
 from lib_negip.store import format_references, reference_of
 from lib_negip.unet_layers import block_indices, cross_attention_layers, transformer_blocks
@@ -962,3 +964,71 @@ def test_a_noise_negative_restores_for_every_image_of_a_batch(world: World) -> N
     assert torch.equal(other, noise_of(1002, fields))
     # Without a noise negative the infotext names no noise seed.
     assert "NegIP noise seed" not in run(world, fields_for(), seed=7).extra_generation_params
+
+
+def _timestep_denoiser(function: str, reported: int, *, img2img: bool) -> Any:
+    """A denoiser as A1111's timestep samplers have it: ``steps`` as launch_sampling set it,
+    the sampler's function, ``init_latent`` set by sample_img2img."""
+
+    def sampler_function() -> None: ...
+
+    sampler_function.__name__ = function
+    denoiser = type("CFGDenoiserTimesteps", (), {})()
+    denoiser.steps = denoiser.total_steps = reported
+    denoiser.init_latent = torch.zeros(1) if img2img else None
+    denoiser.sampler = SimpleNamespace(
+        funcname=sampler_function, config=SimpleNamespace(options={})
+    )
+    return denoiser
+
+
+@pytest.mark.parametrize(
+    ("function", "reported", "img2img", "expected"),
+    [
+        # Counted with A1111 1.10.1's sampler functions (txt2img: n steps reported; img2img at
+        # denoising 0.5: t_enc + 1 reported).
+        ("ddim", 20, False, (19, 19)),
+        ("ddim", 25, False, (24, 24)),
+        ("ddim", 30, False, (30, 30)),
+        ("ddim", 11, True, (9, 9)),
+        ("ddim", 16, True, (14, 14)),
+        ("ddim_cfgpp", 20, False, (19, 19)),
+        ("plms", 20, False, (19, 20)),
+        ("plms", 30, False, (30, 31)),
+        ("plms", 13, True, (11, 12)),
+        ("unipc", 25, False, (24, 25)),
+        ("unipc", 16, True, (14, 15)),
+        ("ddim", 2, True, (1, 1)),
+    ],
+)
+def test_pass_length_of_the_timestep_samplers(
+    function: str, reported: int, img2img: bool, expected: tuple[int, int]
+) -> None:
+    from lib_negip.webui.generation import pass_length
+
+    assert pass_length(_timestep_denoiser(function, reported, img2img=img2img)) == expected
+
+
+def test_pass_length_elsewhere_is_what_the_host_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lib_negip.webui.generation import pass_length
+
+    k_diffusion = SimpleNamespace(steps=20, total_steps=40, init_latent=None)  # Heun
+    assert pass_length(k_diffusion) == (20, 40)
+    unknown = _timestep_denoiser("some_new_sampler", 20, img2img=False)
+    assert pass_length(unknown) == (20, 20)
+    # "Always discard next-to-last sigma": DDIM's schedule is made for one step more.
+    monkeypatch.setattr(shared.opts, "always_discard_next_to_last_sigma", True, raising=False)
+    assert pass_length(_timestep_denoiser("ddim", 20, img2img=False)) == (21, 21)
+
+
+def test_a_late_window_opens_with_ddim_in_img2img() -> None:
+    """img2img with DDIM, 20 steps at denoising 0.5: 9 calls where A1111 reports 11. A window
+    [0.75, 1) holds the last quarter of those calls, as with Euler's 11."""
+    from lib_negip.webui.generation import pass_length
+
+    denoiser = _timestep_denoiser("ddim", 11, img2img=True)
+    window = StepWindow(0.75, 1.0)
+    active = [i for i in range(9) if window.contains(pass_progress(i, *pass_length(denoiser)))]
+    assert active == [7, 8]
+    euler = [i for i in range(11) if window.contains(pass_progress(i, 11, 11))]
+    assert euler == [9, 10]

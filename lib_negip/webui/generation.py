@@ -534,6 +534,50 @@ def on_cfg_denoiser(params: Any) -> None:
         Generation.fail(error, generation.p)
 
 
+#: A1111's timestep samplers, by function name: how many more denoiser calls than sampling
+#: steps they make (PLMS and UniPC evaluate the model twice in their first step).
+TIMESTEP_SAMPLER_EXTRA_CALLS = {"ddim": 0, "ddim_cfgpp": 0, "plms": 1, "unipc": 1}
+
+
+def pass_length(denoiser: Any) -> tuple[int, int]:
+    """(sampling steps, denoiser calls) of the pass ``denoiser`` runs, for :func:`pass_progress`.
+
+    A1111 gives ``steps`` and ``total_steps``, right for its k-diffusion samplers. Its timestep
+    samplers (DDIM, DDIM CFG++, PLMS, UniPC) run ``len(schedule) - 1`` steps instead: in txt2img
+    the schedule has ``len(range(0, 1000, 1000 // n))`` timesteps for ``n`` steps (19 steps for
+    20, 24 for 25, 30 for 30); in img2img and the hires pass, which report ``t_enc + 1``, it is
+    the first ``t_enc`` of them (``t_enc - 1`` steps, where Euler makes ``t_enc + 1``). Counted
+    by calling A1111 1.10.1's sampler functions. Without this a window over the last steps of
+    such a pass would never open.
+    """
+    steps = int(getattr(denoiser, "steps", 0) or 0)
+    total = int(getattr(denoiser, "total_steps", 0) or 0)
+    sampler = getattr(denoiser, "sampler", None)
+    function = getattr(sampler, "funcname", None)
+    name = function if isinstance(function, str) else getattr(function, "__name__", None)
+    if (
+        type(denoiser).__name__ != "CFGDenoiserTimesteps"
+        or name not in TIMESTEP_SAMPLER_EXTRA_CALLS
+        or steps <= 0
+    ):
+        return steps, total
+    if getattr(denoiser, "init_latent", None) is not None:  # img2img, the hires pass
+        real = steps - 2
+    else:
+        from modules import shared
+
+        config = getattr(sampler, "config", None)
+        options = getattr(config, "options", None) or {}
+        discard = bool(
+            options.get("discard_next_to_last_sigma")
+            or getattr(shared.opts, "always_discard_next_to_last_sigma", False)
+        )
+        n = steps + discard
+        real = len(range(0, 1000, 1000 // n)) - 1 if n <= 1000 else steps
+    real = max(real, 1)
+    return real, real + TIMESTEP_SAMPLER_EXTRA_CALLS[name]
+
+
 def mask_region(p: Any) -> tuple[float, float, float, float] | None:
     """The part of the image that inpainting "only masked" samples, as fractions (left, top,
     right, bottom) of the whole image; None when the whole image is sampled."""
@@ -552,11 +596,7 @@ def _append(generation: Generation, params: Any, unet: Any) -> None:
     from modules import shared
 
     denoiser = params.denoiser
-    progress = pass_progress(
-        int(getattr(denoiser, "step", 0) or 0),
-        int(getattr(denoiser, "steps", 0) or 0),
-        int(getattr(denoiser, "total_steps", 0) or 0),
-    )
+    progress = pass_progress(int(getattr(denoiser, "step", 0) or 0), *pass_length(denoiser))
     pad = None
     if backend.host_kind() in backend.PADDING_HOSTS:  # Forge never pads (its option is unused)
         if getattr(shared.opts, "pad_cond_uncond_v0", False):
