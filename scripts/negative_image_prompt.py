@@ -24,6 +24,9 @@ class NegativeImagePromptScript(scripts.Script):
     def process(self, p, *args):
         generation.process(p, args)
 
+    def before_process_batch(self, p, *args, **kwargs):
+        generation.before_batch(p)
+
     def post_sample(self, p, ps, *args):
         generation.post_sample(p)
 

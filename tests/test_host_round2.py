@@ -1032,3 +1032,32 @@ def test_a_late_window_opens_with_ddim_in_img2img() -> None:
     assert active == [7, 8]
     euler = [i for i in range(11) if window.contains(pass_progress(i, 11, 11))]
     assert euler == [9, 10]
+
+
+def test_a_generation_nested_in_an_image_hook_does_not_end_the_outer_one(world: World) -> None:
+    """An extension that runs its own generation from ``postprocess_image`` with this script
+    let through (ADetailer, when the user lists it): the nested generation starts and ends its
+    own image prompts, and the outer generation's next batch still has the outer's, instead of
+    sampling without them under an infotext that names them."""
+    from modules import scripts
+
+    inner_fields = fields_for(positive_weight=0.5)
+    nested: list[processing.Processing] = []
+
+    class Detailer(scripts.Script):
+        def postprocess_image(self, p, pp, *args) -> None:
+            inner = make_p(inner_fields, world=world)
+            nested.append(inner)
+            processing.process_images(inner)
+
+    outer = make_p(fields_for(), world=world, n_iter=2)
+    outer.scripts.append((Detailer(), []))
+    processing.process_images(outer)
+    assert len(outer.denoisers) == 2
+    assert len(nested) == 2
+    for denoiser in [*outer.denoisers, *(p.denoisers[0] for p in nested)]:
+        lengths = [length for _, length in denoiser.calls]
+        assert lengths
+        assert all(length > CHUNK for length in lengths), lengths
+    assert script_callbacks.errors == []
+    nothing_left(world.sd15)

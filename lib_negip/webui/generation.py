@@ -12,6 +12,8 @@
 ``post_sample``
     write the infotext (only when the image prompts acted, or had nothing to do by the user's
     own settings) and take the hijack off before the VAE decodes.
+``before_process_batch``
+    resume this generation if one nested in a hook between batches ended it.
 ``postprocess``
     remove everything.
 
@@ -291,6 +293,8 @@ def start(p: Any, args: Any) -> None:
     generation = Generation(p, session, infotext)
     with Generation.lock:
         Generation.current = generation
+    # Kept on p (A1111's p is an unhashable dataclass) until its postprocess: see before_batch.
+    p.negip_generation = generation
     if unet is not None:
         generation.watch = CallbackWatch(
             unet, generation, functools.partial(request_error, for_ui=for_ui)
@@ -647,5 +651,23 @@ def post_sample(p: Any) -> None:
     session.close()
 
 
+def before_batch(p: Any) -> None:
+    """Script.before_process_batch: resume ``p``'s generation if another one ended it.
+
+    An extension that runs a generation of its own from a hook between batches (ADetailer's
+    inpainting from ``postprocess_image``, when the user lets this script run in it) starts and
+    ends its own image prompts there; the outer generation's next batch would then sample
+    without its image prompts, under an infotext that names them.
+    """
+    generation = getattr(p, "__dict__", {}).get("negip_generation")
+    if generation is None or Generation.current is generation:
+        return
+    Generation.end()  # whatever the nested generation left
+    with Generation.lock:
+        Generation.current = generation
+    logger.debug("Negative Image Prompt: resumed the generation a nested one had ended")
+
+
 def postprocess(p: Any) -> None:
+    getattr(p, "__dict__", {}).pop("negip_generation", None)
     Generation.end()

@@ -1,10 +1,11 @@
 """A generation as A1111 runs it, reduced to what the extension sees.
 
-``process_images`` calls every script's ``process`` (exceptions logged, not raised), runs
-``p.sample``: the sampling pass and, with hires fix, a second pass with ``p.is_hr_pass`` set
-(an exception from ``p.sample`` propagates, as in A1111), then every script's
-``post_sample``, the VAE (the loaded model's ``decode_first_stage``, when it has one) and every
-script's ``postprocess``. An exception from the UNet or the VAE propagates out and
+``process_images`` calls every script's ``process`` (exceptions logged, not raised), then for
+each of ``p.n_iter`` batches every script's ``before_process_batch``, ``p.sample``: the
+sampling pass and, with hires fix, a second pass with ``p.is_hr_pass`` set (an exception from
+``p.sample`` propagates, as in A1111), every script's ``post_sample``, the VAE (the loaded
+model's ``decode_first_stage``, when it has one) and every script's ``postprocess_image``;
+at the end every script's ``postprocess``. An exception from the UNet or the VAE propagates out and
 ``postprocess`` does not run; an interrupt ends sampling early and ``postprocess`` runs, as in
 A1111.
 """
@@ -47,6 +48,7 @@ class Processing:
     is_hr_pass: bool = False
     denoisers: list = field(default_factory=list)
     is_api: bool = True  # A1111 marks API requests; the UI's are False (answers in UI words)
+    n_iter: int = 1  # batch count: the batches sample the same latent again
 
     def sample(self, x):
         """What A1111's ``p.sample`` does here: the first pass, then hires fix's second."""
@@ -58,10 +60,10 @@ class Processing:
         return x
 
 
-def run_scripts(p, method, *extra):
+def run_scripts(p, method, *extra, **kwargs):
     for script, args in p.scripts:
         try:
-            getattr(script, method)(p, *extra, *args)
+            getattr(script, method)(p, *extra, *args, **kwargs)
         except Exception as error:
             script_callbacks.errors.append(error)
             log.exception("Error running %s: %s", method, script)
@@ -102,11 +104,15 @@ def sample(p, steps, x):
 
 
 def process_images(p):
+    """The last batch's result."""
     run_scripts(p, "process")
-    x = p.sample(p.latent.clone())  # an exception here reaches the user, as in A1111
-    run_scripts(p, "post_sample", None)
-    decode = getattr(shared.sd_model, "decode_first_stage", None)
-    if decode is not None:
-        x = decode(x)
+    for batch_number in range(p.n_iter):
+        run_scripts(p, "before_process_batch", batch_number=batch_number)
+        x = p.sample(p.latent.clone())  # an exception here reaches the user, as in A1111
+        run_scripts(p, "post_sample", None)
+        decode = getattr(shared.sd_model, "decode_first_stage", None)
+        if decode is not None:
+            x = decode(x)
+        run_scripts(p, "postprocess_image", x)
     run_scripts(p, "postprocess", None)
     return x

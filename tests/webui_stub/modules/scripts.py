@@ -16,3 +16,19 @@ class Script:
 
     def ui(self, is_img2img):
         return []
+
+    # The hooks process_images calls, no-ops as in A1111's base class.
+    def process(self, p, *args):
+        pass
+
+    def before_process_batch(self, p, *args, **kwargs):
+        pass
+
+    def post_sample(self, p, ps, *args):
+        pass
+
+    def postprocess_image(self, p, pp, *args):
+        pass
+
+    def postprocess(self, p, processed, *args):
+        pass
