@@ -137,10 +137,14 @@ def _check_bool(name: str, value: Any) -> bool:
     raise ArgumentError(msg)
 
 
+#: What a number sent as a string is told (an API request; not an infotext, which is all text).
+_JSON_NUMBER_HINT = " (send numbers as JSON numbers, not strings)"
+
+
 def _check_number(name: str, value: Any, low: float, high: float) -> float:
     """A finite real number in [low, high] as a float; ints accepted, bools and strings not."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        hint = " (send numbers as JSON numbers, not strings)" if isinstance(value, str) else ""
+        hint = _JSON_NUMBER_HINT if isinstance(value, str) else ""
         msg = f"{name} must be a number from {low:g} to {high:g}; got {_show(value)}{hint}."
         raise ArgumentError(msg)
     try:
@@ -937,7 +941,7 @@ def _infotext_number(key: str, name: str, value: Any) -> float:
     try:
         return _SCALAR_CHECKS[name](name, number)
     except ArgumentError as error:
-        msg = f"Infotext {key!r}: {error}"
+        msg = f"Infotext {key!r}: {str(error).replace(_JSON_NUMBER_HINT, '')}"
         raise ArgumentError(msg) from error
 
 

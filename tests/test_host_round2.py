@@ -904,6 +904,7 @@ def test_a_malformed_infotext_value_is_refused_where_a1111_reads_it(
         ui.infotext_switch(params)
     assert raised.value.status_code == 422
     assert named in raised.value.detail
+    assert "JSON" not in raised.value.detail  # an infotext is all text: no "send JSON numbers"
     assert [r.getMessage() for r in caplog.records] == [
         f"Negative Image Prompt: {raised.value.api_message}"
     ]

@@ -642,6 +642,38 @@ def test_send_to_txt2img_names_a_deleted_stored_image(
     assert file_names(page, "txt2img", "positive") == []
 
 
+def test_send_to_txt2img_names_a_malformed_value(
+    page: Any, tmp_path: Path, server_log: ServerLog
+) -> None:
+    """An edited infotext with a malformed NegIP value: the accordion says which value was not
+    restored, in the UI's words (the API answers 422 for it)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(
+        "parameters",
+        "a house\nSteps: 4, Seed: 1, Size: 64x64, NegIP model: negip-tiny-ip-adapter_sd15, "
+        "NegIP positive weight: abc",
+    )
+    png = tmp_path / "edited.png"
+    Image.new("RGB", (64, 64), (120, 130, 140)).save(png, pnginfo=info)
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
+    send_png_to_txt2img(page, png)
+    page.wait_for_function(
+        "() => document.querySelector('#negip_txt2img_restore_status')"
+        ".innerText.includes('were not restored')"
+    )
+    status = page.eval_on_selector("#negip_txt2img_restore_status", "e => e.innerText")
+    assert "'NegIP positive weight'" in status, status
+    assert "abc" in status, status
+    assert "positive_weight" not in status, status  # the UI's words, not the API's
+    # Our one line; A1111 reports the paste callable that raised with its own traceback.
+    lines = server_log.new_lines()
+    ours = [line for line in lines if "Negative Image Prompt: Infotext 'NegIP positive" in line]
+    assert len(ours) == 1, lines
+
+
 # ---------------------------------------------------------------------------------------------
 # img2img
 
