@@ -810,7 +810,7 @@ def parse_script_args(values: Sequence[Any]) -> NegIPArgs:
 #: Infotext key -> field, in the order written. One key per field, so A1111's own restore (string
 #: keys, converted with the component's value type: float() for sliders, str for dropdowns and
 #: radios) gives the right values. ``enabled`` has no key: any NegIP key means enabled, and A1111
-#: would turn "False" into True; give its checkbox :func:`infotext_enabled` as a callable target.
+#: would turn "False" into True; its checkbox restores through a callable (``ui.infotext_switch``).
 INFOTEXT_FIELDS: tuple[tuple[str, str], ...] = (
     ("NegIP model", "model"),
     ("NegIP encoder", "image_encoder"),
@@ -898,28 +898,23 @@ def to_infotext(
         for key, name in INFOTEXT_REFERENCES:
             if references.get(name):
                 info[key] = " ".join(references[name])
-    return (
-        info
-        | {
-            "NegIP positive weight": _infotext_float(args.positive_weight),
-            "NegIP positive start": _infotext_float(args.positive_start),
-            "NegIP positive end": _infotext_float(args.positive_end),
-            "NegIP negative weight": _infotext_float(args.negative_weight),
-            "NegIP negative start": _infotext_float(args.negative_start),
-            "NegIP negative end": _infotext_float(args.negative_end),
-            "NegIP hires pass": args.hires_pass,
-            "NegIP combine": args.combine,
-            "NegIP positive layers": args.positive_layers,
-            "NegIP negative layers": args.negative_layers,
-            "NegIP negative noise": _infotext_float(args.negative_noise),
-            "NegIP noise type": args.negative_noise_type,
-        }
-        | (
-            {INFOTEXT_NOISE_SEED: noise_seed}
-            if args.negative_noise > 0.0 and noise_seed is not None
-            else {}
-        )
-    )
+    info |= {
+        "NegIP positive weight": _infotext_float(args.positive_weight),
+        "NegIP positive start": _infotext_float(args.positive_start),
+        "NegIP positive end": _infotext_float(args.positive_end),
+        "NegIP negative weight": _infotext_float(args.negative_weight),
+        "NegIP negative start": _infotext_float(args.negative_start),
+        "NegIP negative end": _infotext_float(args.negative_end),
+        "NegIP hires pass": args.hires_pass,
+        "NegIP combine": args.combine,
+        "NegIP positive layers": args.positive_layers,
+        "NegIP negative layers": args.negative_layers,
+        "NegIP negative noise": _infotext_float(args.negative_noise),
+        "NegIP noise type": args.negative_noise_type,
+    }
+    if args.negative_noise > 0.0 and noise_seed is not None:
+        info[INFOTEXT_NOISE_SEED] = noise_seed
+    return info
 
 
 def _infotext_bool(key: str, value: Any) -> bool:
@@ -976,9 +971,7 @@ def parse_infotext(params: Mapping[str, Any]) -> dict[str, Any]:
     """
     if not any(_is_ours(key) for key in params):
         return {}
-    result: dict[str, Any] = {"enabled": True}
-    if INFOTEXT_ENABLED in params:
-        result["enabled"] = _infotext_bool(INFOTEXT_ENABLED, params[INFOTEXT_ENABLED])
+    result: dict[str, Any] = {"enabled": infotext_enabled(params)}
     for key, name in INFOTEXT_FIELDS:
         if key not in params:
             continue

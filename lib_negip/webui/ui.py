@@ -6,8 +6,8 @@ values A1111 hands to ``process`` are the positional form that ``parse_script_ar
 bytes; its thumbnails are drawn in the browser (``javascript/negip.js``). Element ids are
 ``negip_<tab>_<part>``.
 
-Infotext: the switch restores through :func:`lib_negip.args.infotext_enabled` (A1111 would turn
-the text "False" into True); every other field has its own key (``args.INFOTEXT_FIELDS``) and a
+Infotext: the switch restores through :func:`infotext_switch` (A1111 would turn the text
+"False" into True), which also checks every NegIP value first; every other field has its own key (``args.INFOTEXT_FIELDS``) and a
 component whose value type converts the text (floats for the sliders, str for the rest).
 """
 
