@@ -43,6 +43,13 @@ class LRUCache(Generic[K, V]):
     def pop(self, key: K) -> V | None:
         return self._items.pop(key, None)
 
+    def evict(self, key: K) -> None:
+        """Drop ``key``, as the limit would (``on_evict`` runs); nothing when it is absent."""
+        if key in self._items:
+            value = self._items.pop(key)
+            if self._on_evict is not None:
+                self._on_evict(key, value)
+
     def clear(self) -> None:
         while self._items:
             key, value = self._items.popitem(last=False)

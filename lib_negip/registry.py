@@ -241,6 +241,15 @@ class ModelEntry:
         short = self.short_hash
         return f"{self.name} [{short}]" if short else self.name
 
+    def changed_on_disk(self) -> bool:
+        """Whether the file is gone or is not the one listed (another size or mtime): its name,
+        hash and spec are then stale until the registry is refreshed."""
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return True
+        return (stat.st_size, stat.st_mtime_ns) != (self.size, self.mtime_ns)
+
     def raise_error(self) -> None:
         """Raise the recorded error, if any, as its original exception type."""
         if self.error is not None:

@@ -341,6 +341,57 @@ def test_infotext_and_models_endpoint(world: World) -> None:
     assert shared_models_path() not in str(listing)  # no paths of this machine in the answer
 
 
+def _short_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+
+
+def test_infotext_hash_of_each_encoder_folder_is_its_own(world: World) -> None:
+    """Encoders in folders all keep their weights in model.safetensors; A1111's hash cache
+    (keyed by title, any file not newer than the cached one reuses it) must not give the
+    second one the first one's hash."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+    from tiny_encoders import hf_vision_config, hf_vision_state_dict
+
+    clip = Path(shared_models_path()) / "clip_vision"
+    older = clip / "tiny-vit-older"
+    older.mkdir()
+    save_file(hf_vision_state_dict(**ENCODER_SHAPE, seed=99), older / "model.safetensors")
+    (older / "config.json").write_text(json.dumps(hf_vision_config(**ENCODER_SHAPE)))
+    os.utime(older / "model.safetensors", (1_600_000_000, 1_600_000_000))  # downloaded earlier
+    models.MODELS.registry(refresh=True)
+    for name in ("tiny-vit", "tiny-vit-older"):
+        p = generation(world, default_fields(image_encoder=name))
+        own = _short_sha256(clip / name / "model.safetensors")
+        assert p.extra_generation_params["NegIP encoder"] == f"{name} [{own}]"
+
+
+def test_adapter_replaced_under_its_name_is_checked_loaded_and_named_as_the_new_file(
+    world: World,
+) -> None:
+    """No refresh pressed: the generation notices the file changed, lists it again (its spec
+    and hash are the new file's) and drops what it had loaded from the old one."""
+    import shutil
+
+    folder = Path(shared_models_path()) / "ipadapter"
+    target = folder / "tiny-base_sd15.safetensors"
+    before = generation(world, default_fields())
+    shutil.copyfile(folder / "tiny-plus_sd15.safetensors", target)  # another variant
+    after = generation(world, default_fields())
+    assert after.extra_generation_params["NegIP model"] == (
+        f"tiny-base_sd15 [{_short_sha256(target)}]"
+    )
+    plus = generation(world, default_fields(model="tiny-plus_sd15"))
+    assert torch.equal(after.result, plus.result)  # the new file, as a plus adapter
+    assert not torch.equal(before.result, after.result)
+    loaded = [key for key in models.MODELS.adapters.keys() if key[0] == str(target)]
+    assert len(loaded) == 1  # the old file's load is gone, not kept until evicted
+
+
 def test_exception_mid_sampling_leaves_nothing_and_next_generation_is_exact(world: World) -> None:
     reference = generation(world, default_fields()).result
     failing = {"n": 0}

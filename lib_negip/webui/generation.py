@@ -321,9 +321,10 @@ def _resolve_models(args: Any, unet: Any) -> tuple[Any, Any]:
         return adapter, resolve_encoder(registry, args.image_encoder, adapter)
 
     adapter_entry, encoder_entry = resolve()
-    if not (Path(adapter_entry.path).is_file() and Path(encoder_entry.path).is_file()):
-        # Removed since the last scan: scan again, so that "auto" takes a file that is there
-        # and a name that is gone is answered as unknown.
+    if adapter_entry.changed_on_disk() or encoder_entry.changed_on_disk():
+        # Removed or replaced since the last scan: scan again, so that "auto" takes a file that
+        # is there, a name that is gone is answered as unknown, and a file replaced under its
+        # name is checked and named (infotext hash) as the file that is loaded.
         registry.refresh()
         adapter_entry, encoder_entry = resolve()
     return adapter_entry, encoder_entry

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,7 @@ class Models:
             self.file_reads += 1
             with _reading(path):
                 loaded = _load_adapter(path)
+            _evict_older_versions(self.adapters, key)
             self.adapters.put(key, loaded)
         return loaded
 
@@ -150,6 +152,7 @@ class Models:
             self.file_reads += 1
             with _reading(path):
                 encoder = load_image_encoder(path)
+            _evict_older_versions(self.encoders, key)
             self.encoders.put(key, encoder)
         return encoder, key
 
@@ -159,12 +162,21 @@ class Models:
         self.features.clear()
 
 
+def _evict_older_versions(cache: LRUCache, key: tuple[str, int, int]) -> None:
+    """Drop what was loaded from ``key``'s path before the file was replaced (another size or
+    mtime): no request can use it again."""
+    for old in cache.keys():
+        if old[0] == key[0] and old != key:
+            cache.evict(old)
+
+
 def _a1111_hash(path: Path) -> str | None:
     """sha256 through A1111's hash cache (cache.json): each file is hashed once, ever; None
-    with --no-hashing."""
+    with --no-hashing. A1111 keys that cache by title alone, so the title is the file's real
+    path: encoders in folders are all called model.safetensors."""
     from modules import hashes
 
-    return hashes.sha256(str(path), f"negip/{path.name}")
+    return hashes.sha256(str(path), f"negip/{os.path.realpath(path)}")
 
 
 def _split_dirs(value: str) -> list[Path]:
