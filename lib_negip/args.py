@@ -773,6 +773,20 @@ def parse_api_dict(fields: Mapping[str, Any], base: NegIPArgs | None = None) -> 
     return _parse_fields(fields, {} if base is None else base.as_fields())
 
 
+def script_args_enabled(values: Sequence[Any]) -> bool:
+    """Whether the script's args switch the extension on, read as :func:`parse_script_args`
+    reads them but without checking or decoding anything else (True where the switch itself
+    is malformed: the generation refuses it by name)."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+        return True
+    first = values[0] if values else DEFAULTS["enabled"]
+    switch = first.get("enabled", True) if isinstance(first, Mapping) else first
+    try:
+        return _check_bool("enabled", switch)
+    except ArgumentError:
+        return True
+
+
 def parse_script_args(values: Sequence[Any]) -> NegIPArgs:
     """Arguments from the script's positional args (the UI's values, or the API's ``args``).
 
@@ -851,7 +865,8 @@ _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
 
-def _is_ours(key: Any) -> bool:
+def is_infotext_key(key: Any) -> bool:
+    """Whether ``key`` is one of this extension's infotext keys ("NegIP ...")."""
     return isinstance(key, str) and (
         key == INFOTEXT_PREFIX or key.startswith(f"{INFOTEXT_PREFIX} ")
     )
@@ -969,7 +984,7 @@ def parse_infotext(params: Mapping[str, Any]) -> dict[str, Any]:
     images), so that restoring an infotext clears the references of an earlier one. A malformed
     value raises :class:`ArgumentError` naming its key.
     """
-    if not any(_is_ours(key) for key in params):
+    if not any(is_infotext_key(key) for key in params):
         return {}
     result: dict[str, Any] = {"enabled": infotext_enabled(params)}
     for key, name in INFOTEXT_FIELDS:
@@ -1039,7 +1054,7 @@ def infotext_enabled(params: Mapping[str, Any]) -> bool:
     """
     if INFOTEXT_ENABLED in params:
         return _infotext_bool(INFOTEXT_ENABLED, params[INFOTEXT_ENABLED])
-    return any(_is_ours(key) for key in params)
+    return any(is_infotext_key(key) for key in params)
 
 
 def infotext_image_counts(params: Mapping[str, Any]) -> tuple[int, int] | None:

@@ -123,6 +123,13 @@ def parse_layers(field: str, value: object) -> LayerSpec:
                 "SDXL blocks 0-10; unlisted blocks get 0)."
             )
             raise ArgumentError(msg)
+        if len(match[1].lstrip("0")) > 6:  # no UNet has that many blocks (nor int() digits)
+            shown = match[1] if len(match[1]) <= 12 else f"{match[1][:12]}..."
+            msg = (
+                f"{field}: block {shown} does not exist: SD1.x UNets have blocks 0-15, SDXL "
+                f"ones 0-10. Write for example {EXAMPLE}; unlisted blocks get 0."
+            )
+            raise ArgumentError(msg)
         index, weight = int(match[1]), float(match[2])
         if not math.isfinite(weight) or not WEIGHT_MIN <= weight <= WEIGHT_MAX:
             msg = (

@@ -281,6 +281,25 @@ def test_index_out_of_range(value: str, n_blocks: int, index: int, family: str) 
 
 
 @pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        pytest.param("1234567:1", "1234567", id="seven-digits"),
+        pytest.param("9" * 5000 + ":1", "999999999999...", id="past-int-digit-limit"),
+    ],
+)
+def test_index_of_no_unet_is_refused_while_parsing(value: str, shown: str) -> None:
+    """An index no UNet has is refused as an ArgumentError naming it (a 5000-digit one was
+    past int()'s digit limit: a ValueError, an HTTP 500 through the API's infotext)."""
+    assert parse_layers("positive_layers", "0000003:1").pairs == ((3, 1.0),)  # zeros are fine
+    with pytest.raises(ArgumentError) as caught:
+        parse_layers("positive_layers", value)
+    message = str(caught.value)
+    assert message.startswith(f"positive_layers: block {shown} does not exist"), message
+    assert "SD1.x UNets have blocks 0-15, SDXL ones 0-10" in message
+    assert EXAMPLE in message
+
+
+@pytest.mark.parametrize(
     "preset", ["style", "composition", "style and composition", "strong style"]
 )
 @pytest.mark.parametrize("n_blocks", [5, 12, 70])

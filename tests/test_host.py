@@ -489,3 +489,105 @@ def test_xyz_override_of_a_weight(world: World) -> None:
     xyz._override("negative_weight")(p, 0.0, None)
     p.scripts = [(world.script, api_args(**default_fields()))]
     assert torch.equal(processing.process_images(p), zero.result)
+
+
+def _xyz_base() -> dict:
+    cond = ([[(0, 1.0)]], conditioning(1, SD15, seed=3))
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    return {"cond": cond, "uncond": conditioning(1, SD15, seed=4), "latent": latent}
+
+
+def test_xyz_axis_with_the_extension_disabled_fails_loudly(world: World) -> None:
+    """A [NegIP] axis while the accordion is off made every cell the same image without image
+    prompts under the axis's labels: now the cell's generation is refused and says why."""
+    p = processing.Processing(**_xyz_base())
+    xyz._override("positive_weight")(p, 2.0, None)
+    p.scripts = [(world.script, [False])]  # the UI's values with the accordion's switch off
+    with pytest.raises(Exception, match="X/Y/Z plot sets Negative Image Prompt's") as raised:
+        processing.process_images(p)
+    assert raised.value.status_code == 422
+    assert "positive_weight" in str(raised.value)
+    assert "not enabled: enable it" in str(raised.value)
+    # without an axis, the switch off is no error
+    plain = processing.Processing(**_xyz_base())
+    plain.scripts = [(world.script, [False])]
+    processing.process_images(plain)
+
+
+def test_xyz_axes_check_every_value_before_the_plot_starts(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each [NegIP] axis has a confirm (A1111 runs it before the first cell): a value no cell
+    can take fails the plot at once, as a 422 naming the axis and the value."""
+    from types import SimpleNamespace
+
+    def axis_option(label, kind, apply, confirm=None, choices=None):
+        return SimpleNamespace(label=label, type=kind, apply=apply, confirm=confirm)
+
+    plot = SimpleNamespace(axis_options=[], AxisOption=axis_option)
+    monkeypatch.setattr(xyz, "_xyz_module", lambda: plot)
+    xyz.register_xyz_axes()
+    axes = {option.label: option for option in plot.axis_options}
+    assert set(axes) == {label for label, _kind, _field in xyz.XYZ_AXES}
+    assert all(option.confirm is not None for option in axes.values())
+    p = processing.Processing(**_xyz_base())
+    good = {
+        "[NegIP] Positive weight": [0.0, 1.0, 5.0],
+        "[NegIP] Negative end": [0.5, 1.0],
+        "[NegIP] Model": ["auto", "tiny-base_sd15", "tiny-plus_sd15"],
+        "[NegIP] Positive blocks": ["all", "style", "3:1, 6:0.5"],
+        "[NegIP] Negative noise": [0.0, 0.5],
+    }
+    for label, values in good.items():
+        axes[label].confirm(p, values)
+    bad = {
+        "[NegIP] Positive weight": ([1.0, 7.0], "positive_weight must be from -1 to 5; got 7"),
+        "[NegIP] Negative end": ([0.5, 1.5], "negative_end"),
+        "[NegIP] Model": (["tiny-base_sd15", "no-such-adapter"], "no-such-adapter"),
+        "[NegIP] Positive blocks": (["style", "3-1"], "'3-1' is neither a preset"),
+        "[NegIP] Negative noise": ([0.5, 1.5], "negative_noise"),
+    }
+    for label, (values, expected) in bad.items():
+        with pytest.raises(Exception, match=re.escape(f"X/Y/Z plot, axis {label}: ")) as raised:
+            axes[label].confirm(p, values)
+        assert raised.value.status_code == 422
+        assert expected in str(raised.value), str(raised.value)
+
+    # The extension off in the request (found among A1111's always-on scripts): refused before
+    # the plot starts, whatever the values.
+    ours = SimpleNamespace(title=lambda: "Negative Image Prompt", args_from=2, args_to=4)
+    other = SimpleNamespace(title=lambda: "Other", args_from=0, args_to=2)
+    runner = SimpleNamespace(alwayson_scripts=[other, ours])
+    switched = [
+        (False, "x", False),
+        ({"enabled": False}, None, False),
+        ({"model": "auto"}, None, True),
+        (True, "x", True),
+        ("maybe", None, True),  # malformed: left to the generation, which names it
+    ]
+    for first, second, enabled in switched:
+        request = SimpleNamespace(is_api=True, scripts=runner, script_args=(1, 2, first, second))
+        confirm = axes["[NegIP] Positive weight"].confirm
+        if enabled:
+            confirm(request, [1.0])
+            continue
+        with pytest.raises(Exception, match="X/Y/Z plot sets Negative Image Prompt's") as raised:
+            confirm(request, [1.0])
+        assert raised.value.status_code == 422
+
+
+def test_a_noise_seed_of_an_earlier_xyz_cell_does_not_stay_in_the_next(world: World) -> None:
+    """A1111's X/Y/Z plot gives its cells one extra_generation_params dict: the noise seed a
+    cell with a noise negative wrote must not stay in a later cell without one."""
+    fields = default_fields(negative_images=[], negative_noise=0.5)
+    first = processing.Processing(**_xyz_base())
+    first.scripts = [(world.script, api_args(**fields))]
+    processing.process_images(first)
+    shared_params = first.extra_generation_params
+    assert "NegIP noise seed" in shared_params
+    second = processing.Processing(**_xyz_base())
+    second.extra_generation_params = shared_params
+    second.scripts = [(world.script, api_args(**{**fields, "negative_noise": 0.0}))]
+    processing.process_images(second)
+    assert "NegIP noise seed" not in shared_params
+    assert shared_params["NegIP negative noise"] == 0.0

@@ -1248,6 +1248,40 @@ def _(lab: Lab) -> None:
     )
 
 
+class XYZCell(Other):
+    """A1111's X/Y/Z plot: a [NegIP] axis sets ``p.negip_overrides`` before the scripts run."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self.overrides = overrides
+
+    def process(self, p: Any, *args: Any) -> None:
+        from lib_negip.webui import xyz
+
+        for field, value in self.overrides.items():
+            xyz._override(field)(p, value, None)
+
+
+@case(API, "an X/Y/Z axis of ours with the extension off")
+def _(lab: Lab) -> None:
+    lab.refused(
+        None,
+        r"the X/Y/Z plot sets Negative Image Prompt's negative_weight, but Negative Image Prompt "
+        r"is not enabled",
+        args=[False],
+        before=(XYZCell(negative_weight=0.5),),
+    )
+
+
+@case(API, "an X/Y/Z axis value out of range (checked before the plot starts)")
+def _(lab: Lab) -> None:
+    from lib_negip.webui import xyz
+
+    p = SimpleNamespace(is_api=True)  # what the plot's confirm reads of the request
+    with pytest.raises(NegIPError) as raised:
+        xyz._confirm("[NegIP] Negative noise", "negative_noise")(p, [0.0, 2.0])
+    lab.answer(raised.value, r"X/Y/Z plot, axis \[NegIP\] Negative noise: negative_noise must be")
+
+
 @case(API, "a stored image prompt that was deleted (infotext restore)")
 def _(lab: Lab) -> None:
     fields = reference_fields(infotext_images="positive images: 0123456789abcdef")

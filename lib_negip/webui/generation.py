@@ -192,7 +192,11 @@ def process(p: Any, values: Sequence[Any]) -> None:
 
         args = parse_script_args(_without_ui_references(p, values))
         overrides = getattr(p, "negip_overrides", None)
-        if overrides and args.enabled:
+        if overrides and not args.enabled:
+            from lib_negip.webui.xyz import disabled_message
+
+            raise ArgumentError(disabled_message(overrides))
+        if overrides:
             from lib_negip.args import parse_api_dict
 
             args = parse_api_dict({"enabled": True, **overrides}, base=args)
@@ -638,13 +642,21 @@ def post_sample(p: Any) -> None:
     (the VAE out of memory) leaves the UNet as it was; the next batch's first denoiser call puts
     it back.
     """
+    from lib_negip.args import is_infotext_key
+
     generation = Generation.current
     if generation is None or generation.p is not p:
         return
     session = generation.session
-    if session.acted or not session.appended:
-        p.extra_generation_params.update(generation.infotext)
-    else:
+    reached = session.acted or not session.appended
+    written = generation.infotext if reached else {}
+    params = p.extra_generation_params
+    # A1111's X/Y/Z plot gives its cells one dict: what an earlier cell wrote (a noise seed, or
+    # all of it) must not stay in a cell whose own infotext does not say it.
+    for key in [key for key in params if is_infotext_key(key) and key not in written]:
+        del params[key]
+    params.update(written)
+    if not reached:
         logger.warning(
             "Negative Image Prompt: the image prompts did not reach the UNet in this batch; "
             "its infotext does not name them"

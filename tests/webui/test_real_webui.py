@@ -1137,6 +1137,40 @@ def test_xyz_plot_negative_noise_axis(positive_only: dict) -> None:
     assert_same(pixels(answer, 2), pixels(faded))
 
 
+def test_xyz_plot_value_no_cell_can_take_is_refused_before_the_plot(
+    server_log: ServerLog,
+) -> None:
+    """Each [NegIP] axis checks its values before the first cell (the plot draws a cell that
+    fails as an empty image and goes on)."""
+    expect_refused(
+        server_log,
+        fields(),
+        "X/Y/Z plot, axis [NegIP] Positive weight: positive_weight must be from -1 to 5; got 7.0",
+        script_name="x/y/z plot",
+        script_args=xyz_args("[NegIP] Positive weight", "1, 7"),
+    )
+    expect_refused(
+        server_log,
+        fields(),
+        "X/Y/Z plot, axis [NegIP] Model:",
+        "no-such-adapter",
+        script_name="x/y/z plot",
+        script_args=xyz_args("[NegIP] Model", dropdown=[BASE, "no-such-adapter"]),
+    )
+
+
+def test_xyz_plot_axis_of_ours_with_the_extension_off_is_refused(server_log: ServerLog) -> None:
+    """Before: every cell the same image without image prompts, under the axis's labels."""
+    expect_refused(
+        server_log,
+        [{"enabled": False}],
+        "the X/Y/Z plot sets Negative Image Prompt's negative_weight, but Negative Image Prompt "
+        "is not enabled",
+        script_name="x/y/z plot",
+        script_args=xyz_args("[NegIP] Negative weight", "0, 1"),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Round 2: the pixel budget of one generation's image prompts
 
