@@ -388,7 +388,7 @@ def test_adapter_replaced_under_its_name_is_checked_loaded_and_named_as_the_new_
     plus = generation(world, default_fields(model="tiny-plus_sd15"))
     assert torch.equal(after.result, plus.result)  # the new file, as a plus adapter
     assert not torch.equal(before.result, after.result)
-    loaded = [key for key in models.MODELS.adapters.keys() if key[0] == str(target)]
+    loaded = [key for key in models.MODELS.adapters.keys() if key[0] == str(target)]  # noqa: SIM118
     assert len(loaded) == 1  # the old file's load is gone, not kept until evicted
 
 

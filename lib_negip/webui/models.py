@@ -165,7 +165,7 @@ class Models:
 def _evict_older_versions(cache: LRUCache, key: tuple[str, int, int]) -> None:
     """Drop what was loaded from ``key``'s path before the file was replaced (another size or
     mtime): no request can use it again."""
-    for old in cache.keys():
+    for old in cache.keys():  # noqa: SIM118 (a copy: entries are evicted in the loop)
         if old[0] == key[0] and old != key:
             cache.evict(old)
 
