@@ -63,6 +63,9 @@ PRESET_TABLES: Mapping[int, Mapping[str, Mapping[int, float]]] = MappingProxyTyp
     }
 )
 
+#: The most transformer blocks of a UNet family this extension knows (SD1.x; SDXL has 11).
+MOST_BLOCKS = 16
+
 _PAIR = re.compile(
     r"^\s*(\d+)\s*:\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf|infinity))\s*$"
 )

@@ -553,27 +553,44 @@ def test_xyz_axes_check_every_value_before_the_plot_starts(
         assert raised.value.status_code == 422
         assert expected in str(raised.value), str(raised.value)
 
-    # The extension off in the request (found among A1111's always-on scripts): refused before
-    # the plot starts, whatever the values.
+    # With the request's own args (found among A1111's always-on scripts): the switch, the
+    # request itself and each value with it are checked before the plot starts.
     ours = SimpleNamespace(title=lambda: "Negative Image Prompt", args_from=2, args_to=4)
     other = SimpleNamespace(title=lambda: "Other", args_from=0, args_to=2)
     runner = SimpleNamespace(alwayson_scripts=[other, ours])
-    switched = [
-        (False, "x", False),
-        ({"enabled": False}, None, False),
-        ({"model": "auto"}, None, True),
-        (True, "x", True),
-        ("maybe", None, True),  # malformed: left to the generation, which names it
-    ]
-    for first, second, enabled in switched:
+
+    def confirmed(label: str, values: list, first: object, second: object = None) -> str:
+        """'' when the plot may start, else the refusal (a 422)."""
         request = SimpleNamespace(is_api=True, scripts=runner, script_args=(1, 2, first, second))
-        confirm = axes["[NegIP] Positive weight"].confirm
-        if enabled:
-            confirm(request, [1.0])
-            continue
-        with pytest.raises(Exception, match="X/Y/Z plot sets Negative Image Prompt's") as raised:
-            confirm(request, [1.0])
-        assert raised.value.status_code == 422
+        try:
+            axes[label].confirm(request, values)
+        except Exception as error:  # the status is part of the answer
+            status = getattr(error, "status_code", None)
+            return str(error) if status == 422 else f"not a 422 ({type(error).__name__})"
+        return ""
+
+    off = "X/Y/Z plot sets Negative Image Prompt's positive_weight, but Negative Image Prompt"
+    weight = "[NegIP] Positive weight"
+    assert off in confirmed(weight, [1.0], False, "x")  # the UI's switch off
+    assert off in confirmed(weight, [1.0], {"enabled": False})
+    assert confirmed(weight, [1.0], default_fields()) == ""
+    # a request the cells would all refuse is refused once, before the plot
+    assert confirmed(weight, [1.0], "maybe").startswith("X/Y/Z plot: enabled must be")
+    no_images = confirmed(weight, [1.0], {"model": "auto"})
+    assert no_images.startswith("X/Y/Z plot: positive_images and negative_images are both empty")
+    # a value checked with the request: a noise negative beside negative images
+    noise = confirmed("[NegIP] Negative noise", [0.0, 0.5], default_fields())
+    assert noise.startswith("X/Y/Z plot, axis [NegIP] Negative noise: "), noise
+    assert "negative_images" in noise
+    assert confirmed("[NegIP] Negative noise", [0.5], default_fields(negative_images=[])) == ""
+    # windows: the request's end with the axis's start
+    start = confirmed("[NegIP] Positive start", [0.2, 0.8], default_fields(positive_end=0.5))
+    assert start.startswith("X/Y/Z plot, axis [NegIP] Positive start: "), start
+    # a block no UNet has (SD1.x has 16, SDXL 11); 15 is SD1.x's last
+    blocks = "[NegIP] Positive blocks"
+    assert confirmed(blocks, ["15:1", "10:0.5"], default_fields()) == ""
+    past = confirmed(blocks, ["3:1", "99:1"], default_fields())
+    assert past.startswith("X/Y/Z plot, axis [NegIP] Positive blocks: positive_layers: block 99")
 
 
 def test_a_noise_seed_of_an_earlier_xyz_cell_does_not_stay_in_the_next(world: World) -> None:

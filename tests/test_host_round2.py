@@ -844,6 +844,32 @@ def test_added_pictures_are_read_like_uploads() -> None:
     assert ui.add_input_image(None, [existing]) == [paths[0]]
 
 
+def test_img2img_input_is_the_picture_of_the_sub_tab_in_view() -> None:
+    """ "➕ img2img input" takes the picture of the img2img sub-tab the browser says is in view
+    (img2img, Sketch, Inpaint's {"image", "mask"}, Inpaint sketch, Inpaint upload), nothing on
+    the Batch sub-tab, and the first picture there is when the browser could not tell."""
+    from lib_negip.webui import ui
+
+    pictures = [Image.new("RGB", (8, 8), (40 * i, 10, 10)) for i in range(5)]
+    editors: list = [*pictures]
+    editors[2] = {"image": pictures[2], "mask": Image.new("RGBA", (8, 8))}
+    assert len(editors) == len(ui.IMG2IMG_EDITORS)
+
+    def added(tab, editors=editors):
+        paths = ui.add_editor_image(*editors, None, tab)
+        return Path(paths[0]).name if paths else None
+
+    for index, shown in enumerate(pictures):
+        assert added(index) == f"{reference_of(shown)}.png"
+        assert added(float(index)) == added(index)  # gradio's Number sends a float
+    assert added(5) is None  # Batch
+    assert added(-1) == f"{reference_of(pictures[0])}.png"
+    assert added(None) == added(-1)
+    only_inpaint = [None, None, editors[2], None, None]
+    assert added(-1, only_inpaint) == f"{reference_of(pictures[2])}.png"
+    assert added(0, only_inpaint) is None  # the img2img sub-tab in view holds nothing
+
+
 def test_mask_input_asks_for_the_sketch_tool_on_gradio_3_only() -> None:
     """gradio 3 (A1111) gets the sketch tool; gradio 4 (Forge) only warns about ``source`` and
     ``tool``, so they are not passed there; a gradio that refuses them gets an upload box."""

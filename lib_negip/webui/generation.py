@@ -190,7 +190,7 @@ def process(p: Any, values: Sequence[Any]) -> None:
     try:
         from lib_negip.args import parse_script_args
 
-        args = parse_script_args(_without_ui_references(p, values))
+        args = parse_script_args(without_ui_references(p, values))
         overrides = getattr(p, "negip_overrides", None)
         if overrides and not args.enabled:
             from lib_negip.webui.xyz import disabled_message
@@ -207,7 +207,7 @@ def process(p: Any, values: Sequence[Any]) -> None:
         Generation.fail(explain_out_of_memory(error), p)
 
 
-def _without_ui_references(p: Any, values: Sequence[Any]) -> Sequence[Any]:
+def without_ui_references(p: Any, values: Sequence[Any]) -> Sequence[Any]:
     """The UI's values without the references of the hidden ``infotext_images`` field: a
     pasted infotext puts the stored images into the file boxes themselves, which the user may
     then change; the hidden references are for API requests (the API's ``infotext`` field).

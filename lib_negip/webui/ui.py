@@ -257,6 +257,11 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
         components["infotext_images"] = gr.Textbox(
             value="", visible=False, elem_id=eid("infotext_images")
         )
+        # The img2img sub-tab in view when a "➕ img2img input" button is pressed (set by the
+        # browser at the click; not one of the script's args).
+        img2img_tab = (
+            gr.Number(value=-1, visible=False, elem_id=eid("img2img_tab")) if is_img2img else None
+        )
 
     def connect(buttons: dict[str, Any], source: Any, fn: Callable, js: str | None = None) -> None:
         """Each side's "➕" button appends ``fn(source's value, side's files)`` to its files."""
@@ -285,13 +290,23 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
     else:
         PENDING_PNG_INFO[tab] = wire_png_info
     if is_img2img:
-        # img2img's input picture is made before the scripts' controls: find it; a host that
-        # makes it later calls wire_input when it does.
-        existing = _existing_component("img2img_image")
-        if existing is not None:
-            wire_input(SimpleNamespace(component=existing))
+        # img2img's pictures are made before the scripts' controls: find them; a host that
+        # makes its input later calls wire_input when it does.
+        editors = [_existing_component(element_id) for element_id in IMG2IMG_EDITORS]
+        if all(editor is not None for editor in editors):
+            for side, button in add_input_buttons.items():
+                files = components[f"{side}_images"]
+                button.click(
+                    fn=add_editor_image,
+                    inputs=[*editors, files, img2img_tab],
+                    outputs=[files],
+                    show_progress=False,
+                    _js=IMG2IMG_TAB_JS,
+                )
+        elif editors[0] is not None:
+            wire_input(SimpleNamespace(component=editors[0]))
         else:
-            script.on_after_component(wire_input, elem_id="img2img_image")
+            script.on_after_component(wire_input, elem_id=IMG2IMG_EDITORS[0])
 
     script.infotext_fields = infotext_fields(components, is_img2img, restore_status)
     script.paste_field_names = list(COPIED_KEYS)
@@ -365,6 +380,43 @@ def _gradio_major(gr: Any) -> int:
 def add_image(item: Any, files: Any) -> list[str]:
     """The side's files with one more: the selected result (a gallery item)."""
     return _with_image(files, _gallery_image(item))
+
+
+#: A1111's img2img pictures, in the order of its sub-tabs (img2img, Sketch, Inpaint, Inpaint
+#: sketch, Inpaint upload; Batch, the sixth, has none).
+IMG2IMG_EDITORS = (
+    "img2img_image",
+    "img2img_sketch",
+    "img2maskimg",
+    "inpaint_sketch",
+    "img_inpaint_base",
+)
+
+#: The browser's part of the "➕ img2img input" click: the index of the img2img sub-tab in
+#: view (A1111's get_tab_index), as the last input.
+IMG2IMG_TAB_JS = (
+    "(...values) => { let tab = -1; try { tab = get_tab_index('mode_img2img'); } catch (e) {} "
+    "values[values.length - 1] = tab; return values; }"
+)
+
+
+def add_editor_image(*values: Any) -> list[str]:
+    """The side's files with one more: the picture of the img2img sub-tab in view.
+
+    ``values``: the pictures of :data:`IMG2IMG_EDITORS`, the side's files, the sub-tab's index
+    (-1 when the browser could not tell: then the first sub-tab holding a picture)."""
+    *pictures, files, tab = values
+    try:
+        index = int(tab)
+    except (TypeError, ValueError):
+        index = -1
+    if 0 <= index < len(pictures):
+        picture = pictures[index]
+    elif index < 0:
+        picture = next((p for p in pictures if p is not None), None)
+    else:
+        picture = None  # the Batch sub-tab: no picture being edited
+    return add_input_image(picture, files)
 
 
 def add_input_image(image: Any, files: Any) -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 from lib_negip import logger
 from lib_negip.blocks import PRESETS
@@ -36,47 +36,87 @@ def disabled_message(fields: Any) -> str:
     )
 
 
-def _enabled(p: Any) -> bool:
-    """Whether the request switches the extension on (True where its args are not found)."""
-    from lib_negip.args import script_args_enabled
+def _request_values(p: Any) -> Any:
+    """This extension's args in the request (found among A1111's always-on scripts), or None
+    where they are not found (another host's runner)."""
     from lib_negip.webui import TITLE
 
     runner = getattr(p, "scripts", None)
-    for script in getattr(runner, "alwayson_scripts", None) or ():
-        try:
+    try:
+        for script in getattr(runner, "alwayson_scripts", None) or ():
             if script.title() == TITLE:
-                return script_args_enabled(p.script_args[script.args_from : script.args_to])
-        except Exception:  # another host's runner: the cells still refuse (generation.process)
-            return True
-    return True
+                return p.script_args[script.args_from : script.args_to]
+    except Exception:  # the cells still check everything (generation.process)
+        return None
+    return None
 
 
 def _confirm(label: str, field: str) -> Any:
     """The axis's check of all its values before the plot starts (as A1111's own axes do): a
     value no cell could take fails the plot at once, not as an empty cell after the others
-    were made (the plot draws a cell that failed as an empty one)."""
+    were made (the plot draws a cell that failed as an empty one). Each value is checked with
+    the request's own arguments (a noise negative against its negative images); what depends
+    on the checkpoint a cell samples with (which another axis may change) is left to the
+    cell, but for block indices no UNet has."""
 
     def confirm(p: Any, values: Any) -> None:
-        from lib_negip.args import AUTO_MODEL, parse_api_dict
+        from lib_negip.args import (
+            AUTO_MODEL,
+            parse_api_dict,
+            parse_script_args,
+            script_args_enabled,
+        )
+        from lib_negip.blocks import parse_layers
         from lib_negip.errors import ArgumentError, NegIPError
         from lib_negip.webui.failures import request_error, wants_ui_words
+        from lib_negip.webui.generation import without_ui_references
 
-        if not _enabled(p):
-            error = ArgumentError(disabled_message([field]))
-            logger.error("Negative Image Prompt: %s", error)
-            raise request_error(error, for_ui=wants_ui_words(p))
-        try:
-            for value in values:
-                parse_api_dict({"enabled": False, field: value})  # checked, nothing decoded
-                if field == "model" and value != AUTO_MODEL:
-                    _check_installed(value)
-        except NegIPError as error:
-            prefix = f"X/Y/Z plot, axis {label}: "
+        def refuse(error: NegIPError, prefix: str = "") -> NoReturn:
             raised = type(error)(prefix + str(error), ui=prefix + error.ui)
             logger.error("Negative Image Prompt: %s", raised)
             raise request_error(raised, for_ui=wants_ui_words(p)) from None
 
+        request = _request_values(p)
+        if request is not None and not script_args_enabled(request):
+            refuse(ArgumentError(disabled_message([field])))
+        try:
+            base = parse_script_args(without_ui_references(p, request)) if request else None
+        except NegIPError as error:
+            refuse(error, "X/Y/Z plot: ")
+        prefix = f"X/Y/Z plot, axis {label}: "
+        try:
+            for value in values:
+                cell = parse_api_dict({"enabled": base is not None, field: value}, base=base)
+                if field == "model" and value != AUTO_MODEL:
+                    _check_installed(value)
+                if field.endswith("_layers"):
+                    _check_block_indices(field, parse_layers(field, getattr(cell, field)))
+        except NegIPError as error:
+            refuse(error, prefix)
+
     return confirm
+
+
+def _check_block_indices(field: str, spec: Any) -> None:
+    """Refuse a block index past the blocks of every UNet this extension knows and of the one
+    loaded (whichever checkpoint a cell samples with)."""
+    from lib_negip.blocks import EXAMPLE, MOST_BLOCKS
+    from lib_negip.errors import ArgumentError
+    from lib_negip.unet_layers import cross_attention_layers, transformer_blocks
+    from lib_negip.webui import backend
+
+    limit = MOST_BLOCKS
+    unet = backend.current_unet()
+    if unet is not None:
+        limit = max(limit, len(transformer_blocks(cross_attention_layers(unet))))
+    outside = [index for index, _weight in spec.pairs or () if index >= limit]
+    if outside:
+        msg = (
+            f"{field}: block {outside[0]} does not exist in any checkpoint a cell can use: "
+            f"SD1.x UNets have blocks 0-15, SDXL ones 0-10. Write for example {EXAMPLE}; "
+            "unlisted blocks get 0."
+        )
+        raise ArgumentError(msg)
 
 
 def _check_installed(name: str) -> None:

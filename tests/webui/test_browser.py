@@ -723,6 +723,38 @@ def test_img2img_input_goes_to_the_positive_side(page: Any, files: dict[str, Pat
     assert REFERENCE.fullmatch(negip_value(result["infotext"], "NegIP positive images"))
 
 
+def test_img2img_input_is_the_picture_of_the_sub_tab_in_view(
+    page: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
+    """With a picture in the img2img sub-tab and another in the Inpaint sub-tab, "➕ img2img
+    input" adds the one of the sub-tab in view (it read only the img2img sub-tab's before)."""
+    from lib_negip.images import to_rgb
+    from lib_negip.store import reference_of
+
+    inpaint = random_png(tmp_path / "inpaint.png", 4, size=64)
+    expected = {
+        name: f"{reference_of(to_rgb(Image.open(path)))}.png"
+        for name, path in (("img2img", files["init"]), ("inpaint", inpaint))
+    }
+    page.locator("#tabs > .tab-nav button", has_text="img2img").first.click()
+    page.wait_for_selector("#tab_img2img", state="visible")
+    page.set_input_files("#img2img_image input[type=file]", str(files["init"]))
+    page.wait_for_selector("#img2img_image img", state="attached")
+    settle(page)
+    page.locator("#mode_img2img > div > button", has_text="Inpaint").first.click()
+    page.wait_for_selector("#img2maskimg", state="visible")
+    page.set_input_files("#img2maskimg input[type=file]", str(inpaint))
+    page.wait_for_selector("#img2maskimg img", state="attached")
+    settle(page)
+    open_accordion(page, "img2img")
+    assert click_add(page, "img2img", "positive", "input", 1) == [expected["inpaint"]]
+    page.locator("#mode_img2img > div > button", has_text="img2img").first.click()
+    page.wait_for_selector("#img2img_image", state="visible")
+    settle(page)
+    names = click_add(page, "img2img", "negative", "input", 1)
+    assert names == [expected["img2img"]]
+
+
 # ---------------------------------------------------------------------------------------------
 # README screenshot
 

@@ -468,15 +468,19 @@ def test_model_label_with_hash_is_accepted(with_images: dict) -> None:
     assert_same(pixels(generate(fields(model=label))), pixels(with_images))
 
 
-def xyz_args(x_label: str, values: str = "", dropdown: list | None = None) -> list:
-    """X/Y/Z plot's script_args (A1111 1.10): an X axis only, cells returned as images too."""
+def xyz_args(
+    x_label: str, values: str = "", dropdown: list | None = None, *, text_inputs: bool = False
+) -> list:
+    """X/Y/Z plot's script_args (A1111 1.10): an X axis only, cells returned as images too;
+    ``text_inputs``: "Use text inputs instead of dropdowns" (``values`` for an axis with
+    choices)."""
     status, scripts = call("GET", "/sdapi/v1/script-info")
     assert status == 200
     xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
     x_type = xyz["args"][0]["choices"].index(x_label)
     nothing = [0, "", []]
     flags = [True, True, False, False, False, False, False]  # legend, lone images, ...
-    return [x_type, values, dropdown or [], *nothing, *nothing, *flags, 0, False]
+    return [x_type, values, dropdown or [], *nothing, *nothing, *flags, 0, text_inputs]
 
 
 def test_xyz_plot_weight_axis(with_images: dict) -> None:
@@ -1156,6 +1160,21 @@ def test_xyz_plot_value_no_cell_can_take_is_refused_before_the_plot(
         "no-such-adapter",
         script_name="x/y/z plot",
         script_args=xyz_args("[NegIP] Model", dropdown=[BASE, "no-such-adapter"]),
+    )
+    expect_refused(  # checked with the request's own args: it has negative images
+        server_log,
+        fields(),
+        "X/Y/Z plot, axis [NegIP] Negative noise:",
+        "negative_images",
+        script_name="x/y/z plot",
+        script_args=xyz_args("[NegIP] Negative noise", "0, 0.5"),
+    )
+    expect_refused(  # typed as text: a block no UNet has
+        server_log,
+        fields(),
+        "X/Y/Z plot, axis [NegIP] Positive blocks: positive_layers: block 99",
+        script_name="x/y/z plot",
+        script_args=xyz_args("[NegIP] Positive blocks", '"3:1", "99:1"', text_inputs=True),
     )
 
 
