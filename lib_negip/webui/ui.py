@@ -393,10 +393,12 @@ IMG2IMG_EDITORS = (
 )
 
 #: The browser's part of the "➕ img2img input" click: the index of the img2img sub-tab in
-#: view (A1111's get_tab_index), as the last input.
+#: view (A1111's get_tab_index) as the last input. gradio 3 passes the inputs (the pictures,
+#: the side's files, the index) followed by the outputs' values (the files again) and sends
+#: back as many values as there are inputs.
 IMG2IMG_TAB_JS = (
     "(...values) => { let tab = -1; try { tab = get_tab_index('mode_img2img'); } catch (e) {} "
-    "values[values.length - 1] = tab; return values; }"
+    f"values[{len(IMG2IMG_EDITORS) + 1}] = tab; return values.slice(0, {len(IMG2IMG_EDITORS) + 2}); }}"
 )
 
 

@@ -747,7 +747,8 @@ def test_img2img_input_is_the_picture_of_the_sub_tab_in_view(
     page.wait_for_selector("#img2maskimg img", state="attached")
     settle(page)
     open_accordion(page, "img2img")
-    assert click_add(page, "img2img", "positive", "input", 1) == [expected["inpaint"]]
+    added = click_add(page, "img2img", "positive", "input", 1)
+    assert added == [expected["inpaint"]], (added, expected)
     page.locator("#mode_img2img > div > button", has_text="img2img").first.click()
     page.wait_for_selector("#img2img_image", state="visible")
     settle(page)
