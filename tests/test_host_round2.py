@@ -945,6 +945,26 @@ def test_a_malformed_infotext_value_is_refused_where_a1111_reads_it(
     assert ui.restore_message({"NegIP model": "m"}) == {"value": ""}
 
 
+def test_a_paste_of_an_infotext_made_with_storing_off_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Storing off, the infotext only counts the images: after a paste the accordion says they
+    were not stored, instead of leaving empty boxes for a generic refusal at Generate."""
+    import gradio
+
+    from lib_negip.webui import ui
+
+    monkeypatch.setattr(gradio, "update", lambda **kwargs: kwargs, raising=False)
+    params = {"NegIP model": "m", "NegIP images": "1 positive / 2 negative"}
+    status = ui.restore_message(params)["value"]
+    assert "(1 positive, 2 negative) were not stored" in status
+    assert "add them to the sides again" in status
+    assert UI_FORBIDDEN.search(status) is None
+    assert ui.restore_message({"NegIP model": "m", "NegIP images": "0 positive / 0 negative"}) == {
+        "value": ""
+    }
+
+
 def test_a_noise_negative_restores_for_every_image_of_a_batch(world: World) -> None:
     """The noise is seeded with the generation's first seed, which the infotext names: image 2
     of a batch (its own seed 1001) restored from its infotext gets the batch's noise back, by

@@ -610,6 +610,15 @@ def restore_message(params: dict[str, Any]) -> Any:
     missing = []
     for field in ("positive_images", "negative_images", "positive_mask", "negative_mask"):
         missing += _stored_paths(field, params)[1]
+    counts = negip_args.infotext_image_counts(params)
+    if not missing and counts is not None and any(counts):
+        # Made with storing off: the infotext counts the images but cannot give them back.
+        text = (
+            f"This infotext's image prompts ({counts[0]} positive, {counts[1]} negative) were "
+            "not stored when it was made (storing was off in Settings > Negative Image "
+            "Prompt): add them to the sides again before generating."
+        )
+        return gr.update(value=error_status(text))
     if not missing:
         return gr.update(value="")
     from lib_negip.webui.settings import store_folder
