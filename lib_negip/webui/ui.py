@@ -292,7 +292,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
     if is_img2img:
         # img2img's pictures are made before the scripts' controls: find them; a host that
         # makes its input later calls wire_input when it does.
-        editors = [_existing_component(element_id) for element_id in IMG2IMG_EDITORS]
+        editors = [_editor_picture(element_id) for element_id in IMG2IMG_EDITORS]
         if all(editor is not None for editor in editors):
             for side, button in add_input_buttons.items():
                 files = components[f"{side}_images"]
@@ -336,6 +336,26 @@ def on_after_component(component: Any, **_kwargs: Any) -> None:
             wire(component)
         except Exception:  # a UI that cannot take the event keeps working without the button
             logger.exception("could not connect a 'PNG Info image' button")
+
+
+def _editor_picture(element_id: str) -> Any:
+    """The component holding the picture of img2img's editor ``element_id``: the editor itself
+    (A1111's gr.Image), or in Forge, whose ForgeCanvas puts the id on an HTML block and keeps
+    the picture in a hidden component made after it, that component."""
+    editor = _existing_component(element_id)
+    if editor is None or type(editor).__name__ != "HTML":
+        return editor
+    try:
+        from gradio.context import Context
+
+        blocks = list(Context.root_block.blocks.values())
+        after = blocks[blocks.index(editor) + 1 : blocks.index(editor) + 4]
+    except (AttributeError, ValueError):
+        return None
+    for block in after:
+        if "logical_image_background" in (getattr(block, "elem_classes", None) or []):
+            return block
+    return None
 
 
 def _existing_component(element_id: str) -> Any:

@@ -6,8 +6,9 @@ Skipped unless ``NEGIP_FORGE_URL`` names a running host with this extension (the
 encoder) and playwright and a Chromium are installed (``NEGIP_CHROMIUM``, as in
 ``test_browser.py``, whose helpers these tests share).
 
-The point of these tests is the two things that differ from A1111 in these hosts: a generation
-made from the UI changes the pixels, and a refusal reaches the page in the extension's words.
+The point of these tests is what differs from A1111 in these hosts: a generation made from the
+UI changes the pixels, a refusal reaches the page in the extension's words, and img2img's
+pictures live in Forge's own canvas, not in gradio images.
 reForge and Forge Classic run a generation in their own worker thread and hand the UI the
 host's "TypeError: 'NoneType' object is not iterable" for any exception there; the extension's
 ``MainThreadErrors`` puts its own message back (see docs/architecture.md).
@@ -24,6 +25,7 @@ import pytest
 import test_browser
 from test_browser import (  # noqa: F401  (browser is a fixture)
     browser,
+    click_add,
     decode,
     fetch,
     generate,
@@ -101,3 +103,24 @@ def test_a_refusal_shows_the_extensions_message(page: Any) -> None:
     assert "Negative Image Prompt:" in message, message
     assert "drop an image" in message, message
     assert "NoneType" not in message, message
+
+
+def test_img2img_input_adds_the_picture_of_forges_canvas(page: Any, tmp_path: Path) -> None:
+    """Forge's img2img pictures are ForgeCanvas editors (an HTML block and hidden images), not
+    gradio images: "➕ img2img input" takes the picture from the canvas of the sub-tab in
+    view."""
+    from PIL import Image
+
+    from lib_negip.images import to_rgb
+    from lib_negip.store import reference_of
+
+    picture = random_png(tmp_path / "init.png", 3, size=64)
+    expected = f"{reference_of(to_rgb(Image.open(picture)))}.png"
+    page.locator("#tabs > .tab-nav button", has_text="img2img").first.click()
+    page.wait_for_selector("#tab_img2img", state="visible")
+    page.set_input_files("#img2img_image input[type=file]", str(picture))
+    page.wait_for_timeout(2000)  # the canvas draws the picture and writes it to its hidden image
+    open_accordion(page, "img2img")
+    names = click_add(page, "img2img", "positive", "input", 1)
+    # gradio 4's file list shows the stem and the suffix in two elements ("<stem> .png")
+    assert ["".join(name.split()) for name in names] == [expected], names

@@ -238,6 +238,11 @@ def test_coexists_with_forges_controlnet() -> None:
     }
     scripts = {"ControlNet": {"args": [unit]}}
     theirs = pixels(generate(None, scripts=scripts))
+    if not differs(theirs, pixels(generate(None))):
+        pytest.skip(
+            f"the ControlNet {models[0]!r} changes no pixel here (a random one with zero "
+            "output convolutions?): beside it, the check below would prove nothing"
+        )
     zero = pixels(generate(both_sides(positive_weight=0.0, negative_weight=0.0), scripts=scripts))
     both = pixels(generate(both_sides(), scripts=scripts))
     assert np.array_equal(zero, theirs)
