@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run, for the device tool (run in the repository root, with .whl carried):
+# The GPU run (in the repository root, with the .whl folder beside it; see docs/performance.md):
 #   bash bench/gpu.sh            -> $OUT/gpu.json (batch 1) and $OUT/gpu-batch2.json (or
 #                                   bench/results/ without $OUT; BATCH2=0 skips batch 2),
 #                                   then the GPU tests (bench/gpu_tests.py; TESTS=0 skips them)

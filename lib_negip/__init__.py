@@ -1,7 +1,7 @@
 """Negative Image Prompt: IP-Adapter image prompts, positive and negative, for Stable Diffusion.
 
-The package never imports A1111 at module level: only ``lib_negip.host`` and ``lib_negip.ui``
-touch ``modules.*``, lazily. Everything else takes plain tensors and ``nn.Module``s.
+The package never imports A1111 at module level: only ``lib_negip.webui`` touches
+``modules.*``, lazily. Everything else takes plain tensors and ``nn.Module``s.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import base64
 import builtins
 import contextlib
 import dataclasses
+import functools
 import gc
 import io
 import itertools
@@ -1982,10 +1983,48 @@ def test_catalogue(process: Process, entry: Case, monkeypatch: pytest.MonkeyPatc
         lab.remove_created()
         reset(process)
         generation.Generation.end()
+    api, ui = (
+        documented_cells(lab.messages, lab.models),
+        documented_cells(lab.ui_messages, lab.models),
+    )
     if os.environ.get("NEGIP_RELIABILITY_MESSAGES"):
         with open(os.environ["NEGIP_RELIABILITY_MESSAGES"], "a", encoding="utf-8") as out:
             record = {"id": entry.id, "messages": lab.messages, "ui_messages": lab.ui_messages}
-            out.write(json.dumps(record) + "\n")
+            out.write(json.dumps({**record, "api_cell": api, "ui_cell": ui}) + "\n")
+    if lab.messages:  # the table shows each refusal as the API and the UI word it
+        row = documented_rows().get(entry.id)
+        assert row is not None, f"{entry.id} is not in docs/reliability.md"
+        assert row == (api, ui), (
+            f"docs/reliability.md's row for {entry.id} does not show the messages; it should "
+            f"read: | {entry.category} | {entry.name} | {api} | {ui} |"
+        )
+
+
+#: How long a message shown in the table may be before it is cut (with " …").
+DOC_MESSAGE_CHARS = 230
+
+
+def documented_cells(messages: list[str], models: Path) -> str:
+    """A table cell for a case's messages: the first, quoted (cut at DOC_MESSAGE_CHARS), and how
+    many more there were; the test's model folder shown as ``<models>``."""
+    if not messages:
+        return ""
+    first = messages[0].replace(str(models), "<models>")
+    if len(first) > DOC_MESSAGE_CHARS:
+        first = first[:DOC_MESSAGE_CHARS].rstrip() + " …"
+    more = f" (+{len(messages) - 1} more)" if len(messages) > 1 else ""
+    return f"“{first}”{more}"
+
+
+@functools.cache
+def documented_rows() -> dict[str, tuple[str, str]]:
+    """The catalogue table of docs/reliability.md: case id -> (API cell, UI cell)."""
+    rows = {}
+    for line in DOCS.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if line.startswith("| ") and len(cells) == 4:
+            rows[f"{cells[0]}: {cells[1]}"] = (cells[2], cells[3])
+    return rows
 
 
 def test_catalogue_size_and_docs() -> None:
