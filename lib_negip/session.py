@@ -225,14 +225,33 @@ class ImagePromptSession:
         self.mask_region: MaskRegion | None = None
         self.appended = 0  # denoiser calls whose conditioning got the image blocks
         self._carried = 0  # UNet calls that carried them, of hijacks already removed
+        self._batch_start = (0, 0)  # (appended, carried) when the current batch began
         self._unet: nn.Module | None = None
         self._hijack: AttentionHijack | None = None
 
     @property
     def acted(self) -> bool:
         """Whether the image prompts reached the UNet in at least one call."""
+        return self._carried_total() > 0
+
+    @property
+    def acted_in_batch(self) -> bool:
+        """Whether they reached the UNet in a call of the current batch (since
+        :meth:`begin_batch`)."""
+        return self._carried_total() > self._batch_start[1]
+
+    @property
+    def appended_in_batch(self) -> bool:
+        """Whether a denoiser call of the current batch got the image blocks."""
+        return self.appended > self._batch_start[0]
+
+    def begin_batch(self) -> None:
+        """A new batch (of A1111's batch count) starts: it must carry the image prompts itself."""
+        self._batch_start = (self.appended, self._carried_total())
+
+    def _carried_total(self) -> int:
         current = self._hijack.carried if self._hijack is not None else 0
-        return self._carried + current > 0
+        return self._carried + current
 
     @property
     def hijack(self) -> AttentionHijack | None:
@@ -337,7 +356,7 @@ class ImagePromptSession:
                 raise_as=self.raise_as,
             )
         except (IncompatibleModelError, ArgumentError) as error:
-            if not self.acted and self._can_act():
+            if not self.acted_in_batch and self._can_act():
                 # No step so far had the image prompts and none of this model's will: the
                 # image would come without them (a Hires. fix checkpoint with hires_pass
                 # "second", a refiner taking over before a window opens).

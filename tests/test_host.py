@@ -447,6 +447,70 @@ def test_refiner_with_another_context_width_is_left_alone(world: World) -> None:
     assert hook_state(world.sdxl) == hook_state(make_ldm_unet(SDXL))
 
 
+def _stale_refiner(world: World, refiner_unet: torch.nn.Module):
+    """A1111 1.10.1's img2img with a refiner and batch count 2: the sampler is made once; the
+    refiner takes over at step 2 of batch 1; before batch 2 the base is loaded again, but the
+    sampler's model wrapper still holds the refiner, which samples all of batch 2. Returns the
+    callback (insert it before ours) and the refiner model."""
+    from types import SimpleNamespace
+
+    from webui_harness import loaded_model
+
+    base, refiner = shared.sd_model, loaded_model(refiner_unet, SD15)
+    seen: list = []
+
+    def switch(params) -> None:
+        denoiser = params.denoiser
+        if denoiser not in seen:
+            seen.append(denoiser)
+            if len(seen) == 2:  # batch 2: base reloaded, the kept wrapper holds the refiner
+                shared.sd_model = base
+                denoiser.model_wrap = SimpleNamespace(inner_model=refiner)
+        elif len(seen) == 1 and denoiser.step >= 2 and shared.sd_model is base:
+            shared.sd_model = refiner  # the switch; the wrapper is made again from it
+
+    return switch, refiner
+
+
+def test_img2img_batches_after_a_refiner_switch_get_the_image_prompts(world: World) -> None:
+    """Batch 2 samples with the refiner the sampler kept, not the loaded checkpoint: the image
+    prompts act on that UNet (they were appended to its conditioning while the base UNet was
+    hooked: the refiner read the image tokens as text, under an infotext naming them). With a
+    refiner of the base's own weights every batch equals the plain single batch."""
+    import copy
+
+    reference = generation(world, default_fields()).result
+    switch, _refiner = _stale_refiner(world, copy.deepcopy(world.sd15))
+    script_callbacks.callbacks["cfg_denoiser"].insert(
+        0, type("E", (), {"callback": staticmethod(switch), "name": "refiner"})()
+    )
+    p = generation(world, default_fields(), n_iter=2)
+    assert torch.equal(p.result, reference)  # batch 2, sampled by the kept refiner
+    assert "NegIP model" in p.extra_generation_params
+    assert hook_state(world.sd15) == hook_state(make_ldm_unet(SD15))
+
+
+def test_a_batch_whose_image_prompts_did_not_act_is_not_named(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each batch of a batch count must carry the image prompts itself for its infotext to name
+    them (an earlier batch's do not count): here the hooks are put on the loaded checkpoint
+    while the kept refiner samples batch 2, as before the fix above."""
+    import copy
+
+    from lib_negip.webui import backend
+
+    monkeypatch.setattr(backend, "sampling_unet", lambda _denoiser: backend.current_unet())
+    switch, _refiner = _stale_refiner(world, copy.deepcopy(world.sd15))
+    script_callbacks.callbacks["cfg_denoiser"].insert(
+        0, type("E", (), {"callback": staticmethod(switch), "name": "refiner"})()
+    )
+    with caplog.at_level("WARNING", logger="negip"):
+        p = generation(world, default_fields(), n_iter=2)
+    assert not any(key.startswith("NegIP") for key in p.extra_generation_params)
+    assert "did not reach the UNet in this batch" in caplog.text
+
+
 def test_hires_checkpoint_of_another_family_with_hires_pass_second_fails_loudly(
     world: World,
 ) -> None:

@@ -522,6 +522,9 @@ def test_with_storing_off_nothing_is_written(world: World) -> None:
 class ForgeLikeWrapper:
     """The stand-in's UNet call on a Forge-shaped model (no ``sd_model.model``)."""
 
+    def __init__(self, denoiser=None):
+        self.denoiser = denoiser
+
     def __call__(self, x, sigma, cond):
         context = cond["c_crossattn"][0] if "c_crossattn" in cond else cond["crossattn"]
         unet = shared.sd_model.forge_objects.unet.model.diffusion_model
@@ -530,6 +533,9 @@ class ForgeLikeWrapper:
 
 class HiddenWrapper:
     """A host whose UNet sits where the extension does not look."""
+
+    def __init__(self, denoiser=None):
+        self.denoiser = denoiser
 
     def __call__(self, x, sigma, cond):
         context = cond["c_crossattn"][0] if "c_crossattn" in cond else cond["crossattn"]

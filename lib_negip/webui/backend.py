@@ -99,6 +99,18 @@ def current_unet() -> nn.Module | None:
     return find_unet(getattr(shared, "sd_model", None))
 
 
+def sampling_unet(denoiser: Any) -> nn.Module | None:
+    """The UNet ``denoiser`` calls: the model its wrapper holds, else the loaded checkpoint's.
+
+    They differ where A1111 keeps a sampler across batches: img2img makes its sampler once, so
+    after a refiner took over in the first batch the next batches sample with the refiner's
+    UNet while ``shared.sd_model`` is the base checkpoint again (A1111 1.10.1 reloads it before
+    each batch)."""
+    wrapped = getattr(getattr(denoiser, "model_wrap", None), "inner_model", None)
+    unet = find_unet(wrapped) if wrapped is not None else None
+    return unet if unet is not None else current_unet()
+
+
 def unsupported_message() -> str:
     """Why image prompts cannot act here, and what to do."""
     tested = "; ".join(TESTED)

@@ -527,7 +527,7 @@ def _encoder_to_cpu(encoder: Any) -> None:
 def on_cfg_denoiser(params: Any) -> None:
     """Append the image blocks to this denoiser call's conditioning."""
     generation = Generation.current
-    unet = backend.current_unet()
+    unet = backend.sampling_unet(params.denoiser)
     if unet is not None:
         Generation.rearm_on(unet)
     if generation is None or unet is None:
@@ -648,7 +648,7 @@ def post_sample(p: Any) -> None:
     if generation is None or generation.p is not p:
         return
     session = generation.session
-    reached = session.acted or not session.appended
+    reached = session.acted_in_batch or not session.appended_in_batch
     written = generation.infotext if reached else {}
     params = p.extra_generation_params
     # A1111's X/Y/Z plot gives its cells one dict: what an earlier cell wrote (a noise seed, or
@@ -662,6 +662,7 @@ def post_sample(p: Any) -> None:
             "its infotext does not name them"
         )
     session.close()
+    session.begin_batch()
 
 
 def before_batch(p: Any) -> None:

@@ -509,6 +509,34 @@ def test_xyz_plot_model_axis(with_images: dict) -> None:
 # img2img
 
 
+def test_img2img_batches_after_a_refiner_switch_get_the_image_prompts() -> None:
+    """A1111 makes img2img's sampler once: after the refiner took over in batch 1, batches 2
+    and 3 sample with the refiner it kept while the base is loaded again. The image prompts must
+    act on that UNet (they were appended for the base's: the refiner read them as text, under an
+    infotext naming them). ``tiny-sd15`` has the weights of ``negip-tiny-sd15``, so every image
+    equals the request without a refiner; A1111's VAE encoding draws from the global random
+    state, so the same txt2img runs before each img2img."""
+    loaded_two = {"sd_model_checkpoint": SD15, "sd_checkpoints_limit": 2}  # a separate refiner
+    batches = {"mode": "img2img", "n_iter": 3, "override_settings": loaded_two}
+    try:
+        generate(None, seed=5, override_settings=loaded_two)
+        refined = generate(
+            fields(), refiner_checkpoint="tiny-sd15", refiner_switch_at=0.5, **batches
+        )
+        generate(None, seed=5, override_settings=loaded_two)
+        plain = generate(fields(), **batches)
+    finally:  # A1111 keeps an overridden option that was at its default: put it back
+        generate(
+            None,
+            override_settings={"sd_checkpoints_limit": 1},
+            override_settings_restore_afterwards=False,
+        )
+        generate(None, checkpoint="tiny-sd15")  # the limit unloads the extra model
+    for index in range(3):
+        assert_same(pixels(refined, index), pixels(plain, index))
+        assert "NegIP model" in negip_params(infotext(refined, index))
+
+
 def test_img2img_dict_and_positional_forms() -> None:
     plain = pixels(generate(mode="img2img"))
     by_dict = generate(fields(), mode="img2img")

@@ -23,12 +23,19 @@ log = logging.getLogger("webui_stub")
 
 
 class UNetWrapper:
-    """Calls the loaded model's UNet the way ldm's wrappers do: ``context=`` the crossattn."""
+    """Calls a model's UNet the way ldm's wrappers do: ``context=`` the crossattn. The model is
+    the one the denoiser's ``model_wrap`` holds, as A1111's (set where a test makes A1111 keep
+    a wrapper, e.g. its img2img sampler across batches), else the loaded one."""
+
+    def __init__(self, denoiser=None):
+        self.denoiser = denoiser
 
     def __call__(self, x, sigma, cond):
         context = cond["c_crossattn"][0] if "c_crossattn" in cond else cond["crossattn"]
         timesteps = (sigma * 50).clamp(0, 999)
-        return shared.sd_model.model.diffusion_model(x, timesteps, context=context)
+        wrap = getattr(self.denoiser, "model_wrap", None)
+        model = wrap.inner_model if wrap is not None else shared.sd_model
+        return model.model.diffusion_model(x, timesteps, context=context)
 
 
 @dataclass
@@ -74,7 +81,8 @@ def sigmas_for(steps):
 
 
 def sample(p, steps, x):
-    denoiser = CFGDenoiser(p, UNetWrapper())
+    denoiser = CFGDenoiser(p, None)
+    denoiser.inner_model = UNetWrapper(denoiser)
     p.denoisers.append(denoiser)
     second_order = p.sampler == "heun"
     denoiser.steps = steps

@@ -65,6 +65,7 @@ class CFGDenoiser:
     def __init__(self, p, inner_model):
         self.p = p
         self.inner_model = inner_model
+        self.model_wrap = None  # A1111's: the wrapped model it samples with, made at first use
         self.step = 0
         self.steps = None
         self.total_steps = None
