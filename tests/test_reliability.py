@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import resource
 import struct
 import threading
@@ -1994,7 +1995,7 @@ def test_catalogue(process: Process, entry: Case, monkeypatch: pytest.MonkeyPatc
     if lab.messages:  # the table shows each refusal as the API and the UI word it
         row = documented_rows().get(entry.id)
         assert row is not None, f"{entry.id} is not in docs/reliability.md"
-        assert row == (api, ui), (
+        assert tuple(map(comparable, row)) == (comparable(api), comparable(ui)), (
             f"docs/reliability.md's row for {entry.id} does not show the messages; it should "
             f"read: | {entry.category} | {entry.name} | {api} | {ui} |"
         )
@@ -2014,6 +2015,14 @@ def documented_cells(messages: list[str], models: Path) -> str:
         first = first[:DOC_MESSAGE_CHARS].rstrip() + " …"
     more = f" (+{len(messages) - 1} more)" if len(messages) > 1 else ""
     return f"“{first}”{more}"
+
+
+def comparable(cell: str) -> str:
+    """A cell without what depends on the machine the test runs on: a refused string that is a
+    path of the test's temporary folder is quoted by its length and first characters."""
+    return re.sub(
+        r"found \d+ characters starting '[^']*'", "found N characters starting '...'", cell
+    )
 
 
 @functools.cache
