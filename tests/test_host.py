@@ -511,6 +511,35 @@ def test_a_batch_whose_image_prompts_did_not_act_is_not_named(
     assert "did not reach the UNet in this batch" in caplog.text
 
 
+def test_a_unet_pass_of_a_script_before_sampling_is_refused_in_its_own_words(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a known host a UNet call before the first conditioning callback is a script's own
+    pass (the 'img2img alternative test' script inverts the noise with the UNet from p.sample):
+    the refusal says so, not that the host cannot be driven, and is logged once."""
+    from lib_negip.errors import UnreachedError
+    from lib_negip.webui import backend
+
+    monkeypatch.setattr(backend, "host_kind", lambda: backend.A1111)
+    base = _xyz_base()
+    p = processing.Processing(**base)
+    p.scripts = [(world.script, api_args(**default_fields()))]
+    sample = p.sample
+
+    def inverting_first(x):
+        world.unet(x, torch.full((1,), 500.0), context=base["uncond"])
+        return sample(x)
+
+    p.sample = inverting_first
+    with caplog.at_level("ERROR", logger="negip"), pytest.raises(UnreachedError) as raised:
+        processing.process_images(p)
+    assert raised.value.status_code == 422
+    assert "a script or extension runs the UNet on its own first" in str(raised.value)
+    assert "web UI" not in str(raised.value)
+    assert [r.getMessage() for r in caplog.records] == [f"Negative Image Prompt: {raised.value}"]
+    assert hook_state(world.sd15) == hook_state(make_ldm_unet(SD15))
+
+
 def test_hires_checkpoint_of_another_family_with_hires_pass_second_fails_loudly(
     world: World,
 ) -> None:

@@ -112,13 +112,26 @@ class CallbackWatch:
         self.remove()
         if self.generation.callback_calls == 0 and Generation.current is self.generation:
             Generation.end()
-            msg = (
-                "The UNet was called without the extension's conditioning callback "
-                f"(on_cfg_denoiser) running first: {backend.host_kind()} samples in a way this "
-                "extension cannot follow, so the image would be made without the image prompts. "
-                "Switch Negative Image Prompt off for this generation, or use a supported web UI."
-            )
-            raise self.raise_as(UnreachedError(msg))
+            host = backend.host_kind()
+            if host == backend.UNKNOWN:
+                msg = (
+                    "The UNet was called without the extension's conditioning callback "
+                    f"(on_cfg_denoiser) running first: {host} samples in a way this extension "
+                    "cannot follow, so the image would be made without the image prompts. Switch "
+                    "Negative Image Prompt off for this generation, or use a supported web UI."
+                )
+            else:  # a known host samples through the callback: something ran the UNet before
+                msg = (
+                    "The UNet was called before sampling began, without the extension's "
+                    "conditioning callback (on_cfg_denoiser): a script or extension runs the UNet "
+                    "on its own first (as the 'img2img alternative test' script's noise inversion "
+                    "does), and this extension cannot tell that from sampling without the image "
+                    "prompts. Switch Negative Image Prompt off for this generation, or run that "
+                    "script without it."
+                )
+            error = UnreachedError(msg)
+            logger.error("Negative Image Prompt: %s", error)
+            raise self.raise_as(error)
 
 
 class Generation:
