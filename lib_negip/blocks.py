@@ -128,11 +128,7 @@ def parse_layers(field: str, value: object) -> LayerSpec:
             raise ArgumentError(msg)
         if len(match[1].lstrip("0")) > 6:  # no UNet has that many blocks (nor int() digits)
             shown = match[1] if len(match[1]) <= 12 else f"{match[1][:12]}..."
-            msg = (
-                f"{field}: block {shown} does not exist: SD1.x UNets have blocks 0-15, SDXL "
-                f"ones 0-10. Write for example {EXAMPLE}; unlisted blocks get 0."
-            )
-            raise ArgumentError(msg)
+            raise ArgumentError(_no_such_block(field, shown))
         index, weight = int(match[1]), float(match[2])
         if not math.isfinite(weight) or not WEIGHT_MIN <= weight <= WEIGHT_MAX:
             msg = (
@@ -145,6 +141,21 @@ def parse_layers(field: str, value: object) -> LayerSpec:
             raise ArgumentError(msg)
         pairs[index] = weight + 0.0
     return LayerSpec(preset=None, pairs=tuple(sorted(pairs.items())))
+
+
+def _no_such_block(field: str, shown: object) -> str:
+    return (
+        f"{field}: block {shown} does not exist: SD1.x UNets have blocks 0-15, SDXL ones 0-10. "
+        f"Write for example {EXAMPLE}; unlisted blocks get 0."
+    )
+
+
+def check_known_blocks(field: str, spec: LayerSpec, limit: int = MOST_BLOCKS) -> None:
+    """Refuse an index past ``limit`` blocks (by default, past every UNet family this extension
+    knows), where the UNet that will use ``spec`` is not known yet."""
+    outside = [index for index, _weight in spec.pairs if index >= max(limit, MOST_BLOCKS)]
+    if outside:
+        raise ArgumentError(_no_such_block(field, outside[0]))
 
 
 def family_of_blocks(n_blocks: int) -> str:

@@ -349,7 +349,8 @@ def _editor_picture(element_id: str) -> Any:
         from gradio.context import Context
 
         blocks = list(Context.root_block.blocks.values())
-        after = blocks[blocks.index(editor) + 1 : blocks.index(editor) + 4]
+        position = blocks.index(editor)
+        after = blocks[position + 1 : position + 4]
     except (AttributeError, ValueError):
         return None
     for block in after:

@@ -100,23 +100,13 @@ def _confirm(label: str, field: str) -> Any:
 def _check_block_indices(field: str, spec: Any) -> None:
     """Refuse a block index past the blocks of every UNet this extension knows and of the one
     loaded (whichever checkpoint a cell samples with)."""
-    from lib_negip.blocks import EXAMPLE, MOST_BLOCKS
-    from lib_negip.errors import ArgumentError
+    from lib_negip.blocks import check_known_blocks
     from lib_negip.unet_layers import cross_attention_layers, transformer_blocks
     from lib_negip.webui import backend
 
-    limit = MOST_BLOCKS
     unet = backend.current_unet()
-    if unet is not None:
-        limit = max(limit, len(transformer_blocks(cross_attention_layers(unet))))
-    outside = [index for index, _weight in spec.pairs or () if index >= limit]
-    if outside:
-        msg = (
-            f"{field}: block {outside[0]} does not exist in any checkpoint a cell can use: "
-            f"SD1.x UNets have blocks 0-15, SDXL ones 0-10. Write for example {EXAMPLE}; "
-            "unlisted blocks get 0."
-        )
-        raise ArgumentError(msg)
+    loaded = len(transformer_blocks(cross_attention_layers(unet))) if unet is not None else 0
+    check_known_blocks(field, spec, loaded)
 
 
 def _check_installed(name: str) -> None:
