@@ -701,3 +701,95 @@ def test_a_noise_seed_of_an_earlier_xyz_cell_does_not_stay_in_the_next(world: Wo
     processing.process_images(second)
     assert "NegIP noise seed" not in shared_params
     assert shared_params["NegIP negative noise"] == 0.0
+
+
+def _plot_module():
+    """A stand-in for A1111's xyz_grid module: ``draw_xyz_grid`` runs each cell as A1111's
+    does (``try: process_images(pc) except Exception:`` prints the traceback and takes an
+    empty ``Processed``; a cell after an interrupt is skipped), calling the module's
+    ``process_images`` as its cells find it."""
+    from types import SimpleNamespace
+
+    def empty(p, images, seed, info):
+        return SimpleNamespace(images=images)
+
+    plot = SimpleNamespace(
+        process_images=processing.process_images, Processed=empty, cells=[], tracebacks=0
+    )
+
+    def draw_xyz_grid(make_cell, values):
+        drawn = []
+        for value in values:
+            if shared.state.interrupted:
+                drawn.append("skipped")
+                continue
+            plot.cells.append(value)
+            try:
+                drawn.append(plot.process_images(make_cell(value)))
+            except Exception:
+                plot.tracebacks += 1
+                drawn.append(plot.Processed(None, [], -1, ""))
+        return drawn
+
+    plot.draw_xyz_grid = draw_xyz_grid
+    return plot
+
+
+def test_a_cell_the_extension_refuses_fails_the_whole_xyz_plot(world: World) -> None:
+    """A refusal only a cell's checkpoint shows (here an SDXL adapter in a plot of adapters
+    on an SD1.x checkpoint) drew that cell black under HTTP 200: now the plot stops at that
+    cell and the request fails with the cell's reason; the cells left are not made."""
+    plot = _plot_module()
+    host_process, host_draw = plot.process_images, plot.draw_xyz_grid
+    assert xyz.CELL_REFUSALS.install(plot)
+    try:
+        assert xyz.CELL_REFUSALS.install(plot)  # once
+        clean = hook_state(world.unet)
+
+        def cell(model: str, *, is_api: bool = True) -> processing.Processing:
+            p = processing.Processing(**_xyz_base())
+            p.is_api = is_api
+            p.scripts = [(world.script, api_args(**default_fields(model=model)))]
+            return p
+
+        models = ["tiny-base_sd15", "tiny-base_sdxl", "tiny-plus_sd15"]
+        with pytest.raises(Exception, match=re.escape(xyz.CellRefusals.PREFIX)) as raised:
+            plot.draw_xyz_grid(cell, models)
+        assert raised.value.status_code == 422
+        assert "the adapter is for another model family" in str(raised.value), str(raised.value)
+        assert plot.cells == models[:2]  # stopped at the refused cell
+        assert plot.tracebacks == 0  # the cell's refusal is logged once, by the cell
+        assert hook_state(world.unet) == clean
+
+        # The UI's words, under the extension's name (A1111 shows "<class name>: <message>").
+        shared.state.interrupted = False
+        plot.cells.clear()
+        with pytest.raises(Exception, match=re.escape(xyz.CellRefusals.PREFIX)) as raised:
+            plot.draw_xyz_grid(functools.partial(cell, is_api=False), models[1:])
+        assert type(raised.value).__name__ == "Negative Image Prompt"
+        assert raised.value.ui_message == str(raised.value)
+
+        # Cells the extension makes, and another cause of an empty cell, are the plot's.
+        shared.state.interrupted = False
+        drawn = plot.draw_xyz_grid(cell, ["tiny-base_sd15", "tiny-plus_sd15"])
+        assert all(isinstance(result, torch.Tensor) for result in drawn), drawn
+
+        def broken(_value: str) -> processing.Processing:
+            raise RuntimeError("not ours")
+
+        (result,) = plot.draw_xyz_grid(broken, ["a"])
+        assert result.images == []
+        assert plot.tracebacks == 1
+        assert not shared.state.interrupted
+    finally:
+        xyz.CELL_REFUSALS.remove()
+    assert (plot.process_images, plot.draw_xyz_grid) == (host_process, host_draw)
+    # A reloaded plot module gets the wrappers; the old one gets its functions back.
+    newer = _plot_module()
+    newer_draw = newer.draw_xyz_grid
+    assert xyz.CELL_REFUSALS.install(plot)
+    assert xyz.CELL_REFUSALS.install(newer)
+    assert plot.draw_xyz_grid is host_draw
+    assert newer.draw_xyz_grid is not newer_draw
+    xyz.CELL_REFUSALS.remove()
+    assert not xyz.CELL_REFUSALS.installed

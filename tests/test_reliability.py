@@ -1284,6 +1284,39 @@ def _(lab: Lab) -> None:
     lab.answer(raised.value, r"X/Y/Z plot, axis \[NegIP\] Negative noise: negative_noise must be")
 
 
+@case(API, "an X/Y/Z cell refused for its checkpoint (stops the plot)")
+def _(lab: Lab) -> None:
+    from lib_negip.webui import xyz
+
+    def draw_xyz_grid(models: list[str]) -> list[Any]:
+        """As A1111's plot: a cell that raises is drawn empty; after an interrupt, none."""
+        drawn = []
+        for model in models:
+            if shared.state.interrupted:
+                break
+            try:
+                drawn.append(lab.run(reference_fields(model=model)).result)
+            except Exception:
+                drawn.append(None)
+        return drawn
+
+    # The stand-in's processing module plays the plot's: its cells call process_images.
+    lab.monkeypatch.setattr(processing, "draw_xyz_grid", draw_xyz_grid, raising=False)
+    lab.monkeypatch.setattr(processing, "Processed", lambda *_args: None, raising=False)
+    assert xyz.CELL_REFUSALS.install(processing)
+    try:
+        with pytest.raises(NegIPError) as raised:
+            processing.draw_xyz_grid(["tiny-base_sd15", "tiny-base_sdxl", "tiny-base_sd15"])
+    finally:
+        xyz.CELL_REFUSALS.remove()
+        shared.state.interrupted = False
+    lab.answer(
+        raised.value,
+        r"X/Y/Z plot: a cell cannot be made, so the plot was stopped: tiny-base_sdxl is an "
+        r"IP-Adapter for a model family",
+    )
+
+
 @case(API, "a stored image prompt that was deleted (infotext restore)")
 def _(lab: Lab) -> None:
     fields = reference_fields(infotext_images="positive images: 0123456789abcdef")

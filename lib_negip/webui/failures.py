@@ -52,7 +52,13 @@ def _request_error_class(error_type: type[NegIPError], for_ui: bool) -> type[Exc
     return type(
         UI_NAME if for_ui else error_type.__name__,
         bases,
-        {"__init__": __init__, "__str__": __str__, "__module__": __name__},
+        {
+            "__init__": __init__,
+            "__str__": __str__,
+            "__module__": __name__,
+            "error_type": error_type,
+            "for_ui": for_ui,
+        },
     )
 
 
@@ -74,6 +80,16 @@ def request_error(error: BaseException, *, for_ui: bool = False) -> Exception:
         )
         cls = _request_error_class(NegIPError, for_ui)
     return cls(ui if for_ui else api, api=api, ui=ui)
+
+
+def prefixed(error: NegIPError, prefix: str) -> Exception:
+    """``error``, a refusal as :func:`request_error` made it (or a plain :class:`NegIPError`),
+    with ``prefix`` before both of its wordings, for the same audience."""
+    api = getattr(error, "api_message", None) or str(error)
+    ui = getattr(error, "ui_message", None) or error.ui
+    error_type = getattr(type(error), "error_type", type(error))
+    raised = error_type(prefix + api, ui=prefix + ui)
+    return request_error(raised, for_ui=getattr(type(error), "for_ui", False))
 
 
 def wants_ui_words(p: object) -> bool:

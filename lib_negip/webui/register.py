@@ -10,7 +10,7 @@ from lib_negip import logger
 from lib_negip.webui.generation import Generation, on_cfg_denoiser
 from lib_negip.webui.models import MODELS, models_listing
 from lib_negip.webui.settings import on_ui_settings
-from lib_negip.webui.xyz import register_xyz_axes
+from lib_negip.webui.xyz import CELL_REFUSALS, register_xyz_axes
 
 
 def on_app_started(_demo: Any, app: Any) -> None:
@@ -100,5 +100,6 @@ def shutdown() -> None:
     from lib_negip.webui.failures import MAIN_THREAD_ERRORS
 
     MAIN_THREAD_ERRORS.remove()
+    CELL_REFUSALS.remove()
     Generation.end()
     MODELS.clear()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, NoReturn
 
 from lib_negip import logger
 from lib_negip.blocks import PRESETS
+from lib_negip.errors import NegIPError
 from lib_negip.webui.models import adapter_choices
 
 
@@ -67,7 +69,7 @@ def _confirm(label: str, field: str) -> Any:
             script_args_enabled,
         )
         from lib_negip.blocks import parse_layers
-        from lib_negip.errors import ArgumentError, NegIPError
+        from lib_negip.errors import ArgumentError
         from lib_negip.webui.failures import request_error, wants_ui_words
         from lib_negip.webui.generation import without_ui_references
 
@@ -134,10 +136,128 @@ XYZ_AXES = (
 )
 
 
+class CellRefusals:
+    """A refusal of ours in one cell fails the whole X/Y/Z plot.
+
+    A1111's plot runs each cell as ``try: process_images(pc) except Exception:``, logs what a
+    cell raised and draws that cell empty: the request succeeds (HTTP 200 through the API)
+    with a black cell. The axes' ``confirm`` refuses before the first cell what no cell could
+    take, but some refusals depend on the checkpoint a cell samples with, which another axis
+    may change: an SD1.x adapter with an SDXL checkpoint, "auto" with no adapter of the
+    cell's family, a block index the cell's UNet lacks.
+
+    :meth:`install` wraps two functions of the plot's module. ``process_images``, as its cells
+    call it, keeps the first :class:`NegIPError` a cell raises, stops the plot (the host's
+    ``state.interrupted``, as the Interrupt button does: the cells left are skipped) and gives
+    the plot the empty result it makes of a failed cell, without the traceback it would print;
+    ``draw_xyz_grid`` raises the kept refusal when the plot returns, from the script's ``run``,
+    where A1111 lets it reach the user (the UI shows it, the API answers 422). Any other
+    exception of a cell is left to the plot. :meth:`remove` puts the module's functions back
+    where ours are still the ones installed.
+    """
+
+    PREFIX = "X/Y/Z plot: a cell cannot be made, so the plot was stopped: "
+
+    def __init__(self) -> None:
+        self._local = threading.local()  # .plots: the refusals kept by the plots drawing
+        self._host: tuple[Any, Any, Any] | None = None  # module, its process_images, its draw
+        self._ours: tuple[Any, Any] = (None, None)
+
+    @property
+    def installed(self) -> bool:
+        return self._host is not None
+
+    def install(self, module: Any) -> bool:
+        """Wrap ``module``'s functions (once); False where it lacks them (another plot)."""
+        if self._host is not None:
+            if self._host[0] is module:
+                return True
+            self.remove()  # the host reloaded its scripts: a new module
+        process_images = getattr(module, "process_images", None)
+        draw = getattr(module, "draw_xyz_grid", None)
+        if not (callable(process_images) and callable(draw)):
+            return False
+        local = self._local
+
+        def cell_refusal_stops_the_plot(p: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return process_images(p, *args, **kwargs)
+            except NegIPError as error:
+                kept = getattr(local, "plots", None)
+                if not kept:
+                    raise
+                if kept[-1] is None:
+                    kept[-1] = error
+                    _stop_the_plot()
+                empty = getattr(module, "Processed", None)
+                if empty is None:
+                    raise
+                # What the plot makes of a cell that raised, without its traceback in the
+                # console: the cell's refusal is logged once already, and raised at the end.
+                return empty(p, [], getattr(p, "seed", -1), "")
+
+        def draw_raising_a_cell_refusal(*args: Any, **kwargs: Any) -> Any:
+            kept = local.__dict__.setdefault("plots", [])
+            kept.append(None)
+            try:
+                result = draw(*args, **kwargs)
+            except Exception:
+                refusal = kept.pop()
+                if refusal is None:
+                    raise
+                raise _prefixed(refusal) from None
+            refusal = kept.pop()
+            if refusal is not None:
+                raise _prefixed(refusal) from None
+            return result
+
+        module.process_images = cell_refusal_stops_the_plot
+        module.draw_xyz_grid = draw_raising_a_cell_refusal
+        self._host = (module, process_images, draw)
+        self._ours = (cell_refusal_stops_the_plot, draw_raising_a_cell_refusal)
+        return True
+
+    def remove(self) -> None:
+        if self._host is None:
+            return
+        module, process_images, draw = self._host
+        our_process, our_draw = self._ours
+        if getattr(module, "process_images", None) is our_process:
+            module.process_images = process_images
+        if getattr(module, "draw_xyz_grid", None) is our_draw:
+            module.draw_xyz_grid = draw
+        self._host = None
+        self._ours = (None, None)
+
+
+def _stop_the_plot() -> None:
+    try:
+        from modules import shared
+
+        shared.state.interrupted = True
+    except Exception:  # no host state: the cells left run, and the refusal still ends the plot
+        logger.debug("Negative Image Prompt: could not stop the X/Y/Z plot early", exc_info=True)
+
+
+def _prefixed(refusal: NegIPError) -> BaseException:
+    """The cell's refusal (logged when the cell raised it), with the plot's words before it."""
+    from lib_negip.webui.failures import prefixed
+
+    return prefixed(refusal, CellRefusals.PREFIX)
+
+
+CELL_REFUSALS = CellRefusals()
+
+
 def register_xyz_axes() -> None:
     xyz = _xyz_module()
     if xyz is None:
         return
+    if not CELL_REFUSALS.install(xyz):
+        logger.warning(
+            "the X/Y/Z plot's module is not the one expected: a cell Negative Image Prompt "
+            "refuses is drawn empty, not reported"
+        )
     present = {option.label for option in xyz.axis_options}
     for label, kind, field in XYZ_AXES:
         if label in present:

@@ -1218,6 +1218,29 @@ def test_xyz_plot_axis_of_ours_with_the_extension_off_is_refused(server_log: Ser
     )
 
 
+def test_xyz_plot_cell_the_extension_refuses_stops_the_plot_with_its_reason(
+    server_log: ServerLog, plain: np.ndarray
+) -> None:
+    """A refusal only one cell's checkpoint shows (the SD1.5 adapter in the SDXL cell of a
+    Checkpoint axis) was drawn as a black cell under HTTP 200, with A1111's traceback in the
+    log: now the plot stops at that cell and the request is answered 422 with its reason."""
+    server_log.new_lines()
+    answer = generate(
+        fields(),
+        script_name="x/y/z plot",
+        script_args=xyz_args("Checkpoint name", dropdown=[SD15, SDXL, SD15]),
+        expect=422,
+    )
+    detail = answer["detail"]
+    assert detail.startswith("X/Y/Z plot: a cell cannot be made, so the plot was stopped: ")
+    assert BASE in detail
+    assert "another model family" in detail
+    problems = ServerLog.problems(server_log.new_lines())
+    assert len(problems) == 1, problems  # the cell's one line, and no traceback
+    assert problems[0].startswith(OUR_ERROR_LINE), problems
+    assert_same(pixels(generate()), plain)  # nothing left patched, the checkpoint restored
+
+
 # ---------------------------------------------------------------------------------------------
 # Round 2: the pixel budget of one generation's image prompts
 
