@@ -405,3 +405,9 @@ class ImagePromptSession:
     def close(self) -> None:
         """Remove the hijack; a later :meth:`conditioning` call installs it again."""
         self._remove()
+
+    def release_device_copies(self) -> None:
+        """Drop the adapter weights' copies cast to the sampling device (kept by default, so a
+        cached adapter moves to the GPU once): for a host that keeps the GPU nearly empty."""
+        for weights in self.weights:
+            weights.release_device_copies()

@@ -23,7 +23,9 @@ from PIL import Image
 from test_host import (
     BRANCHES,
     crossattn,
+    default_fields,
     expected_tokens,
+    generation,
     pos_window_weight,
     shared_models_path,
 )
@@ -1114,3 +1116,58 @@ def test_a_generation_nested_in_an_image_hook_does_not_end_the_outer_one(world: 
         assert all(length > CHUNK for length in lengths), lengths
     assert script_callbacks.errors == []
     nothing_left(world.sd15)
+
+
+def _device_copies() -> int:
+    from lib_negip.webui.models import MODELS
+
+    keys = MODELS.adapters.keys()
+    adapters = [MODELS.adapters.get(key) for key in keys]
+    return sum(len(kv._cast) for adapter in adapters if adapter for kv in adapter.weights)
+
+
+def test_lowvram_drops_the_adapters_device_copies_when_a_generation_ends(world: World) -> None:
+    """A1111 with --lowvram / --medvram keeps the GPU nearly empty between uses: the adapter's
+    weights cast for the UNet (650 MiB in fp16 for an SDXL adapter) must not stay there. Without
+    those flags they are kept, so a cached adapter moves to the GPU once."""
+    generation(world, default_fields())
+    assert _device_copies() > 0
+    shared.sd_model.lowvram = True  # what A1111's lowvram.setup_for_low_vram marks
+    try:
+        result = generation(world, default_fields()).result
+        assert _device_copies() == 0
+    finally:
+        del shared.sd_model.lowvram
+    assert torch.equal(result, generation(world, default_fields()).result)  # same image
+
+
+def test_lowvram_frees_the_gpu_before_the_encoder_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --lowvram / --medvram the model part A1111 holds on the GPU goes to the CPU before
+    the image encoder moves there (ViT-bigG is 3.7 GB in fp16), and the encoder goes back to the
+    CPU afterwards whatever 'Keep the image encoder on the GPU' says."""
+    from modules import lowvram
+
+    from lib_negip.webui import generation as host_generation
+
+    moves = []
+
+    class Encoder:
+        device = torch.device("cpu")
+
+        def to(self, device, dtype):
+            moves.append((str(device), lowvram.sent_to_cpu))
+            self.device = torch.device(device)
+
+        def encode(self, pixel_values, output):
+            return pixel_values
+
+    gpu = torch.device("cuda")
+    before = lowvram.sent_to_cpu
+    low = host_generation._EncoderOnDevice(Encoder(), gpu, torch.float16, low_vram=True)
+    low.encode(torch.zeros(1), "image_embeds")
+    low.encode(torch.zeros(1), "image_embeds")  # already there: nothing more to free
+    assert moves == [("cuda", before + 1), ("cuda", before + 1)]
+    moves.clear()
+    plain = host_generation._EncoderOnDevice(Encoder(), gpu, torch.float16)
+    plain.encode(torch.zeros(1), "image_embeds")
+    assert moves == [("cuda", before + 1)]  # without the flags A1111's model part stays

@@ -111,6 +111,29 @@ def sampling_unet(denoiser: Any) -> nn.Module | None:
     return unet if unet is not None else current_unet()
 
 
+def low_vram() -> bool:
+    """Whether the web UI keeps the GPU nearly empty between uses: A1111 with --lowvram,
+    --medvram or --medvram-sdxl for the loaded model (it marks the model ``lowvram``, keeps one
+    of its parts on the GPU at a time and moves the others to the CPU)."""
+    try:
+        from modules import shared
+    except ImportError:
+        return False
+    return getattr(getattr(shared, "sd_model", None), "lowvram", False) is True
+
+
+def free_gpu_for_encoder() -> None:
+    """Under :func:`low_vram`, put the model part A1111 holds on the GPU back on the CPU before
+    the image encoder takes the GPU, as A1111 does before it loads another model."""
+    try:
+        from modules import lowvram
+    except ImportError:
+        return
+    send = getattr(lowvram, "send_everything_to_cpu", None)
+    if callable(send):
+        send()
+
+
 def unsupported_message() -> str:
     """Why image prompts cannot act here, and what to do."""
     tested = "; ".join(TESTED)

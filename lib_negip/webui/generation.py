@@ -160,6 +160,8 @@ class Generation:
             cls.failure = None
         if current is not None:
             current.session.close()
+            if backend.low_vram():  # the adapter's weights leave the GPU with the generation
+                current.session.release_device_copies()
             if current.watch is not None:
                 current.watch.remove()
         for pending in (trap, sample_trap):
@@ -435,8 +437,9 @@ def _encode(
 
     spec = loaded.spec
     device = devices.device
+    low_vram = backend.low_vram()
     on_device = _EncoderOnDevice(
-        encoder, device, torch.float32 if device.type == "cpu" else devices.dtype
+        encoder, device, torch.float32 if device.type == "cpu" else devices.dtype, low_vram
     )
     try:
         features = functools.partial(
@@ -479,7 +482,8 @@ def _encode(
         # an out-of-memory error it may be half moved and holds memory the user needs back.
         _encoder_to_cpu(encoder)
         raise
-    if not opt(OPT_ENCODER_ON_GPU) and encoder.device.type != "cpu":
+    # --lowvram / --medvram: nothing of ours stays on the GPU, whatever the setting says.
+    if (low_vram or not opt(OPT_ENCODER_ON_GPU)) and encoder.device.type != "cpu":
         _encoder_to_cpu(encoder)
     if not all(
         bool(torch.isfinite(side.tokens).all()) for side in (prompt.positive, prompt.negative)
@@ -517,15 +521,20 @@ class _EncoderOnDevice:
     """The cached encoder, moved to the sampling device only when an image really has to be
     encoded: a generation whose images are all cached moves (and converts) nothing."""
 
-    def __init__(self, encoder: Any, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, encoder: Any, device: torch.device, dtype: torch.dtype, low_vram: bool = False
+    ) -> None:
         self.encoder = encoder
         self.device = device
         self.dtype = dtype
+        self.low_vram = low_vram  # free the GPU of the host's model part first
 
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
         return self.encoder.preprocess(images)
 
     def encode(self, pixel_values: torch.Tensor, output: str) -> torch.Tensor:
+        if self.low_vram and self.encoder.device != self.device:
+            backend.free_gpu_for_encoder()
         self.encoder.to(device=self.device, dtype=self.dtype)  # may fail half way: see start
         return self.encoder.encode(pixel_values, output)
 
