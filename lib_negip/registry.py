@@ -948,7 +948,11 @@ class ModelRegistry:
             candidates = [name + suffix for suffix in suffixes]
         for folder in folders:
             for candidate in candidates:
-                if (folder.path / candidate).is_dir():
+                try:
+                    is_folder = (folder.path / candidate).is_dir()
+                except OSError:  # a name the file system cannot hold (too long): no such folder
+                    is_folder = False
+                if is_folder:
                     return f"{folder.display_label}/{candidate}"
         return None
 

@@ -1171,3 +1171,19 @@ def test_lowvram_frees_the_gpu_before_the_encoder_takes_it(monkeypatch: pytest.M
     plain = host_generation._EncoderOnDevice(Encoder(), gpu, torch.float16)
     plain.encode(torch.zeros(1), "image_embeds")
     assert moves == [("cuda", before + 1)]  # without the flags A1111's model part stays
+
+
+def test_an_unexpected_os_error_is_answered_without_the_servers_folders() -> None:
+    """A failure we did not foresee is answered as "Negative Image Prompt failed: ...": an
+    OSError's text holds the full path of its file, which an answer must not show (a model
+    name of 244 characters once gave ENAMETOOLONG with the models folder in the 422)."""
+    from lib_negip.webui import failures
+
+    path = "/srv/webui/models/ipadapter/" + "a" * 250 + ".safetensors"
+    error = OSError(36, "File name too long", path)
+    for for_ui in (False, True):
+        raised = failures.request_error(error, for_ui=for_ui)
+        for text in (str(raised), raised.api_message, raised.ui_message):
+            assert "/srv/webui" not in text, text
+            assert "File name too long" in text, text
+            assert "a" * 250 + ".safetensors" in text, text

@@ -1284,6 +1284,18 @@ def _(lab: Lab) -> None:
     lab.answer(raised.value, r"X/Y/Z plot, axis \[NegIP\] Negative noise: negative_noise must be")
 
 
+@case(API, "a model name too long for the file system")
+def _(lab: Lab) -> None:
+    # The search for a folder of the name (an unpacked download) raised ENAMETOOLONG: a 422
+    # "Negative Image Prompt failed: OSError" that showed the server's model folder.
+    long_name = "a" * 300
+    lab.refused(reference_fields(model=long_name), rf"there is no IP-Adapter named '{long_name}'")
+    lab.refused(
+        reference_fields(image_encoder=long_name),
+        rf"there is no image encoder named '{long_name}'",
+    )
+
+
 @case(API, "an X/Y/Z cell refused for its checkpoint (stops the plot)")
 def _(lab: Lab) -> None:
     from lib_negip.webui import xyz

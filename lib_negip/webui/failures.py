@@ -10,6 +10,7 @@ refusal is therefore raised as a :class:`~lib_negip.errors.NegIPError` that is a
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -70,12 +71,13 @@ def request_error(error: BaseException, *, for_ui: bool = False) -> Exception:
         api, ui = str(error), error.ui
         cls = _request_error_class(type(error), for_ui)
     else:
+        text = _without_paths(error)
         api = (
-            f"Negative Image Prompt failed: {type(error).__name__}: {error}. The console has the "
+            f"Negative Image Prompt failed: {type(error).__name__}: {text}. The console has the "
             "details; please report it with them."
         )
         ui = (
-            f"something went wrong ({error}). The console has the details; please report them, "
+            f"something went wrong ({text}). The console has the details; please report them, "
             "and untick Negative Image Prompt to generate without image prompts meanwhile."
         )
         cls = _request_error_class(NegIPError, for_ui)
@@ -90,6 +92,17 @@ def prefixed(error: NegIPError, prefix: str) -> Exception:
     error_type = getattr(type(error), "error_type", type(error))
     raised = error_type(prefix + api, ui=prefix + ui)
     return request_error(raised, for_ui=getattr(type(error), "for_ui", False))
+
+
+def _without_paths(error: BaseException) -> str:
+    """``str(error)`` with the files an ``OSError`` names shown by their names only: an answer
+    never shows the server's folders (the console's traceback has the paths)."""
+    text = str(error)
+    if isinstance(error, OSError):
+        for path in (error.filename, error.filename2):
+            if isinstance(path, str) and path:
+                text = text.replace(path, os.path.basename(path.rstrip("/\\")) or path)
+    return text
 
 
 def wants_ui_words(p: object) -> bool:
