@@ -759,7 +759,24 @@ def _parse_fields(fields: Mapping[str, Any], base: Mapping[str, Any]) -> NegIPAr
             if name in _SCALAR_CHECKS:
                 _SCALAR_CHECKS[name](name, value)
         return NegIPArgs()
+    for name in IMAGE_FIELDS:
+        _refuse_null_images(name, fields.get(name))
     return _build({**DEFAULTS, **base, **fields, "enabled": True})
+
+
+def _refuse_null_images(name: str, value: Any) -> None:
+    """A null inside a side's list, as a client writes it: most likely a client's bug (an image
+    it failed to read), which would otherwise leave the side short of an image without a word.
+    The UI's lists are not checked (gradio leaves empty slots as None)."""
+    if not isinstance(value, (list, tuple)):
+        return
+    for index, item in enumerate(value):
+        if item is None:
+            msg = (
+                f"{name}[{index}] is null: each entry must be an image (a base64 string or data "
+                f"URL). Leave the entry out; an empty list means no images on that side."
+            )
+            raise ArgumentError(msg)
 
 
 def parse_api_dict(fields: Mapping[str, Any], base: NegIPArgs | None = None) -> NegIPArgs:
