@@ -1284,6 +1284,13 @@ def _(lab: Lab) -> None:
     lab.answer(raised.value, r"X/Y/Z plot, axis \[NegIP\] Negative noise: negative_noise must be")
 
 
+@case(API, "a null entry in an image list")
+def _(lab: Lab) -> None:
+    fields = reference_fields()
+    fields["positive_images"] = [None, *fields["positive_images"]]
+    lab.refused(fields, r"positive_images\[0\] is null: each entry must be an image")
+
+
 @case(API, "a model name too long for the file system")
 def _(lab: Lab) -> None:
     # The search for a folder of the name (an unpacked download) raised ENAMETOOLONG: a 422
