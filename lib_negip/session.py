@@ -228,6 +228,7 @@ class ImagePromptSession:
         self._batch_start = (0, 0)  # (appended, carried) when the current batch began
         self._unet: nn.Module | None = None
         self._hijack: AttentionHijack | None = None
+        self._zero_blocks = False  # the last UNet's blocks all at weight 0
 
     @property
     def acted(self) -> bool:
@@ -342,7 +343,8 @@ class ImagePromptSession:
             if not layers or layers[0].context_dim != self.context_dim:
                 raise IncompatibleModelError(self._misfit_message(layers, hires=hires))
             scales, _ = resolve_layers(self.prompt, unet)
-            if all(scale == (0.0, 0.0) for scale in scales):
+            self._zero_blocks = all(scale == (0.0, 0.0) for scale in scales)
+            if self._zero_blocks:
                 return None  # every block at weight 0: exactly the UNet without image prompts
             hijack = AttentionHijack(
                 unet,
@@ -374,6 +376,13 @@ class ImagePromptSession:
 
     def _can_act(self) -> bool:
         return any(side.weight != 0.0 for side in self.prompt.sides)
+
+    @property
+    def idle_by_choice(self) -> bool:
+        """Whether the settings themselves give the image prompts nothing to do: both weights
+        0, or every block of the sampling UNet at weight 0 (unlike windows that hold no step,
+        which depend on the steps sampled)."""
+        return not self._can_act() or self._zero_blocks
 
     def _misfit_message(self, layers: list, *, hires: bool) -> str:
         model = (

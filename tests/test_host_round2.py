@@ -1187,3 +1187,34 @@ def test_an_unexpected_os_error_is_answered_without_the_servers_folders() -> Non
             assert "/srv/webui" not in text, text
             assert "File name too long" in text, text
             assert "a" * 250 + ".safetensors" in text, text
+
+
+@pytest.mark.parametrize(
+    ("fields", "warned"),
+    [
+        pytest.param({"positive_start": 0.5, "positive_end": 0.5}, True, id="start-equals-end"),
+        pytest.param(  # 2 steps sample at 0 and 1/2: none is in [0.75, 1)
+            {"positive_start": 0.75, "positive_end": 1.0}, True, id="narrower-than-a-step"
+        ),
+        pytest.param({"positive_weight": 0.0, "negative_weight": 0.0}, False, id="weights-0"),
+        pytest.param({"positive_layers": "0:0"}, False, id="blocks-0"),
+        pytest.param({}, False, id="acting"),
+    ],
+)
+def test_windows_that_hold_no_step_say_so_in_the_console(
+    world: World, caplog: pytest.LogCaptureFixture, fields: dict, warned: bool
+) -> None:
+    """A window that holds none of the steps sampled gives the image prompts nothing to do, as
+    weight 0 does (the request is valid: an X/Y/Z sweep of starts up to 1 has such cells), but
+    unlike weight 0 it is rarely what the user meant: the console says so. Settings that give
+    them nothing to do by themselves (weights or blocks 0) are not warned about."""
+    request = default_fields(negative_images=[], **fields)
+    if "positive_layers" in fields:
+        request["negative_layers"] = "0:0"
+    with caplog.at_level("WARNING", logger="negip"):
+        p = generation(world, request, steps=2)
+    assert ("no step of this batch had the image prompts" in caplog.text) is warned, caplog.text
+    if warned:
+        plain = processing.Processing(cond=p.cond, uncond=p.uncond, latent=p.latent, steps=2)
+        plain.result = processing.process_images(plain)
+        assert torch.equal(p.result, plain.result)

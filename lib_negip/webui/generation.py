@@ -683,6 +683,13 @@ def post_sample(p: Any) -> None:
             "Negative Image Prompt: the image prompts did not reach the UNet in this batch; "
             "its infotext does not name them"
         )
+    elif not session.appended_in_batch and not session.idle_by_choice:
+        logger.warning(
+            "Negative Image Prompt: no step of this batch had the image prompts, so the image is "
+            "the one without them: their step windows hold none of the steps sampled (a window "
+            "narrower than one step, or start = end), or the pass they are set for ran no step "
+            "(Hires. fix with denoising strength 0, a sampler that made no model call)"
+        )
     session.close()
     session.begin_batch()
 
