@@ -58,6 +58,19 @@ from lib_negip.unet_layers import CrossAttentionLayer, adapter_key, cross_attent
 POSITIVE, NEGATIVE = 0, 1
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (A1111 samples under CUDA autocast in half
+    precision; MPS and others use its manual casts, not autocast)."""
+    if device_type not in ("cuda", "cpu"):
+        return False
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        if device_type == "cuda":
+            return torch.is_autocast_enabled()
+        return torch.is_autocast_cpu_enabled()
+
+
 class KeyValueWeights:
     """One adapter layer's ``to_k_ip``/``to_v_ip`` fused into one weight [2*inner, C].
 
@@ -275,6 +288,14 @@ class _LayerHooks:
         if q is None:
             return None
         self.q = None
+        if self.hijack.upcast and _autocast_on(q.device.type):
+            # "Upcast cross attention" asks for float32, which the autocast A1111 samples
+            # under would turn back into half precision in the projections and SDPA.
+            with torch.autocast(q.device.type, enabled=False):
+                return self._add_image_term(q, args)
+        return self._add_image_term(q, args)
+
+    def _add_image_term(self, q: torch.Tensor, args: tuple) -> Any:
         plan = self.hijack.plan
         hidden = args[0]  # [B, Tq, inner], heads merged
         entry = plan.entries[self.index]
@@ -340,6 +361,17 @@ class _LayerHooks:
         self.needs_fallback = True
         q = self.q if self.q is not None else module.to_q(args[0] if args else kwargs["x"])
         self.q = None
+        if self.hijack.upcast and _autocast_on(q.device.type):  # see add_image_term
+            with torch.autocast(q.device.type, enabled=False):
+                term = self._term_after_attention(plan, q)
+        else:
+            term = self._term_after_attention(plan, q)
+        if term is None:
+            return None
+        projected = F.linear(term, module.to_out[0].weight.to(term.dtype))
+        return output + projected.to(output.dtype)
+
+    def _term_after_attention(self, plan: Any, q: torch.Tensor) -> torch.Tensor | None:
         entry = plan.entries[self.index]
         if entry is None:
             entry = plan.entries[self.index] = self.hijack.entry(self, plan, q, None)
@@ -347,9 +379,7 @@ class _LayerHooks:
         self.hijack.added += 1
         if entry is _SKIP:
             return None
-        term = self.image_term(entry, q)
-        projected = F.linear(term, module.to_out[0].weight.to(term.dtype))
-        return output + projected.to(output.dtype)
+        return self.image_term(entry, q)
 
     # -- prepared once --------------------------------------------------------------------
     def side_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -615,6 +615,39 @@ def test_under_autocast_as_a1111_samples_on_a_gpu(
     assert torch.equal(run((0.0, 0.0)), plain)
 
 
+@pytest.mark.parametrize("attention_forward", ["sdp"], indirect=True)
+def test_upcast_computes_the_image_term_outside_autocast(
+    attention_forward: str, term_form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With "upcast cross attention" the image attention (its keys and values prepared, and
+    each call's term) runs in float32 with autocast off, as A1111's own upcast attentions do:
+    under autocast the float32 projections and SDPA would run in half precision again. Without
+    upcast it stays under the host's autocast."""
+    from lib_negip import hijack as hijack_module
+
+    seen: list[tuple[str, bool]] = []
+    for name in ("image_term", "entry"):
+        owner = hijack_module._LayerHooks if name == "image_term" else hijack_module.AttentionHijack
+        original = getattr(owner, name)
+
+        def recording(self, *args, _original=original, _name=name):
+            seen.append((_name, torch.is_autocast_enabled("cpu")))
+            return _original(self, *args)
+
+        monkeypatch.setattr(owner, name, recording)
+    _unet, layers, x, text, positive, negative = sd15_case(23, 24, 25, 60, 61)
+    half = half_unet(torch.bfloat16)
+    inputs = [t.bfloat16() for t in (x, text[:1], text[1:], positive, negative)]
+    for upcast in (True, False):
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours(half, layers, *inputs, (1.0, 0.7), upcast=upcast)
+        names = {name for name, _ in seen}
+        # (block-diagonal without casts adds its term without image_term: one baddbmm)
+        assert names == {"image_term", "entry"} if upcast else "entry" in names, seen
+        assert {on for _, on in seen} == {not upcast}, seen
+
+
 def test_image_term_goes_through_the_hosts_projections(
     attention_forward: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
