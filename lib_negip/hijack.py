@@ -58,6 +58,13 @@ from lib_negip.unet_layers import CrossAttentionLayer, adapter_key, cross_attent
 POSITIVE, NEGATIVE = 0, 1
 
 
+def strided_query_ok(device: torch.device) -> bool:
+    """Whether SDPA may take the query's heads as a strided view of ``to_q``'s output. Not on
+    MPS: A1111 copies q, k and v to contiguous tensors before its attentions there, and torch's
+    MPS SDPA has had bugs with permuted inputs (fixed in later versions than A1111 ships)."""
+    return device.type != "mps"
+
+
 def _autocast_on(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (A1111 samples under CUDA autocast in half
     precision; MPS and others use its manual casts, not autocast)."""
@@ -172,6 +179,7 @@ class _Entry:
     mask: torch.Tensor | None
     block_diagonal: bool = False
     q_view: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    contiguous_heads: bool = False  # the query's heads copied out first (MPS)
     scores_view: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     probs_view: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     cast_q: torch.dtype | None = None
@@ -341,6 +349,8 @@ class _LayerHooks:
             heads = torch.as_strided(q, *entry.q_view)  # [B, H, Tq, d]
         else:
             heads = q.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+            if entry.contiguous_heads:
+                heads = heads.contiguous()
         out = F.scaled_dot_product_attention(
             heads, entry.keys, entry.values, attn_mask=entry.bias, scale=1.0
         )
@@ -791,6 +801,7 @@ class AttentionHijack:
             scores_view, device, dtype
         )
         q_view = probs_view = None
+        contiguous_heads = False
         if block_diagonal:
             probs_view = ((batch, tokens, columns), (columns * tokens, 1, tokens))
             keys, values = _block_diagonal(keys, values)
@@ -799,7 +810,8 @@ class AttentionHijack:
         else:
             scores_view = None
             keys, values = keys.contiguous(), values.contiguous()
-            if q.is_contiguous() and dtype == q.dtype:  # the to_q output: always, in practice
+            contiguous_heads = not strided_query_ok(device)
+            if q.is_contiguous() and dtype == q.dtype and not contiguous_heads:
                 q_view = ((batch, heads, tokens, head_dim), (tokens * inner, head_dim, inner, 1))
         return _Entry(
             keys=keys,
@@ -808,6 +820,7 @@ class AttentionHijack:
             mask=mask,
             block_diagonal=block_diagonal,
             q_view=q_view,
+            contiguous_heads=contiguous_heads,
             scores_view=scores_view,
             probs_view=probs_view,
             cast_q=None if dtype == q.dtype else dtype,

@@ -821,3 +821,24 @@ def test_block_diagonal_falls_back_to_per_head_where_the_softmax_is_not_contiguo
     assert {entry.block_diagonal for entry in entries} == {False}
     assert all(entry.scores_view is None and entry.probs_view is None for entry in entries)
     assert (fallback - block_diagonal).abs().max().item() < FLOAT32_NOISE
+
+
+def test_on_mps_the_query_heads_are_copied_out_before_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MPS takes the query's heads as a contiguous copy (A1111 copies q, k and v there before
+    its own attentions; torch's MPS SDPA has had bugs with permuted inputs); elsewhere a strided
+    view. Both give the same term (checked on the CPU with the MPS choice forced)."""
+    from lib_negip import hijack as hijack_module
+
+    assert not hijack_module.strided_query_ok(torch.device("mps"))
+    assert hijack_module.strided_query_ok(torch.device("cuda", 0))
+    assert hijack_module.strided_query_ok(torch.device("cpu"))
+    unet = ldm_unet("sd15")
+    monkeypatch.setattr(hijack_module, "BLOCK_DIAGONAL", "never")
+    viewed, hijack = _run_hijack(unet, 4)
+    assert all(entry.q_view is not None for entry in _entries(hijack))
+    monkeypatch.setattr(hijack_module, "strided_query_ok", lambda device: False)
+    copied, hijack = _run_hijack(unet, 4)
+    entries = _entries(hijack)
+    assert entries
+    assert all(entry.q_view is None and entry.contiguous_heads for entry in entries)
+    assert torch.equal(copied, viewed)
