@@ -1218,3 +1218,29 @@ def test_windows_that_hold_no_step_say_so_in_the_console(
         plain = processing.Processing(cond=p.cond, uncond=p.uncond, latent=p.latent, steps=2)
         plain.result = processing.process_images(plain)
         assert torch.equal(p.result, plain.result)
+
+
+def test_a_torch_older_than_2_1_is_refused_with_what_to_do(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SDPA's scale and load_state_dict(assign=True) came with torch 2.1: on an A1111 venv kept
+    at torch 2.0.1 the first attention raised a TypeError ("Negative Image Prompt failed").
+    Now the generation is refused before anything loads, saying how to update."""
+    from lib_negip.webui import backend
+
+    assert backend.old_torch_message("2.1.2+cu121") is None
+    assert backend.old_torch_message("2.14.1") is None
+    assert backend.old_torch_message("not a version") is None
+    message = backend.old_torch_message("2.0.1+cu118")
+    assert message is not None
+    assert "torch 2.1 or newer" in message
+    assert "2.0.1+cu118" in message
+    assert "--reinstall-torch" in message
+    monkeypatch.setattr(torch, "__version__", "2.0.1+cu118")
+    clean = residue(world.unet)
+    with pytest.raises(NegIPError, match=r"needs torch 2\.1 or newer") as raised:
+        generation(world, default_fields())
+    assert raised.value.status_code == 422
+    assert residue(world.unet) == clean
+    monkeypatch.setattr(backend, "_warned", False)
+    assert backend.warn_if_unsupported() == message

@@ -111,6 +111,30 @@ def sampling_unet(denoiser: Any) -> nn.Module | None:
     return unet if unet is not None else current_unet()
 
 
+#: The oldest torch the engine runs on: SDPA's ``scale`` and ``load_state_dict(assign=True)``
+#: came with 2.1 (A1111 1.10 installs 2.1.2; an older venv kept through updates may have 2.0.1).
+MIN_TORCH = (2, 1)
+
+
+def old_torch_message(version: str | None = None) -> str | None:
+    """Why this torch cannot run the image prompts, or None where it can."""
+    import torch
+
+    version = torch.__version__ if version is None else version
+    try:
+        major, minor = (int(part) for part in str(version).split("+")[0].split(".")[:2])
+    except ValueError:  # a version we cannot read: let it try
+        return None
+    if (major, minor) >= MIN_TORCH:
+        return None
+    return (
+        f"Negative Image Prompt needs torch {MIN_TORCH[0]}.{MIN_TORCH[1]} or newer, but this web "
+        f"UI runs torch {version}. Update torch: start A1111 once with --reinstall-torch in "
+        "COMMANDLINE_ARGS (it installs the version the web UI asks for), or switch Negative Image "
+        "Prompt off."
+    )
+
+
 def low_vram() -> bool:
     """Whether the web UI keeps the GPU nearly empty between uses: A1111 with --lowvram,
     --medvram or --medvram-sdxl for the loaded model (it marks the model ``lowvram``, keeps one
@@ -149,16 +173,18 @@ _warned = False
 
 
 def warn_if_unsupported() -> str | None:
-    """Once per process, log why image prompts cannot work on this host; the warning text
-    (also shown in the accordion) or None on a known host."""
+    """Once per process, log why image prompts cannot work on this host (an unknown web UI, a
+    torch too old); the warning text (also shown in the accordion) or None where they work."""
     global _warned
-    if host_kind() in (A1111, FORGE, REFORGE, FORGE_CLASSIC, FORGE_NEO):
-        return None
-    message = (
-        f"Negative Image Prompt does not know this web UI ({host_kind()}): generations with "
-        "image prompts will fail with a message rather than run without them. Tested on: "
-        f"{'; '.join(TESTED)}."
-    )
+    message = old_torch_message()
+    if message is None:
+        if host_kind() in (A1111, FORGE, REFORGE, FORGE_CLASSIC, FORGE_NEO):
+            return None
+        message = (
+            f"Negative Image Prompt does not know this web UI ({host_kind()}): generations with "
+            "image prompts will fail with a message rather than run without them. Tested on: "
+            f"{'; '.join(TESTED)}."
+        )
     if not _warned:
         _warned = True
         logger.warning(message)

@@ -251,6 +251,9 @@ def start(p: Any, args: Any) -> None:
 
     from lib_negip.args import to_infotext
 
+    old_torch = backend.old_torch_message()
+    if old_torch is not None:
+        raise UnreachedError(old_torch)
     sd_model = _loaded_model()
     unet = backend.find_unet(sd_model)
     if sd_model is not None and unet is None:
