@@ -827,6 +827,17 @@ def parse_script_args(values: Sequence[Any]) -> NegIPArgs:
         )
         raise ArgumentError(msg)
     if values and isinstance(values[0], Mapping):
+        stray = [
+            name
+            for name, value in zip(FIELD_ORDER[1:], values[1:], strict=False)
+            if isinstance(value, Mapping) and name not in (*IMAGE_FIELDS, *MASK_FIELDS)
+        ]
+        if stray:  # a dict where a number or a name belongs: the client sent a second dict
+            msg = (
+                "The script's args hold more than one dict: send one dict of named fields, "
+                '[{"model": "...", "positive_images": ["<base64>"], ...}], and nothing after it.'
+            )
+            raise ArgumentError(msg)
         base = dict(zip(FIELD_ORDER[1:], values[1:], strict=False))
         return _parse_fields(values[0], base)
     raw = dict(zip(FIELD_ORDER, values, strict=False))

@@ -803,6 +803,12 @@ INVALID = [
         [r"positive_images\[0\]", r"'upload.png' cannot be read"],
         id="upload-missing-file",
     ),
+    pytest.param(
+        [*_dict(positive_images=[b64()]), {"enabled": False}],
+        ArgumentError,
+        [r"more than one dict: send one dict of named fields"],
+        id="second-dict-after-the-fields",
+    ),
 ]
 
 
