@@ -538,6 +538,10 @@ def test_img2img_batches_after_a_refiner_switch_get_the_image_prompts() -> None:
 
 
 def test_img2img_dict_and_positional_forms() -> None:
+    # A1111's first img2img after a checkpoint switch (the previous test ends on tiny-sd15)
+    # can differ from the next by a level or two, both without the extension: its VAE
+    # encoding samples from the global random state. A throwaway request first.
+    generate(mode="img2img")
     plain = pixels(generate(mode="img2img"))
     by_dict = generate(fields(), mode="img2img")
     assert_differs(pixels(by_dict), plain)
