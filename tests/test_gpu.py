@@ -68,7 +68,7 @@ def sampling(dtype: torch.dtype):
     return torch.autocast(DEVICE.type, dtype=dtype, enabled=half)
 
 
-def run(unet, layers, dtype, weights=(1.0, 0.8)):
+def run(unet, layers, dtype, weights=(1.0, 0.8), upcast=False):
     width = SD15.context_dim
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)).repeat(2, 1, 1, 1)
     text = text_context(2, width, seed=2)
@@ -80,7 +80,7 @@ def run(unet, layers, dtype, weights=(1.0, 0.8)):
         make_block(tokens(4, width, 4), weights[1], layout),
     )
     context = torch.cat([cond, uncond]).to(DEVICE, dtype)
-    hijack = AttentionHijack(unet, layers, layout)
+    hijack = AttentionHijack(unet, layers, layout, upcast=upcast)
     hijack.install()
     try:
         t = torch.tensor([600.0, 600.0], device=DEVICE)
@@ -113,6 +113,35 @@ def test_half_precision_on_the_gpu_matches_float32_on_the_cpu(
     # 0.027 / 0.032 of the output's largest value.
     tolerance = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 8e-2}[dtype]
     assert error < tolerance, error
+
+
+def test_upcast_runs_the_image_term_in_float32_under_autocast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A1111's "upcast cross attention" under CUDA autocast in float16: the image term (its
+    keys and values prepared, and each call's SDPA) runs with autocast off, in float32."""
+    from lib_negip import hijack as hijack_module
+
+    seen = []
+    for owner, name in ((hijack_module._LayerHooks, "image_term"), (AttentionHijack, "entry")):
+        original = getattr(owner, name)
+
+        def recording(self, *args, _original=original, _name=name):
+            seen.append((_name, torch.is_autocast_enabled(DEVICE.type)))
+            return _original(self, *args)
+
+        monkeypatch.setattr(owner, name, recording)
+    cpu_unet = make_ldm_unet(SD15)
+    layers = adapter_layers(cpu_unet)
+    got, _ = run(
+        unet_on(torch.float16),
+        [KeyValueWeights(k, v) for k, v in layers],
+        torch.float16,
+        upcast=True,
+    )
+    assert {name for name, _ in seen} == {"image_term", "entry"}, seen
+    assert not any(on for _, on in seen), seen
+    assert torch.isfinite(got).all()
 
 
 def run_cpu(unet, layers):
