@@ -1244,3 +1244,20 @@ def test_a_torch_older_than_2_1_is_refused_with_what_to_do(
     assert residue(world.unet) == clean
     monkeypatch.setattr(backend, "_warned", False)
     assert backend.warn_if_unsupported() == message
+
+
+def test_img2img_ignores_hires_pass_second(world: World) -> None:
+    """img2img has no Hires. fix, so hires_pass does not apply there: its one pass gets the
+    image prompts. A txt2img request's args reach an img2img of an extension's own (ADetailer's
+    inpainting, when the user lets this script run there): "second" refused that pass, which
+    ADetailer dropped without a word (seen in a real A1111 with ADetailer)."""
+    fields = default_fields(hires_pass="second", positive_end=1.0, negative_start=0.0)
+    p = generation(world, fields, init_images=[picture(3)])
+    assert p.extra_generation_params["NegIP hires pass"] == "both"
+    both = generation(world, {**fields, "hires_pass": "both"}, init_images=[picture(3)])
+    assert torch.equal(p.result, both.result)
+    weights_0 = {**fields, "positive_weight": 0.0, "negative_weight": 0.0}
+    plain = generation(world, weights_0, init_images=[picture(3)])
+    assert not torch.equal(p.result, plain.result)
+    with pytest.raises(NegIPError, match=r"hires_pass is 'second' but Hires\. fix is off"):
+        generation(world, fields)  # txt2img without Hires. fix: still refused

@@ -26,6 +26,7 @@ generation's ``p.sample`` (:class:`SampleTrap`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -258,6 +259,11 @@ def start(p: Any, args: Any) -> None:
     unet = backend.find_unet(sd_model)
     if sd_model is not None and unet is None:
         raise UnreachedError(backend.unsupported_message())
+    if args.hires_pass == "second" and getattr(p, "init_images", None) is not None:
+        # img2img has no Hires. fix: its one pass gets the image prompts. A txt2img request's
+        # args reach an img2img of an extension's own (ADetailer's inpainting, when the user
+        # lets this script run there), where "second" would have refused that pass.
+        args = dataclasses.replace(args, hires_pass="both")
     if args.hires_pass == "second" and not getattr(p, "enable_hr", False):
         msg = (
             "hires_pass is 'second' but Hires. fix is off, so the image prompts would never "
@@ -382,8 +388,6 @@ def _with_stored_images(args: Any, *, for_api: bool) -> Any:
     """API requests restored from an infotext name their image prompts by reference
     (``infotext_images``): load them from the store for every side or mask the request does
     not give itself. The UI restores them into its own components instead (see ui.py)."""
-    import dataclasses
-
     references = args.references
     if not references or not for_api:
         return args

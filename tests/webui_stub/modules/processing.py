@@ -56,6 +56,7 @@ class Processing:
     denoisers: list = field(default_factory=list)
     is_api: bool = True  # A1111 marks API requests; the UI's are False (answers in UI words)
     n_iter: int = 1  # batch count: the batches sample the same latent again
+    init_images: Any = None  # img2img's pictures (A1111's img2img processing has them)
 
     def sample(self, x):
         """What A1111's ``p.sample`` does here: the first pass, then hires fix's second."""
