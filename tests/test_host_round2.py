@@ -847,9 +847,12 @@ def test_added_pictures_are_read_like_uploads() -> None:
     assert added.getpixel((0, 0)) == (255, 255, 255)
     assert added.getpixel((1, 1)) == (10, 20, 30)
     assert Path(paths[1]).name == f"{reference_of(added)}.png"
-    # the inpaint editor's {"image": ..., "mask": ...} and nothing at all
+    # the inpaint editor's {"image": ..., "mask": ...}; nothing to add leaves the side as it is
+    # (an empty list took away gradio's upload area, seen in a real A1111)
     assert ui.add_input_image({"image": picture, "mask": None}, None) == [paths[1]]
-    assert ui.add_input_image(None, [existing]) == [paths[0]]
+    assert ui.add_input_image(None, [existing]) == {"__type__": "update"}
+    assert ui.add_input_image(None, None) == {"__type__": "update"}
+    assert ui.add_image(None, None) == {"__type__": "update"}
 
 
 def test_img2img_input_is_the_picture_of_the_sub_tab_in_view() -> None:
@@ -865,7 +868,9 @@ def test_img2img_input_is_the_picture_of_the_sub_tab_in_view() -> None:
 
     def added(tab, editors=editors):
         paths = ui.add_editor_image(*editors, None, tab)
-        return Path(paths[0]).name if paths else None
+        if paths == {"__type__": "update"}:  # no change: nothing to add
+            return None
+        return Path(paths[0]).name
 
     for index, shown in enumerate(pictures):
         assert added(index) == f"{reference_of(shown)}.png"
@@ -971,6 +976,8 @@ def test_a_paste_of_an_infotext_made_with_storing_off_says_so(
     assert ui.restore_message({"NegIP model": "m", "NegIP images": "0 positive / 0 negative"}) == {
         "value": ""
     }
+    # A later paste without NegIP keys clears what an earlier paste said (it stayed).
+    assert ui.restore_message({"Steps": "4", "Seed": "3"}) == {"value": ""}
 
 
 def test_a_noise_negative_restores_for_every_image_of_a_batch(world: World) -> None:

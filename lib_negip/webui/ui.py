@@ -398,7 +398,7 @@ def _gradio_major(gr: Any) -> int:
         return 3
 
 
-def add_image(item: Any, files: Any) -> list[str]:
+def add_image(item: Any, files: Any) -> Any:
     """The side's files with one more: the selected result (a gallery item)."""
     return _with_image(files, _gallery_image(item))
 
@@ -423,7 +423,7 @@ IMG2IMG_TAB_JS = (
 )
 
 
-def add_editor_image(*values: Any) -> list[str]:
+def add_editor_image(*values: Any) -> Any:
     """The side's files with one more: the picture of the img2img sub-tab in view.
 
     ``values``: the pictures of :data:`IMG2IMG_EDITORS`, the side's files, the sub-tab's index
@@ -442,20 +442,26 @@ def add_editor_image(*values: Any) -> list[str]:
     return add_input_image(picture, files)
 
 
-def add_input_image(image: Any, files: Any) -> list[str]:
+def add_input_image(image: Any, files: Any) -> Any:
     """The side's files with one more: img2img's input picture (a PIL image, or nothing)."""
     if isinstance(image, dict):  # the sketch/inpaint editors' {"image": ..., "mask": ...}
         image = image.get("image")
     return _with_image(files, image if hasattr(image, "convert") else None)
 
 
-def _with_image(files: Any, image: Any) -> list[str]:
+def _with_image(files: Any, image: Any) -> Any:
     """Paths of the side's files (they come as bytes, the component's type), then ``image``
-    as a PNG copy in a temporary folder named by its content."""
+    as a PNG copy in a temporary folder named by its content; with no ``image``, no change to
+    the side (an empty list would replace gradio's upload area with an empty file list)."""
     import tempfile
+
+    import gradio as gr
 
     from lib_negip.images import to_rgb
     from lib_negip.store import reference_of
+
+    if image is None:
+        return gr.update()
 
     paths = []
     folder = Path(tempfile.gettempdir()) / "negip-ui"
@@ -468,12 +474,11 @@ def _with_image(files: Any, image: Any) -> list[str]:
             paths.append(str(path))
         elif getattr(data, "name", None):
             paths.append(str(data.name))
-    if image is not None:
-        image = to_rgb(image)  # as an uploaded file would be read: transparency over white
-        path = folder / f"{reference_of(image)}.png"
-        if not path.exists():
-            image.save(path)
-        paths.append(str(path))
+    image = to_rgb(image)  # as an uploaded file would be read: transparency over white
+    path = folder / f"{reference_of(image)}.png"
+    if not path.exists():
+        image.save(path)
+    paths.append(str(path))
     return paths
 
 
@@ -613,11 +618,13 @@ def restore_images(field: str, params: dict[str, Any]) -> Any:
 
 def restore_message(params: dict[str, Any]) -> Any:
     """What the accordion says after a paste with a malformed NegIP value or whose stored
-    images are missing."""
+    images are missing (nothing, clearing an earlier paste's words, otherwise)."""
     import gradio as gr
 
     if not _has_ours(params):
-        return None
+        # An infotext without our keys switches the extension off: what an earlier paste said
+        # about its images no longer applies.
+        return gr.update(value="")
     try:
         negip_args.parse_infotext(params)
     except NegIPError as error:

@@ -494,6 +494,15 @@ def test_no_image_shows_the_error_in_ui_words(
 def test_selected_result_goes_to_the_negative_side(page: Any, files: dict[str, Path]) -> None:
     small_settings(page)
     open_accordion(page)
+    # Before any result, "➕" adds nothing and the side keeps its upload area (it was replaced
+    # by an empty file list: nothing could be dropped there any more).
+    page.click("#negip_txt2img_add_result_negative")
+    upload_area = "#negip_txt2img_negative_images input[type=file]"
+    with pytest.raises(Exception, match="Timeout"):
+        page.wait_for_function(
+            f"() => document.querySelectorAll('{upload_area}').length === 0", timeout=3000
+        )
+    assert file_names(page, "txt2img", "negative") == []
     upload(page, "txt2img", "positive", files["positive"])
     first = generate(page)
     assert first["image"], first["log"]

@@ -21,3 +21,8 @@ class Textbox(Component):
 
 class Dropdown(Component):
     pass
+
+
+def update(**kwargs):
+    """gradio 3's update: a dict the front end applies to a component (nothing: no change)."""
+    return {"__type__": "update", **kwargs}
