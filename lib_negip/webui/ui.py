@@ -95,6 +95,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                         add_buttons[side] = gr.Button(
                             f"{ADD_SYMBOL} Selected result",
                             size="sm",
+                            tooltip=f"Add the image selected in the results to the {side} side",
                             elem_id=eid(f"add_result_{side}"),
                             elem_classes=["negip-add-result"],
                         )
@@ -102,6 +103,8 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                             add_input_buttons[side] = gr.Button(
                                 f"{ADD_SYMBOL} img2img input",
                                 size="sm",
+                                tooltip=f"Add the picture being edited (the img2img sub-tab in "
+                                f"view) to the {side} side",
                                 elem_id=eid(f"add_input_{side}"),
                                 elem_classes=["negip-add-result"],
                             )
@@ -109,6 +112,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                         add_png_info_buttons[side] = gr.Button(
                             f"{ADD_SYMBOL} PNG Info image",
                             size="sm",
+                            tooltip=f"Add the picture on the PNG Info tab to the {side} side",
                             elem_id=eid(f"add_png_info_{side}"),
                             elem_classes=["negip-add-result"],
                         )
@@ -199,6 +203,9 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 label="Noise type",
                 choices=list(negip_args.NOISE_TYPES),
                 value=defaults["negative_noise_type"],
+                tooltip="How the noise image is made from each positive image: fade blends it "
+                "toward noise, dissolve replaces random pixels, gaussian adds Gaussian noise, "
+                "shuffle warps, rotates and adds noise",
                 elem_id=eid("negative_noise_type"),
             )
 
