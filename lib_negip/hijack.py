@@ -65,17 +65,26 @@ def strided_query_ok(device: torch.device) -> bool:
     return device.type != "mps"
 
 
+def _autocast_state_reader() -> Callable[[str], bool]:
+    """``torch.is_autocast_enabled(device_type)`` (torch 2.4+), or its older per-device
+    functions (torch 2.1-2.3 take no device type), chosen once."""
+    try:
+        torch.is_autocast_enabled("cpu")
+    except TypeError:
+        older = {"cuda": torch.is_autocast_enabled, "cpu": torch.is_autocast_cpu_enabled}
+        return lambda device_type: older[device_type]()
+    return torch.is_autocast_enabled
+
+
+_autocast_state = _autocast_state_reader()
+
+
 def _autocast_on(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (A1111 samples under CUDA autocast in half
     precision; MPS and others use its manual casts, not autocast)."""
     if device_type not in ("cuda", "cpu"):
         return False
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device type
-        if device_type == "cuda":
-            return torch.is_autocast_enabled()
-        return torch.is_autocast_cpu_enabled()
+    return bool(_autocast_state(device_type))
 
 
 class KeyValueWeights:

@@ -127,7 +127,7 @@ def test_upcast_runs_the_image_term_in_float32_under_autocast(
         original = getattr(owner, name)
 
         def recording(self, *args, _original=original, _name=name):
-            seen.append((_name, torch.is_autocast_enabled(DEVICE.type)))
+            seen.append((_name, hijack_module._autocast_on(DEVICE.type)))
             return _original(self, *args)
 
         monkeypatch.setattr(owner, name, recording)

@@ -631,7 +631,7 @@ def test_upcast_computes_the_image_term_outside_autocast(
         original = getattr(owner, name)
 
         def recording(self, *args, _original=original, _name=name):
-            seen.append((_name, torch.is_autocast_enabled("cpu")))
+            seen.append((_name, hijack_module._autocast_on("cpu")))
             return _original(self, *args)
 
         monkeypatch.setattr(owner, name, recording)
@@ -842,3 +842,25 @@ def test_on_mps_the_query_heads_are_copied_out_before_sdpa(monkeypatch: pytest.M
     assert entries
     assert all(entry.q_view is None and entry.contiguous_heads for entry in entries)
     assert torch.equal(copied, viewed)
+
+
+def test_autocast_state_is_read_on_torch_before_and_after_2_4(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch 2.4 added is_autocast_enabled(device_type); A1111 1.10 ships torch 2.1.2, whose
+    is_autocast_enabled takes no argument (CUDA's) beside is_autocast_cpu_enabled."""
+    from lib_negip import hijack as hijack_module
+
+    assert hijack_module._autocast_on("cpu") is False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert hijack_module._autocast_on("cpu") is True
+    assert hijack_module._autocast_on("mps") is False
+
+    def cuda_only() -> bool:  # torch 2.1's signature
+        return False
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", cuda_only)
+    monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: True, raising=False)
+    older = hijack_module._autocast_state_reader()
+    assert older("cpu") is True
+    assert older("cuda") is False

@@ -760,9 +760,9 @@ def test_a_cell_the_extension_refuses_fails_the_whole_xyz_plot(world: World) -> 
         assert plot.cells == models[:2]  # stopped at the refused cell
         assert plot.tracebacks == 0  # the cell's refusal is logged once, by the cell
         assert hook_state(world.unet) == clean
+        assert not shared.state.interrupted  # set to skip the cells left, reset at the end
 
         # The UI's words, under the extension's name (A1111 shows "<class name>: <message>").
-        shared.state.interrupted = False
         plot.cells.clear()
         with pytest.raises(Exception, match=re.escape(xyz.CellRefusals.PREFIX)) as raised:
             plot.draw_xyz_grid(functools.partial(cell, is_api=False), models[1:])
@@ -770,7 +770,6 @@ def test_a_cell_the_extension_refuses_fails_the_whole_xyz_plot(world: World) -> 
         assert raised.value.ui_message == str(raised.value)
 
         # Cells the extension makes, and another cause of an empty cell, are the plot's.
-        shared.state.interrupted = False
         drawn = plot.draw_xyz_grid(cell, ["tiny-base_sd15", "tiny-plus_sd15"])
         assert all(isinstance(result, torch.Tensor) for result in drawn), drawn
 

@@ -1178,6 +1178,12 @@ def test_lowvram_frees_the_gpu_before_the_encoder_takes_it(monkeypatch: pytest.M
     plain = host_generation._EncoderOnDevice(Encoder(), gpu, torch.float16)
     plain.encode(torch.zeros(1), "image_embeds")
     assert moves == [("cuda", before + 1)]  # without the flags A1111's model part stays
+    # after encoding: back to the CPU under the flags, whatever the setting says
+    monkeypatch.setattr(host_generation, "opt", lambda key: True)
+    assert host_generation.keep_encoder_on_gpu(low_vram=False)
+    assert not host_generation.keep_encoder_on_gpu(low_vram=True)
+    monkeypatch.setattr(host_generation, "opt", lambda key: False)
+    assert not host_generation.keep_encoder_on_gpu(low_vram=False)
 
 
 def test_an_unexpected_os_error_is_answered_without_the_servers_folders() -> None:
@@ -1186,14 +1192,16 @@ def test_an_unexpected_os_error_is_answered_without_the_servers_folders() -> Non
     name of 244 characters once gave ENAMETOOLONG with the models folder in the 422)."""
     from lib_negip.webui import failures
 
-    path = "/srv/webui/models/ipadapter/" + "a" * 250 + ".safetensors"
-    error = OSError(36, "File name too long", path)
-    for for_ui in (False, True):
-        raised = failures.request_error(error, for_ui=for_ui)
-        for text in (str(raised), raised.api_message, raised.ui_message):
-            assert "/srv/webui" not in text, text
-            assert "File name too long" in text, text
-            assert "a" * 250 + ".safetensors" in text, text
+    name = "a" * 250 + ".safetensors"
+    for folder in ("/srv/webui/models/ipadapter/", "C:\\sd\\webui\\models\\ipadapter\\"):
+        error = OSError(36, "File name too long", folder + name)
+        for for_ui in (False, True):
+            raised = failures.request_error(error, for_ui=for_ui)
+            for text in (str(raised), raised.api_message, raised.ui_message):
+                assert "webui" not in text, text  # str() quotes a Windows path with \\
+                assert "File name too long" in text, text
+                assert name in text, text
+    assert "is a directory" in str(failures.request_error(IsADirectoryError(21, "is a directory")))
 
 
 @pytest.mark.parametrize(

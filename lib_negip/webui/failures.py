@@ -10,7 +10,7 @@ refusal is therefore raised as a :class:`~lib_negip.errors.NegIPError` that is a
 from __future__ import annotations
 
 import functools
-import os
+import re
 from typing import Any
 
 import torch
@@ -95,14 +95,22 @@ def prefixed(error: NegIPError, prefix: str) -> Exception:
 
 
 def _without_paths(error: BaseException) -> str:
-    """``str(error)`` with the files an ``OSError`` names shown by their names only: an answer
-    never shows the server's folders (the console's traceback has the paths)."""
-    text = str(error)
-    if isinstance(error, OSError):
-        for path in (error.filename, error.filename2):
-            if isinstance(path, str) and path:
-                text = text.replace(path, os.path.basename(path.rstrip("/\\")) or path)
-    return text
+    """``str(error)``, but for an ``OSError`` that names files its number, reason and the
+    files' names only: an answer never shows the server's folders (the console's traceback has
+    the paths). Built anew, not replaced in ``str(error)``, which quotes the paths with
+    ``repr`` (doubled backslashes on Windows)."""
+    if not isinstance(error, OSError):
+        return str(error)
+    names = [
+        re.split(r"[\\/]", path.rstrip("\\/"))[-1] or path
+        for path in (error.filename, error.filename2)
+        if isinstance(path, str) and path
+    ]
+    if not names:
+        return str(error)
+    number = f"[Errno {error.errno}] " if error.errno is not None else ""
+    reason = error.strerror or type(error).__name__
+    return f"{number}{reason}: " + " -> ".join(repr(name) for name in names)
 
 
 def wants_ui_words(p: object) -> bool:

@@ -489,8 +489,7 @@ def _encode(
         # an out-of-memory error it may be half moved and holds memory the user needs back.
         _encoder_to_cpu(encoder)
         raise
-    # --lowvram / --medvram: nothing of ours stays on the GPU, whatever the setting says.
-    if (low_vram or not opt(OPT_ENCODER_ON_GPU)) and encoder.device.type != "cpu":
+    if not keep_encoder_on_gpu(low_vram) and encoder.device.type != "cpu":
         _encoder_to_cpu(encoder)
     if not all(
         bool(torch.isfinite(side.tokens).all()) for side in (prompt.positive, prompt.negative)
@@ -524,6 +523,12 @@ def check_family(spec: Any, adapter_name: str, unet: Any) -> None:
     raise IncompatibleModelError(msg)
 
 
+def keep_encoder_on_gpu(low_vram: bool) -> bool:
+    """Whether the encoder stays on the GPU after encoding: as the setting says, but never
+    under --lowvram / --medvram, where nothing of ours stays on the GPU."""
+    return not low_vram and bool(opt(OPT_ENCODER_ON_GPU))
+
+
 class _EncoderOnDevice:
     """The cached encoder, moved to the sampling device only when an image really has to be
     encoded: a generation whose images are all cached moves (and converts) nothing."""
@@ -534,14 +539,15 @@ class _EncoderOnDevice:
         self.encoder = encoder
         self.device = device
         self.dtype = dtype
-        self.low_vram = low_vram  # free the GPU of the host's model part first
+        self.low_vram = low_vram  # free the GPU of the host's model part first (once)
 
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
         return self.encoder.preprocess(images)
 
     def encode(self, pixel_values: torch.Tensor, output: str) -> torch.Tensor:
-        if self.low_vram and self.encoder.device != self.device:
+        if self.low_vram and self.device.type != "cpu":
             backend.free_gpu_for_encoder()
+            self.low_vram = False
         self.encoder.to(device=self.device, dtype=self.dtype)  # may fail half way: see start
         return self.encoder.encode(pixel_values, output)
 

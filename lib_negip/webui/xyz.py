@@ -205,9 +205,11 @@ class CellRefusals:
                 refusal = kept.pop()
                 if refusal is None:
                     raise
+                _resume_the_host()
                 raise _prefixed(refusal) from None
             refusal = kept.pop()
             if refusal is not None:
+                _resume_the_host()
                 raise _prefixed(refusal) from None
             return result
 
@@ -237,6 +239,18 @@ def _stop_the_plot() -> None:
         shared.state.interrupted = True
     except Exception:  # no host state: the cells left run, and the refusal still ends the plot
         logger.debug("Negative Image Prompt: could not stop the X/Y/Z plot early", exc_info=True)
+
+
+def _resume_the_host() -> None:
+    """Undo :func:`_stop_the_plot` once the plot is over: A1111's UI resets the flag after a
+    failed request, but its API only at the next job's start, and /sdapi/v1/progress would say
+    "interrupted" until then."""
+    try:
+        from modules import shared
+
+        shared.state.interrupted = False
+    except Exception:
+        logger.debug("Negative Image Prompt: could not reset the interrupt flag", exc_info=True)
 
 
 def _prefixed(refusal: NegIPError) -> BaseException:
