@@ -59,6 +59,10 @@ _PHRASES: tuple[tuple[str, str], ...] = (
         r"'data:image/png;base64,\.\.\.')?\.",
         " Upload the image again (PNG, JPEG or WebP).",
     ),
+    # what to do with an image, in the accordion's words: it is uploaded there, not sent
+    (r"\bSend the content of an image file\b", "Upload an image file"),
+    (r"\bSend (?=(?:a|an|smaller)\b)", "Use "),
+    (r"\bsend (?=(?:the new file|the complete file|that)\b)", "upload "),
     (r"\(send numbers as JSON numbers, not strings\)", ""),
     (r"\bas JSON numbers\b", ""),
 )
