@@ -84,14 +84,16 @@ def request_error(error: BaseException, *, for_ui: bool = False) -> Exception:
     return cls(ui if for_ui else api, api=api, ui=ui)
 
 
-def prefixed(error: NegIPError, prefix: str) -> Exception:
+def prefixed(error: NegIPError, prefix: str, *, for_ui: bool | None = None) -> Exception:
     """``error``, a refusal as :func:`request_error` made it (or a plain :class:`NegIPError`),
-    with ``prefix`` before both of its wordings, for the same audience."""
+    with ``prefix`` before both of its wordings, raised for ``for_ui``'s audience (by default
+    the one ``error`` was made for)."""
     api = getattr(error, "api_message", None) or str(error)
     ui = getattr(error, "ui_message", None) or error.ui
     error_type = getattr(type(error), "error_type", type(error))
-    raised = error_type(prefix + api, ui=prefix + ui)
-    return request_error(raised, for_ui=getattr(type(error), "for_ui", False))
+    if for_ui is None:
+        for_ui = getattr(type(error), "for_ui", False)
+    return request_error(error_type(prefix + api, ui=prefix + ui), for_ui=for_ui)
 
 
 def _without_paths(error: BaseException) -> str:

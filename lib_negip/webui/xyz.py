@@ -70,13 +70,13 @@ def _confirm(label: str, field: str) -> Any:
         )
         from lib_negip.blocks import parse_layers
         from lib_negip.errors import ArgumentError
-        from lib_negip.webui.failures import request_error, wants_ui_words
+        from lib_negip.webui.failures import prefixed, wants_ui_words
         from lib_negip.webui.generation import without_ui_references
 
         def refuse(error: NegIPError, prefix: str = "") -> NoReturn:
-            raised = type(error)(prefix + str(error), ui=prefix + error.ui)
-            logger.error("Negative Image Prompt: %s", raised)
-            raise request_error(raised, for_ui=wants_ui_words(p)) from None
+            raised = prefixed(error, prefix, for_ui=wants_ui_words(p))
+            logger.error("Negative Image Prompt: %s", raised.api_message)
+            raise raised from None
 
         request = _request_values(p)
         if request is not None and not script_args_enabled(request):
@@ -188,7 +188,7 @@ class CellRefusals:
                     raise
                 if kept[-1] is None:
                     kept[-1] = error
-                    _stop_the_plot()
+                    _set_interrupted(True)
                 empty = getattr(module, "Processed", None)
                 if empty is None:
                     raise
@@ -201,16 +201,11 @@ class CellRefusals:
             kept.append(None)
             try:
                 result = draw(*args, **kwargs)
-            except Exception:
+            finally:  # a kept refusal wins over anything the plot raised after it
                 refusal = kept.pop()
-                if refusal is None:
-                    raise
-                _resume_the_host()
-                raise _prefixed(refusal) from None
-            refusal = kept.pop()
-            if refusal is not None:
-                _resume_the_host()
-                raise _prefixed(refusal) from None
+                if refusal is not None:
+                    _set_interrupted(False)
+                    raise _prefixed(refusal) from None
             return result
 
         module.process_images = cell_refusal_stops_the_plot
@@ -232,25 +227,17 @@ class CellRefusals:
         self._ours = (None, None)
 
 
-def _stop_the_plot() -> None:
+def _set_interrupted(value: bool) -> None:
+    """A1111's interrupt flag: set to skip the plot's cells left after a refusal (as the
+    Interrupt button does), reset when the plot is over (A1111's UI resets it after a failed
+    request, its API only at the next job's start: /sdapi/v1/progress would say "interrupted"
+    until then). Without host state the cells left run, and the refusal still ends the plot."""
     try:
         from modules import shared
 
-        shared.state.interrupted = True
-    except Exception:  # no host state: the cells left run, and the refusal still ends the plot
-        logger.debug("Negative Image Prompt: could not stop the X/Y/Z plot early", exc_info=True)
-
-
-def _resume_the_host() -> None:
-    """Undo :func:`_stop_the_plot` once the plot is over: A1111's UI resets the flag after a
-    failed request, but its API only at the next job's start, and /sdapi/v1/progress would say
-    "interrupted" until then."""
-    try:
-        from modules import shared
-
-        shared.state.interrupted = False
+        shared.state.interrupted = value
     except Exception:
-        logger.debug("Negative Image Prompt: could not reset the interrupt flag", exc_info=True)
+        logger.debug("Negative Image Prompt: could not set the interrupt flag", exc_info=True)
 
 
 def _prefixed(refusal: NegIPError) -> BaseException:
