@@ -582,6 +582,7 @@ class AttentionHijack:
         self.serial = 0  # counts the UNet calls that carried the block
         self.added = 0  # layers that added (or skipped at weight 0) the term in this call
         self._expecting = False
+        self._latent: tuple[int, int] | None = None  # the sampler's latent size (expect_block)
         self._misses = 0
         self.carried = 0  # UNet calls whose context carried our block
         self._warned_partial = False
@@ -603,6 +604,7 @@ class AttentionHijack:
                     mask = None
             checked.append(mask)
         self._masks = tuple(checked)
+        self._masked = any(mask is not None for mask in checked)
         self._plans.clear()
 
     def install(self) -> None:
@@ -634,18 +636,26 @@ class AttentionHijack:
             if handle is not None:
                 handle.remove()
         self._unet_before = self._unet_after = None
+        self._expecting = False
         if _INSTALLED.get(self.unet) is self:
             del _INSTALLED[self.unet]
         self.plan = None
 
-    def expect_block(self) -> None:
-        """The conditioning of the coming UNet call carries our block (the owner appended it).
+    def expect_block(self, latent: tuple[int, int] | None = None) -> None:
+        """The conditioning of the coming UNet calls carries our block (the owner appended it),
+        until :meth:`remove`.
 
-        If the first UNet call after that does not carry it, the host feeds the UNet another
-        conditioning than the one the callback changed: the image prompts would never act, and
-        that call raises :class:`UnreachedError`.
+        A UNet call without it then raises :class:`UnreachedError`: after a call that carried
+        it, another extension runs the UNet with a conditioning of its own; before, the host
+        feeds the UNet another conditioning than the one the callback changed (one such call
+        is tolerated: another extension's own pass before the sampler's).
+
+        latent: the size of the latent the sampler denoises, where known. With a mask, a UNet
+        call on a latent of another size samples a piece of the picture (Tiled Diffusion's
+        tiles), where the mask cannot be placed: that call raises too.
         """
         self._expecting = True
+        self._latent = latent
 
     # -- per UNet call ------------------------------------------------------------------------
     def _before_unet(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -667,7 +677,16 @@ class AttentionHijack:
             self._abort()
             raise self._raised(error) from error
         x = args[0] if args else kwargs["x"]
-        self.plan = self._plan_for(rows, tuple(x.shape[-2:]), context)
+        latent = tuple(x.shape[-2:])
+        if self._masked and self._latent is not None and latent != self._latent:
+            height, width = self._latent
+            raise self._refused(
+                f"A mask is set, but the UNet samples a {latent[1] * 8}x{latent[0] * 8} piece of "
+                f"the {width * 8}x{height * 8} picture at a time (an extension that samples in "
+                "tiles, such as Tiled Diffusion), and the mask cannot be placed on a piece: it "
+                "would act in the wrong places. Remove the mask, or switch the tiling off."
+            )
+        self.plan = self._plan_for(rows, latent, context)
         self.serial += 1
         self.added = 0
         text = context[:, : length - self.layout.total].contiguous()
@@ -697,20 +716,33 @@ class AttentionHijack:
             self._abort()
             return
         if plan is None:
-            # Tolerate one such call (another extension's own pass before the sampler's).
-            self._misses += self._expecting and self.carried == 0
-            if self._misses >= 2:
-                self._abort()
-                msg = (
-                    "The image prompts were added to the conditioning, but the UNet was called "
-                    "with a conditioning without them: this web UI (or another extension) feeds "
-                    "the UNet in a way this extension cannot follow, so the image would be made "
-                    "without the image prompts. Switch Negative Image Prompt off for this "
-                    "generation, or use a supported web UI."
+            # The hooks are on the UNet only in steps whose conditioning carries the block, and
+            # every UNet call of such a step carries it (the host's cond and uncond, in one call
+            # or several). Before the sampler's first call one call without it is tolerated
+            # (another extension's own pass); after it, a call without it is another
+            # extension's own conditioning (Tiled Diffusion's region prompts), and the part of
+            # the image it makes would come without the image prompts.
+            if not self._expecting:  # the owner did not say the conditioning carries it
+                return
+            if self.carried:
+                raise self._refused(
+                    "The image prompts act in the sampler's UNet calls, but another extension "
+                    "also calls the UNet with a conditioning of its own, without them (as "
+                    "Tiled Diffusion's region prompts do), so that part of the image would be "
+                    "made without the image prompts. Switch the other extension's own prompts "
+                    "off, or Negative Image Prompt for this generation."
                 )
-                raise self._raised(UnreachedError(msg))
+            self._misses += 1
+            if self._misses >= 2:
+                raise self._refused(
+                    "The image prompts were added to the conditioning, but the UNet was called "
+                    "with a conditioning without them: this web UI (or another extension, such "
+                    "as Tiled Diffusion with region prompts) feeds the UNet in a way this "
+                    "extension cannot follow, so the image would be made without the image "
+                    "prompts. Switch Negative Image Prompt off for this generation, or use a "
+                    "supported web UI."
+                )
             return
-        self._expecting = False
         added = self.added
         self.carried += 1
         if self._probing:
@@ -727,14 +759,12 @@ class AttentionHijack:
                     slow[0],
                 )
         if self._layers and added == 0:
-            self._abort()
-            msg = (
+            raise self._refused(
                 "The image prompts reached none of the UNet's cross-attention layers: the "
                 "attention in use (another extension's, or a UNet this extension does not know) "
                 "bypasses the modules the image prompts attach to, so the image would be made "
                 "without them. Disable the other extension's attention patch, or this extension."
             )
-            raise self._raised(UnreachedError(msg))
         if added < len(self._layers) and not self._warned_partial:
             self._warned_partial = True
             logger.warning(
@@ -746,6 +776,11 @@ class AttentionHijack:
 
     def _raised(self, error: BaseException) -> BaseException:
         return error if self.raise_as is None else self.raise_as(error)
+
+    def _refused(self, message: str) -> BaseException:
+        """Remove everything and return the :class:`UnreachedError` to raise from the UNet."""
+        self._abort()
+        return self._raised(UnreachedError(message))
 
     def _abort(self) -> None:
         """An exception is going through the UNet, and A1111 will skip postprocess: remove
@@ -781,6 +816,19 @@ class AttentionHijack:
             weights.append(row.weight * scale)
         if not any(weights):
             return _SKIP
+        if q.shape[0] != len(plan.rows):
+            # Checked once per layer and row layout: an extension that splits the batch does it
+            # in every call (the term's tensors are per row of the whole batch).
+            raise self._refused(
+                f"Another extension runs the UNet's cross-attention on {q.shape[0]} of the "
+                f"{len(plan.rows)} rows of the batch (each image's prompt and negative prompt) "
+                "at a time, so the image prompts cannot tell which rows it holds. Regional "
+                "Prompter's Attention mode does this when the prompt and the negative prompt "
+                "have different numbers of regions and are sampled in one UNet call (the same "
+                "number of 75-token chunks, or the setting 'Pad prompt/negative prompt' on). "
+                "Use Regional Prompter's Latent mode, or switch Negative Image Prompt off for "
+                "this generation."
+            )
         dtype = torch.float32 if self.upcast else q.dtype
         out_dtype = q.dtype if hidden is None else hidden.dtype
         dtype = torch.promote_types(dtype, torch.promote_types(q.dtype, out_dtype))

@@ -296,14 +296,20 @@ class ImagePromptSession:
         hires: bool = False,
         pad: PadMode | None = None,
         empty: torch.Tensor | None = None,
+        latent: tuple[int, int] | None = None,
     ) -> Appended | None:
         """The conditioning for this denoiser call, or None to leave it as it is.
+
+        latent: the size of the latent this denoiser call denoises (its ``x``), where known;
+        with a mask, UNet calls on pieces of it are refused (see ``expect_block``).
 
         While nothing is appended (a pass or steps outside the windows) the hijack's hooks are
         off the UNet, so those steps run exactly the unhijacked UNet, at its speed; they come
         back (the same hijack, with what it already projected) when a window opens.
         """
-        if not self.applies_to_pass(hires):
+        if not self.applies_to_pass(hires) or not self._can_act():
+            # Both weights 0 too: the UNet runs exactly as without the extension, unhooked, and
+            # nothing another extension does to it (its own UNet calls, tiles) concerns us.
             self._unhook()
             return None
         hijack = self._hijack_for(unet, hires=hires)
@@ -320,7 +326,7 @@ class ImagePromptSession:
             # Forge leaves out the uncond conditioning where CFG is 1 (its hires pass' own CFG
             # scale): only the cond rows run, with the positive side.
             cond, _ = append_blocks(text_cond, text_cond, *blocks)
-            hijack.expect_block()
+            hijack.expect_block(latent)
             self.appended += 1
             return Appended(cond=cond, uncond=None, padded=False)
         uncond_crossattn = (
@@ -328,7 +334,7 @@ class ImagePromptSession:
         )
         padded = pad is not None and crossattn.shape[1] != uncond_crossattn.shape[1]
         cond, uncond = append_blocks(text_cond, text_uncond, *blocks, pad=pad, empty=empty)
-        hijack.expect_block()
+        hijack.expect_block(latent)
         self.appended += 1
         return Appended(cond=cond, uncond=uncond, padded=padded)
 

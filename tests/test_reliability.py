@@ -67,7 +67,7 @@ from lib_negip.errors import NegIPError
 from lib_negip.hijack import AttentionHijack, _LayerHooks
 from lib_negip.session import ImagePromptSession
 from lib_negip.unet_layers import cross_attention_layers
-from lib_negip.webui import failures, generation, register, settings
+from lib_negip.webui import backend, failures, generation, register, settings
 from lib_negip.webui import models as webui_models
 from lib_negip.wording import UI_FORBIDDEN, without_echoes
 
@@ -279,6 +279,7 @@ class Lab:
         before: tuple[Any, ...] = (),
         after: tuple[Any, ...] = (),
         scripts: bool = True,
+        latent_size: int = 8,
         **kwargs: Any,
     ) -> processing.Processing:
         """One generation with our script's ``args`` (default: ``[fields]``, the API's form);
@@ -287,7 +288,8 @@ class Lab:
         sdxl = config.family == "sdxl"
         cond = ([[(0, 1.0)]], conditioning(1, config, seed=3, sdxl=sdxl))
         uncond = conditioning(1, config, seed=4, sdxl=sdxl)
-        latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+        size = (1, 4, latent_size, latent_size)
+        latent = torch.randn(*size, generator=torch.Generator().manual_seed(5))
         p = processing.Processing(cond=cond, uncond=uncond, latent=latent, steps=steps, **kwargs)
         p.scripts = [
             *((s, []) for s in before),
@@ -1950,6 +1952,117 @@ def _(lab: Lab) -> None:
         before=(WrapperScript(lab, wrapper),),
     ).result
     assert not torch.equal(alone, first)  # our term is part of the combined image
+
+
+class BatchSplitter(ForwardWrapper):
+    """Regional Prompter's Attention mode where the prompt and the negative prompt have
+    different numbers of regions but share a UNet call: every attn2 runs on each half of the
+    batch on its own (the cond rows, then the uncond rows)."""
+
+    def install(self, unet: torch.nn.Module) -> None:
+        for module in attn2_modules(unet):
+            self.saved.append((module, vars(module).get("forward")))
+
+            def forward(
+                x: torch.Tensor,
+                context: Any = None,
+                mask: Any = None,
+                _previous: Any = module.forward,
+            ) -> Any:
+                halves = zip(x.chunk(2), context.chunk(2), strict=True)
+                return torch.cat([_previous(part, context=text) for part, text in halves])
+
+            module.forward = forward
+
+
+@case(COEXIST, "an extension that runs cross-attention on half the batch at a time")
+def _(lab: Lab) -> None:
+    alone_fields = reference_fields(positive_weight=0.0, negative_weight=0.0)
+    alone = lab.run(alone_fields, before=(WrapperScript(lab, BatchSplitter(0.0)),)).result
+    off = lab.run({"enabled": False}, before=(WrapperScript(lab, BatchSplitter(0.0)),)).result
+    assert torch.equal(alone, off)  # weights 0: the other extension's image, bit for bit
+    splitter = BatchSplitter(0.0)
+    try:  # the refusal skips every script's postprocess, the other extension's too
+        lab.refused(
+            reference_fields(),
+            r"Another extension runs the UNet's cross-attention on 1 of the 2 rows of the batch "
+            r".*Regional Prompter's Attention mode",
+            before=(WrapperScript(lab, splitter),),
+        )
+    finally:
+        splitter.remove()
+
+
+class UNetCalls:
+    """Another extension between the sampler and the UNet (as Tiled Diffusion wraps the
+    model): ``tiles`` samples the latent in two halves, ``own_prompt`` also runs the UNet with
+    a conditioning of its own (Tiled Diffusion's region prompts) after the sampler's call."""
+
+    def __init__(self, lab: Lab, *, tiles: bool = False, own_prompt: bool = False) -> None:
+        real = processing.UNetWrapper.__call__
+
+        def call(wrapper: Any, x: torch.Tensor, sigma: Any, cond: Any) -> torch.Tensor:
+            if tiles:
+                out = torch.cat([real(wrapper, part, sigma, cond) for part in x.chunk(2, -1)], -1)
+            else:
+                out = real(wrapper, x, sigma, cond)
+            if own_prompt:
+                text = cond["c_crossattn"][0] if "c_crossattn" in cond else cond["crossattn"]
+                region = real(wrapper, x, sigma, {"crossattn": text[:, :77]})
+                out = out * 0.5 + region * 0.5
+            return out
+
+        lab.monkeypatch.setattr(processing.UNetWrapper, "__call__", call)
+
+
+@case(COEXIST, "an extension that also runs the UNet with prompts of its own")
+def _(lab: Lab) -> None:
+    UNetCalls(lab, own_prompt=True)
+    alone = lab.result(reference_fields(positive_weight=0.0, negative_weight=0.0))
+    assert not torch.equal(alone, lab.references["sd15"])  # its own calls changed the image
+    lab.refused(
+        reference_fields(),
+        r"another extension also calls the UNet with a conditioning of its own, without them "
+        r"\(as Tiled Diffusion's region prompts do\)",
+    )
+
+
+@case(COEXIST, "a mask with an extension that samples in tiles")
+def _(lab: Lab) -> None:
+    UNetCalls(lab, tiles=True)
+    # Without a mask the image prompts act on every tile (16x16 latent: two 16x8 tiles).
+    tiled = lab.result(reference_fields(), latent_size=16)
+    assert not torch.equal(
+        tiled,
+        lab.result(reference_fields(positive_weight=0.0, negative_weight=0.0), latent_size=16),
+    )
+    half = Image.new("L", (64, 64), 0)
+    half.paste(255, (0, 0, 32, 64))
+    lab.refused(
+        reference_fields(positive_mask=b64(png(half))),
+        r"A mask is set, but the UNet samples a 64x128 piece of the 128x128 picture at a time .*"
+        r"Tiled Diffusion",
+        latent_size=16,
+    )
+
+
+@case(COEXIST, "an extension's own UNet pass before sampling: weights 0 pass, others refused")
+def _(lab: Lab) -> None:
+    own = {"calls": 0}
+    real = processing.Processing.sample
+
+    def sample(p: Any, x: torch.Tensor) -> torch.Tensor:  # Tiled Diffusion's noise inversion
+        own["calls"] += 1
+        lab.world.unet(x, torch.full((1,), 500.0), context=p.uncond[:, :77])
+        return real(p, x)
+
+    lab.monkeypatch.setattr(processing.Processing, "sample", sample)
+    lab.monkeypatch.setattr(backend, "host_kind", lambda: backend.A1111)
+    zero = reference_fields(positive_weight=0.0, negative_weight=0.0)
+    result = lab.result(zero)
+    assert own["calls"] == 1
+    assert torch.equal(result, lab.result(zero, scripts=False))
+    lab.refused(reference_fields(), r"The UNet was called before sampling began")
 
 
 # --------------------------------------------------------------------------------------------

@@ -126,9 +126,9 @@ class CallbackWatch:
                     "The UNet was called before sampling began, without the extension's "
                     "conditioning callback (on_cfg_denoiser): a script or extension runs the UNet "
                     "on its own first (as the 'img2img alternative test' script's noise inversion "
-                    "does), and this extension cannot tell that from sampling without the image "
-                    "prompts. Switch Negative Image Prompt off for this generation, or run that "
-                    "script without it."
+                    "and Tiled Diffusion's Noise Inversion do), and this extension cannot tell "
+                    "that from sampling without the image prompts. Switch Negative Image Prompt "
+                    "off for this generation, or run that script without it."
                 )
             error = UnreachedError(msg)
             logger.error("Negative Image Prompt: %s", error)
@@ -323,7 +323,7 @@ def start(p: Any, args: Any) -> None:
         Generation.current = generation
     # Kept on p (A1111's p is an unhashable dataclass) until its postprocess: see before_batch.
     p.negip_generation = generation
-    if unet is not None:
+    if unet is not None and not session.idle_by_choice:  # weights 0: nothing to watch for
         generation.watch = CallbackWatch(
             unet, generation, functools.partial(request_error, for_ui=for_ui)
         )
@@ -649,6 +649,7 @@ def _append(generation: Generation, params: Any, unet: Any) -> None:
             pad = "empty_chunks"
     empty = getattr(shared.sd_model, "cond_stage_model_empty_prompt", None) if pad else None
     p = generation.p
+    x = getattr(params, "x", None)
     appended = generation.session.conditioning(
         unet,
         params.text_cond,
@@ -657,6 +658,7 @@ def _append(generation: Generation, params: Any, unet: Any) -> None:
         hires=bool(getattr(p, "is_hr_pass", False)),
         pad=pad,
         empty=empty,
+        latent=tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) else None,
     )
     if appended is None:
         return
