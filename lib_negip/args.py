@@ -177,10 +177,24 @@ def _check_model(name: str, value: Any) -> str:
             f"{name} must be a model name (a string such as 'ip-adapter_sd15'); got {_show(value)}."
         )
         raise ArgumentError(msg)
-    text = value.strip()
+    text = _short_name(name, value.strip())
     if not text or text.lower() == NO_MODEL.lower():
         return NO_MODEL
     return AUTO_MODEL if text.lower() == AUTO_MODEL else text
+
+
+#: Longer names are no file's (file systems allow 255 bytes) and are not echoed back whole.
+MAX_NAME_LENGTH = 300
+
+
+def _short_name(name: str, text: str) -> str:
+    if len(text) > MAX_NAME_LENGTH:
+        msg = (
+            f"{name} is {len(text):,} characters long ({_show(text)}); a model name has at most "
+            f"{MAX_NAME_LENGTH}: use a name as listed by GET /negip/v1/models."
+        )
+        raise ArgumentError(msg)
+    return text
 
 
 def _check_encoder(name: str, value: Any) -> str:
@@ -190,7 +204,7 @@ def _check_encoder(name: str, value: Any) -> str:
     if not isinstance(value, str):
         msg = f"{name} must be 'auto' or an image encoder name (a string); got {_show(value)}."
         raise ArgumentError(msg)
-    text = value.strip()
+    text = _short_name(name, value.strip())
     return AUTO_ENCODER if text.lower() == AUTO_ENCODER else text
 
 
@@ -203,7 +217,15 @@ def _check_references(name: str, value: Any) -> str:
         msg = f"{name} must be a text of stored image references; got {_show(value)}."
         raise ArgumentError(msg)
     references, noise_seed = split_noise_seed(name, value)
-    return _with_noise_seed(format_references(parse_references(name, references)), noise_seed)
+    parsed = parse_references(name, references)
+    for side, found in parsed.items():  # counted before any stored image is read
+        if len(found) > MAX_IMAGES_PER_SIDE:
+            msg = (
+                f"{name} names {len(found)} stored images for {side}; at most "
+                f"{MAX_IMAGES_PER_SIDE} per side are accepted."
+            )
+            raise ArgumentError(msg)
+    return _with_noise_seed(format_references(parsed), noise_seed)
 
 
 #: The part of ``infotext_images`` that carries a noise negative's seed restored from an
@@ -608,9 +630,12 @@ def _read_upload(label: str, upload: Any) -> Image.Image:
     return _decode(label, data)
 
 
-def _parse_image(label: str, item: Any, *, rgb: bool = True) -> Image.Image | None:
+def _parse_image(
+    label: str, item: Any, *, rgb: bool = True, budget: _PixelBudget | None = None
+) -> Image.Image | None:
     """One image prompt of any accepted form as an RGB image (or as decoded, ``rgb`` False);
-    None for an empty gradio dict."""
+    None for an empty gradio dict. Its pixels are taken from ``budget`` before any conversion
+    (a 16-bit or float image needs several bytes per pixel while it is converted)."""
     if isinstance(item, Mapping):
         # gradio's sketch/upload value {"image": ..., "mask": ...}; the mask is not used.
         if "image" not in item:
@@ -627,7 +652,7 @@ def _parse_image(label: str, item: Any, *, rgb: bool = True) -> Image.Image | No
         if isinstance(inner, Mapping):
             msg = f"{label}: the 'image' entry of a gradio image dict must be an image, not a dict."
             raise ArgumentError(msg)
-        return _parse_image(label, inner, rgb=rgb)
+        return _parse_image(label, inner, rgb=rgb, budget=budget)
     if isinstance(item, Image.Image):
         image = item
     elif isinstance(item, np.ndarray):
@@ -642,6 +667,8 @@ def _parse_image(label: str, item: Any, *, rgb: bool = True) -> Image.Image | No
             f"numpy array or a gradio image value; got {_show(item)}."
         )
         raise ArgumentError(msg)
+    if budget is not None:
+        budget.take(label, image)
     return _rgb(label, image) if rgb else image
 
 
@@ -653,7 +680,11 @@ class _PixelBudget:
         self.used = 0
 
     def take(self, label: str, image: Image.Image) -> Image.Image:
-        self.used += image.width * image.height
+        self.take_pixels(label, image.width * image.height)
+        return image
+
+    def take_pixels(self, label: str, pixels: int) -> None:
+        self.used += pixels
         if self.used > self.limit:
             msg = (
                 f"{label}: the image prompts of this generation hold {self.used:,} pixels "
@@ -661,7 +692,16 @@ class _PixelBudget:
                 "encoder sees each at 224x224 pixels; masks are scaled to the latent)."
             )
             raise ImageError(msg)
-        return image
+
+
+def stored_images_budget(args: NegIPArgs) -> _PixelBudget:
+    """The pixel budget left for stored images after ``args``' own images and masks."""
+    budget = _PixelBudget()
+    present = [*args.positive_images, *args.negative_images, args.positive_mask, args.negative_mask]
+    for image in present:
+        if image is not None:
+            budget.take("image prompts", image)
+    return budget
 
 
 def _parse_side(
@@ -682,10 +722,9 @@ def _parse_side(
         raise ArgumentError(msg)
     parsed = []
     for index, item in present:
-        label = f"{name}[{index}]"
-        image = _parse_image(label, item)
+        image = _parse_image(f"{name}[{index}]", item, budget=budget)
         if image is not None:
-            parsed.append(budget.take(label, image))
+            parsed.append(image)
     return tuple(parsed)
 
 
@@ -707,18 +746,17 @@ def _parse_mask(name: str, value: Any, budget: _PixelBudget | None = None) -> Im
     if isinstance(value, (list, tuple)):
         msg = f"{name} must be one image (a base64 string or data URL), not a list."
         raise ArgumentError(msg)
+    budget = budget or _PixelBudget()
     if isinstance(value, Mapping) and value.get("mask") is not None:
-        drawn = _parse_image(f"{name} (drawn)", value["mask"], rgb=False)
-        if drawn is not None and _luminance(name, drawn).getbbox() is not None:
-            value = drawn
-        else:
-            value = value.get("image")
-            if value is None:
-                return None
-    image = _parse_image(name, value, rgb=False)
-    if image is None:
-        return None
-    return (budget or _PixelBudget()).take(name, _luminance(name, image))
+        drawn = _parse_image(f"{name} (drawn)", value["mask"], rgb=False, budget=budget)
+        strokes = None if drawn is None else _luminance(name, drawn)
+        if strokes is not None and strokes.getbbox() is not None:
+            return strokes
+        value = value.get("image")
+        if value is None:
+            return None
+    image = _parse_image(name, value, rgb=False, budget=budget)
+    return None if image is None else _luminance(name, image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1023,7 +1061,7 @@ def parse_infotext(params: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(value, str):
                 msg = f"Infotext {key!r} must be a name; got {_show(value)}."
                 raise ArgumentError(msg)
-            text = restore_model_label(value)
+            text = _short_name(f"Infotext {key!r}", restore_model_label(value))
             result[name] = AUTO_ENCODER if name == "image_encoder" and text == NO_MODEL else text
         elif name in (
             "hires_pass",

@@ -94,6 +94,10 @@ def _normalised(text: str) -> str:
     return " ".join(text.strip().lower().split())
 
 
+#: Every block of SDXL's 11 or SD1.x's 16 written out with long weights fits in a few hundred.
+MAX_TEXT_LENGTH = 1000
+
+
 def parse_layers(field: str, value: object) -> LayerSpec:
     """A ``layers`` value checked for its syntax (the block range needs the model: see
     :func:`block_weights`). None or an empty string means ``all``."""
@@ -102,7 +106,14 @@ def parse_layers(field: str, value: object) -> LayerSpec:
     if not isinstance(value, str):
         msg = (
             f"{field} must be a preset ({', '.join(repr(p) for p in PRESETS)}) or "
-            f"'index:weight' pairs such as {EXAMPLE}; got {value!r} ({type(value).__name__})."
+            f"'index:weight' pairs such as {EXAMPLE}; got {repr(value)[:60]} ({type(value).__name__})."
+        )
+        raise ArgumentError(msg)
+    if len(value) > MAX_TEXT_LENGTH:
+        msg = (
+            f"{field} is {len(value):,} characters long ({value[:40]!r}...); block weights are "
+            f"at most {MAX_TEXT_LENGTH} characters: a preset, or 'index:weight' pairs such as "
+            f"{EXAMPLE}."
         )
         raise ArgumentError(msg)
     text = _normalised(value)

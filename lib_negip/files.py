@@ -12,6 +12,7 @@ import json
 import pickle
 import re
 import struct
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -181,11 +182,14 @@ def _load_pickle(path: Path) -> Any:
         head = f.read(16)
     if not head.startswith(_TORCH_FILE_STARTS):
         msg = (
-            f"{path} is not a readable torch file: it starts with {head!r}, where a .bin/.pth/.pt "
+            # Four bytes name a format (b'GGUF', b'\x89PNG'); more would show a linked file's text.
+            f"{path} is not a readable torch file: it starts with {head[:4]!r}, where a .bin/.pth/.pt "
             "model starts with a zip or pickle header; it is damaged or another kind of file: "
             "download the model again"
         )
         raise ModelFileError(msg)
+    if head.startswith(b"PK"):
+        _refuse_torchscript(path)
     load = _torch_load if _torch_load is not None else torch.load
     try:
         return load(str(path), map_location="cpu", weights_only=True)
@@ -222,6 +226,27 @@ def _load_pickle(path: Path) -> Any:
             f"{_first_line(exc)}); it is damaged or truncated: download it again"
         )
         raise ModelFileError(msg) from exc
+
+
+def _refuse_torchscript(path: Path) -> None:
+    """Refuse a TorchScript archive before ``torch.load`` sees it: torch before 2.6 hands such a
+    zip to ``torch.jit.load``, which ignores ``weights_only`` and runs the code it holds (A1111
+    1.10 installs torch 2.1.2). A state dict's zip holds only ``data.pkl``, its tensors' data
+    and bookkeeping; TorchScript adds ``code/`` and ``constants.pkl``."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # torch.load says what is wrong with it
+    for name in names:
+        parts = name.split("/")
+        if "code" in parts[:-1] or parts[-1] in ("constants.pkl", "bytecode.pkl"):
+            msg = (
+                f"{path} is a TorchScript archive (it holds code, {name}), not a state dict of "
+                "tensors; it was not loaded, because loading it could run that code. Use the "
+                ".safetensors release of this model"
+            )
+            raise ModelFileError(msg)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -176,12 +176,16 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
 
 def _integer_to_l(image: Image.Image) -> Image.Image:
     """A 16/32-bit integer grey image as 8-bit 'L', scaled (not clipped) to 0..255."""
-    values = np.asarray(image).astype(np.int64)  # [H, W]
+    values = np.asarray(image)  # [H, W]: uint16 or int32
     low, high = int(values.min()), int(values.max())
     if low >= 0 and high <= 65535:
         # 16-bit data (Pillow opens 16-bit PNGs as 'I' or 'I;16'): 65535 / 257 = 255 exactly.
-        scaled = (values + 128) // 257
+        # In uint32, 4 bytes per pixel: these can be 64 Mi pixels.
+        scaled = values.astype(np.uint32)
+        scaled += 128
+        scaled //= 257
     else:
+        values = values.astype(np.int64)
         # Genuine 32-bit range: no standard white point, so stretch what is there.
         logger.warning(
             "Image prompt of mode %s has values %d..%d; stretching them to 0..255",
@@ -196,19 +200,23 @@ def _integer_to_l(image: Image.Image) -> Image.Image:
 
 def _float_to_l(image: Image.Image) -> Image.Image:
     """A float grey image ('F') as 8-bit 'L': 0..1 and 0..255 ranges kept, others stretched."""
-    values = np.asarray(image).astype(np.float64)  # [H, W]
-    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    # One float64 copy, then in place (these can be 64 Mi pixels: 512 MB, not several times it).
+    values = np.array(image, dtype=np.float64)  # [H, W]
+    np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     low, high = float(values.min()), float(values.max())
     if low >= 0.0 and high <= 1.0:
-        scaled = values * 255.0
+        values *= 255.0
     elif low >= 0.0 and high <= 255.0:
-        scaled = values
+        pass
     elif low >= 0.0 and high <= 65535.0:
-        scaled = values / 257.0
+        values /= 257.0
     else:
         span = max(high - low, 1e-12)
-        scaled = (values - low) * (255.0 / span)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+        values -= low
+        values *= 255.0 / span
+    np.rint(values, out=values)
+    np.clip(values, 0, 255, out=values)
+    return Image.fromarray(values.astype(np.uint8))  # 2-D uint8: mode L
 
 
 def to_mask(image: Image.Image) -> Image.Image:

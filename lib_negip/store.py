@@ -157,6 +157,15 @@ class ImageStore:
         _verified[path] = _stat(path)
         return reference
 
+    def pixels(self, reference: str) -> int:
+        """The stored image's pixel count, from its header (nothing decoded); 0 when it cannot
+        be read (:meth:`load` then says why)."""
+        try:
+            with Image.open(self.path_of(reference)) as opened:
+                return opened.width * opened.height
+        except (OSError, SyntaxError, ValueError):
+            return 0
+
     def load(self, reference: str, *, mask: bool = False) -> Image.Image:
         """The stored image of ``reference`` (RGB, or "L" for a mask), checked against it."""
         reference = check_reference("reference", reference)

@@ -664,6 +664,24 @@ INVALID = [
     ),
     # model and encoder
     pytest.param(_dict(model=5), ArgumentError, [r"model", r"5 \(int\)"], id="model-int"),
+    pytest.param(  # not echoed back whole (a 10 MB name made a 20 MB answer)
+        _dict(model="a" * 10_000_000),
+        ArgumentError,
+        [r"^model is 10,000,000 characters long \('a{30,60}\.\.\. \(str\)\); a model name has "],
+        id="model-name-too-long",
+    ),
+    pytest.param(
+        _dict(image_encoder="b" * 301),
+        ArgumentError,
+        [r"^image_encoder is 301 characters long"],
+        id="encoder-name-too-long",
+    ),
+    pytest.param(
+        _dict(positive_layers="1:1," * 300),
+        ArgumentError,
+        [r"^positive_layers is 1,200 characters long \('1:1,1:1,", r"at most 1000 characters"],
+        id="layers-too-long",
+    ),
     pytest.param(
         _dict(model="None"),
         ArgumentError,
@@ -1226,6 +1244,14 @@ def test_infotext_round_trip(args: NegIPArgs, model_label: str, encoder_label: s
     # The restored fields are accepted as they are by the dict form (the images come anew).
     again = parse_api_dict({**fields, "positive_images": [b64()]})
     assert scalars(again) == {**fields, "enabled": True}
+
+
+def test_parse_infotext_refuses_a_name_no_file_has_without_echoing_it() -> None:
+    with pytest.raises(ArgumentError) as caught:
+        parse_infotext({"NegIP model": "a" * 400_000})
+    message = str(caught.value)
+    assert message.startswith("Infotext 'NegIP model' is 400,000 characters long"), message
+    assert len(message) < 300
 
 
 def test_parse_infotext_ignores_other_keys() -> None:
@@ -2045,13 +2071,21 @@ EMPTY_SLOT = {"image": None, "mask": None}  # gradio's empty image
                 "positive_mask": solid(size=(2, 2)),  # 100: exactly the limit
                 "negative_mask": {"image": None, "mask": STROKES},
             },
-            r"negative_mask",
+            r"negative_mask \(drawn\)",
             id="drawn-mask-counts",
         ),
         pytest.param(
             {"positive_images": [b64(solid(size=(11, 10)))]},
             r"positive_images\[0\]",
             id="one-large",
+        ),
+        pytest.param(  # an empty drawn layer was decoded but not counted, the image was
+            {
+                "positive_images": [b64()] * 4,
+                "negative_mask": {"image": solid(size=(2, 2)), "mask": solid((0, 0, 0), (1, 1))},
+            },
+            r"negative_mask",
+            id="empty-drawn-layer-counts-too",
         ),
     ],
 )

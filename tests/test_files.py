@@ -150,6 +150,31 @@ def test_pickled_code_is_refused_and_not_run(tmp_path: Path, legacy: bool) -> No
     assert not marker.exists()
 
 
+class _Scripted(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+
+def test_torchscript_archive_is_refused_before_torch_load(tmp_path: Path) -> None:
+    """torch before 2.6 hands a TorchScript zip to torch.jit.load, which ignores weights_only
+    and runs its code (A1111 1.10 installs torch 2.1.2): such a file never reaches the loader."""
+    path = tmp_path / "ip-adapter_sd15_community.bin"
+    torch.jit.save(torch.jit.script(_Scripted()), str(path))
+    calls = []
+    set_torch_load(lambda *args, **kwargs: calls.append(args))
+    with pytest.raises(ModelFileError) as info:
+        load_state_dict(path)
+    message = str(info.value)
+    assert "is a TorchScript archive (it holds code" in message
+    assert "was not loaded" in message
+    assert ".safetensors" in message
+    assert calls == []
+    # A state dict's zip goes on to the loader.
+    plain = save_torch({"w": torch.ones(2)}, tmp_path / "plain.bin", legacy=False)
+    set_torch_load(None)
+    assert torch.equal(load_state_dict(plain)["w"], torch.ones(2))
+
+
 def _header(body: dict | bytes, declared: int | None = None) -> bytes:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     return struct.pack("<Q", len(raw) if declared is None else declared) + raw

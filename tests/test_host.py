@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from test_hijack import hook_state
 from tiny_unets import SD15, SDXL, make_ldm_unet
 from webui_harness import (
     ENCODER_SHAPE,
+    FakeApp,
     World,
     b64,
     conditioning,
@@ -34,7 +37,7 @@ from lib_negip.encoder import load_image_encoder
 from lib_negip.hijack import AttentionHijack
 from lib_negip.prompt import StepWindow
 from lib_negip.session import pass_progress
-from lib_negip.webui import models, xyz
+from lib_negip.webui import models, register, xyz
 
 TOLERANCE = 2e-5
 
@@ -339,6 +342,62 @@ def test_infotext_and_models_endpoint(world: World) -> None:
     assert {"tiny-base_sd15", "tiny-plus_sd15", "tiny-base_sdxl"} <= names
     assert [e["name"] for e in listing["encoders"]] == ["tiny-vit"]
     assert shared_models_path() not in str(listing)  # no paths of this machine in the answer
+
+
+def test_models_endpoint_only_with_the_api_and_behind_its_authentication(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As A1111's own /sdapi routes: registered with --api (or --nowebui) only, and with
+    --api-auth given the same HTTP basic check (checked in a real A1111 too)."""
+
+    def routes(**flags: Any) -> list[str]:
+        monkeypatch.setattr(shared, "cmd_opts", SimpleNamespace(data_dir=".", **flags))
+        app = FakeApp()
+        register.add_routes(app)
+        return list(app.routes)
+
+    assert routes(api=False, api_auth=None) == []
+    assert routes(api=False, nowebui=True, api_auth=None) == ["/negip/v1/models"]
+    assert routes(api=True, api_auth=None) == ["/negip/v1/models"]
+    assert register.credentials_match("ann:pw1,bob:p:w2", "ann", "pw1")
+    assert register.credentials_match("ann:pw1,bob:p:w2", "bob", "p:w2")
+    assert not register.credentials_match("ann:pw1,bob:p:w2", "ann", "pw2")
+    assert not register.credentials_match("ann:pw1,bob:p:w2", "carl", "pw1")
+    assert not register.credentials_match("ann:pw1", "", "")
+
+
+def test_model_folders_that_cannot_be_used_are_warned_about_not_fatal(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """models/ipadapter as a broken link (an unmounted drive) answered every listing with
+    HTTP 500 and a server path; an extra folder that is missing or a file was dropped without a
+    word, and a relative one was read from the process's working folder."""
+    from modules import paths
+
+    from lib_negip.webui import settings
+
+    data = tmp_path / "data"
+    models_dir = data / "models"
+    models_dir.mkdir(parents=True)
+    (models_dir / "ipadapter").symlink_to(tmp_path / "unmounted" / "ipadapter")
+    (data / "a file").write_text("x")
+    (data / "extra").mkdir()
+    monkeypatch.setattr(paths, "models_path", str(models_dir))
+    monkeypatch.setattr(paths, "data_path", str(data))
+    monkeypatch.setattr(models, "_WARNED", set())
+    monkeypatch.setattr(
+        shared.opts, settings.OPT_ADAPTER_DIRS, "extra; missing dir; a file", raising=False
+    )
+    with caplog.at_level("WARNING", logger="negip"):
+        adapter_dirs, _ = models.MODELS.folders()
+        models.MODELS.folders()  # warned once
+    assert data / "extra" in adapter_dirs  # relative: inside the data folder
+    assert all("missing dir" not in str(d) and "a file" not in str(d) for d in adapter_dirs)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 3, warnings
+    assert any("models/ipadapter cannot be used" in w for w in warnings)
+    assert any("'missing dir' does not exist; it is skipped" in w for w in warnings)
+    assert any("'a file' is a file; it is skipped" in w for w in warnings)
 
 
 def _short_sha256(path: Path) -> str:

@@ -956,6 +956,24 @@ def test_a_malformed_infotext_value_is_refused_where_a1111_reads_it(
     assert ui.infotext_switch({"NegIP model": "m", "NegIP enabled": "False"}) is False
     assert ui.infotext_switch({"Steps": "4"}) is False
     assert ui.restore_message({"NegIP model": "m"}) == {"value": ""}
+    # A paste in the UI: none of ours is restored (A1111 would convert the well-formed values
+    # on their own), the switch goes off, the images stay, the accordion says why.
+    pasted = {**params, "NegIP negative weight": "0.35"}
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="negip"):
+        ui.on_infotext_pasted("", pasted)
+    assert len(caplog.records) == 1
+    assert [key for key in pasted if key.startswith("NegIP")] == []
+    assert ui.RESTORE_ERROR in pasted
+    assert ui.infotext_switch(pasted) is False
+    assert ui.restore_images("positive_images", pasted) is None
+    assert ui._infotext_images(pasted) is None
+    status = ui.restore_message(pasted)["value"]
+    assert "were not restored, and Negative Image Prompt was switched off" in status
+    assert named.replace("'", "&#x27;") in status
+    well_formed = {"NegIP model": "m", "NegIP negative weight": "0.35"}
+    ui.on_infotext_pasted("", well_formed)
+    assert well_formed == {"NegIP model": "m", "NegIP negative weight": "0.35"}
 
 
 def test_a_paste_of_an_infotext_made_with_storing_off_says_so(
@@ -978,6 +996,75 @@ def test_a_paste_of_an_infotext_made_with_storing_off_says_so(
     }
     # A later paste without NegIP keys clears what an earlier paste said (it stayed).
     assert ui.restore_message({"Steps": "4", "Seed": "3"}) == {"value": ""}
+
+
+def test_a_paste_with_missing_stored_images_switches_the_extension_off(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A UI paste whose stored images are partly gone restores the rest but switches the
+    extension off, so that Generate does not make the image without them (the API answers 422
+    for the same infotext)."""
+    import gradio
+
+    from lib_negip.store import ImageStore
+    from lib_negip.webui import ui
+
+    monkeypatch.setattr(gradio, "update", lambda **kwargs: kwargs, raising=False)
+    present = ImageStore(store_folder()).save(POSITIVE)
+    gone = reference_of(NEGATIVE)
+    assert not (store_folder() / f"{gone}.png").exists()
+    params = {
+        "NegIP model": "tiny-base_sd15",
+        "NegIP positive images": present,
+        "NegIP negative images": gone,
+        "NegIP negative weight": "0.35",
+    }
+    ui.on_infotext_pasted("", params)
+    assert params["NegIP negative weight"] == "0.35"  # the rest is restored
+    assert ui.infotext_switch(params) is False
+    assert ui.restore_images("positive_images", params)["value"] == [
+        str(store_folder() / f"{present}.png")
+    ]
+    status = ui.restore_message(params)["value"]
+    assert gone in status
+    assert "switch Negative Image Prompt on again" in status
+    complete = {"NegIP model": "tiny-base_sd15", "NegIP positive images": present}
+    ui.on_infotext_pasted("", complete)
+    assert ui.infotext_switch(complete) is True
+
+
+def test_stored_images_are_counted_and_budgeted_before_any_is_read(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An infotext can name one stored image many times: the references are counted, and the
+    pixels the files' headers declare are budgeted, before any file is decoded."""
+    from lib_negip.store import ImageStore
+
+    big = Image.new("RGB", (4096, 4096), (200, 30, 30))  # 16 Mi pixels
+    ref = ImageStore(store_folder()).save(big)
+    loads = []
+    real_load = ImageStore.load
+    monkeypatch.setattr(
+        ImageStore, "load", lambda self, *a, **k: loads.append(a) or real_load(self, *a, **k)
+    )
+    restore = {"positive_images": [], "negative_images": [], "positive_mask": None}
+    refused(
+        world,
+        stored_request(
+            **restore, infotext_images=format_references({"positive_images": [ref] * 17})
+        ),
+        r"names 17 stored images for positive_images; at most 16 per side are accepted",
+    )
+    refused(
+        world,
+        stored_request(
+            **restore, infotext_images=format_references({"positive_images": [ref] * 4})
+        ),
+        r"positive_images \(stored [0-9a-f]{16}\): the image prompts of this generation hold "
+        r"[\d,]+ pixels together; at most 50,331,648 are accepted",
+    )
+    assert loads == []
+    nothing_left(world.unet)
 
 
 def test_a_noise_negative_restores_for_every_image_of_a_batch(world: World) -> None:

@@ -27,6 +27,7 @@ generation's ``p.sample`` (:class:`SampleTrap`).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -391,14 +392,24 @@ def _with_stored_images(args: Any, *, for_api: bool) -> Any:
     references = args.references
     if not references or not for_api:
         return args
+    from lib_negip.args import stored_images_budget
+
     store = image_store()
+    wanted = [  # what the request does not give itself
+        (field, references[field] if field.endswith("images") else references[field][:1])
+        for field in ("positive_images", "negative_images", "positive_mask", "negative_mask")
+        if references.get(field) and getattr(args, field) in (None, ())
+    ]
+    budget = stored_images_budget(args)  # from the files' headers, before decoding any
+    for field, refs in wanted:
+        for ref in refs:
+            budget.take_pixels(f"{field} (stored {ref})", store.pixels(ref))
     changes: dict[str, Any] = {}
-    for field in ("positive_images", "negative_images"):
-        if references.get(field) and not getattr(args, field):
-            changes[field] = tuple(store.load(ref) for ref in references[field])
-    for field in ("positive_mask", "negative_mask"):
-        if references.get(field) and getattr(args, field) is None:
-            changes[field] = store.load(references[field][0], mask=True)
+    for field, refs in wanted:
+        if field.endswith("images"):
+            changes[field] = tuple(store.load(ref) for ref in refs)
+        else:
+            changes[field] = store.load(refs[0], mask=True)
     return dataclasses.replace(args, **changes, infotext_images="") if changes else args
 
 
@@ -414,10 +425,11 @@ def _store(args: Any) -> dict[str, list[str]]:
             if mask is not None:
                 references[field] = [store.save(mask)]
     except OSError as error:
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
         msg = (
             f"The image prompts cannot be stored in {store.shown_as} ({error.strerror or error}): "
-            "free disk space or choose another folder in Settings > Negative Image Prompt, or "
-            "switch storing image prompts off there."
+            f"{'free disk space or ' if full else ''}choose another folder in Settings > "
+            "Negative Image Prompt, or switch storing image prompts off there."
         )
         raise ModelFileError(msg) from error
     return references

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lib_negip import logger
 from lib_negip.cache import LRUCache
 from lib_negip.errors import ArgumentError, IncompatibleModelError, ModelFileError, NegIPError
 from lib_negip.hijack import KeyValueWeights
@@ -99,7 +100,10 @@ class Models:
 
         models = Path(paths.models_path)
         ipadapter = models / "ipadapter"
-        ipadapter.mkdir(parents=True, exist_ok=True)
+        try:
+            ipadapter.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a broken link (an unmounted drive), a file of that name
+            _warn_once(ipadapter.name, f"models/ipadapter cannot be used ({error.strerror})")
         # The ControlNet extension's folders hold other models too: only IP-Adapter names count.
         adapter_dirs: list = [
             ipadapter,
@@ -110,8 +114,9 @@ class Models:
         for extension in _controlnet_folders(data_dir):
             adapter_dirs.append(ModelFolder(extension / "models", only_ip_adapter_names=True))
             encoder_dirs.append(extension / "annotator" / "downloads" / "clip_vision")
-        adapter_dirs += _split_dirs(opt(OPT_ADAPTER_DIRS))
-        encoder_dirs += _split_dirs(opt(OPT_ENCODER_DIRS))
+        base = Path(getattr(paths, "data_path", ".") or ".")  # as the store folder's
+        adapter_dirs += _split_dirs(opt(OPT_ADAPTER_DIRS), base)
+        encoder_dirs += _split_dirs(opt(OPT_ENCODER_DIRS), base)
         return adapter_dirs, encoder_dirs
 
     def registry(self, refresh: bool = False) -> Any:
@@ -179,9 +184,29 @@ def _a1111_hash(path: Path) -> str | None:
     return hashes.sha256(str(path), f"negip/{os.path.realpath(path)}")
 
 
-def _split_dirs(value: str) -> list[Path]:
+def _split_dirs(value: str, base: Path) -> list[Path]:
+    """The folders of an extra-folders setting; relative ones are inside the data folder (as
+    the store folder's). One that is not a folder is warned about once and skipped."""
     parts = [part.strip() for part in str(value or "").replace("\n", ";").split(";")]
-    return [Path(part).expanduser() for part in parts if part]
+    folders = []
+    for part in filter(None, parts):
+        folder = base / Path(part).expanduser()
+        if folder.is_dir():
+            folders.append(folder)
+        else:
+            reason = "is a file" if folder.exists() else "does not exist"
+            _warn_once(part, f"the extra model folder {part!r} {reason}; it is skipped")
+    return folders
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """A console warning about a model folder setting, once per folder and process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning("Negative Image Prompt: %s", message)
 
 
 def _controlnet_folders(data_dir: Path) -> list[Path]:

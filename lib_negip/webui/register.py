@@ -14,10 +14,53 @@ from lib_negip.webui.xyz import CELL_REFUSALS, register_xyz_axes
 
 
 def on_app_started(_demo: Any, app: Any) -> None:
-    app.add_api_route("/negip/v1/models", models_listing, methods=["GET"])
+    add_routes(app)
     # Registered now, after every extension's scripts loaded, so that ours runs last and
     # sees (and appends after) whatever other callbacks did to the conditioning.
     _on("cfg_denoiser", on_cfg_denoiser)
+
+
+def add_routes(app: Any) -> None:
+    """``GET /negip/v1/models``, like A1111's own /sdapi routes: only with --api (or
+    --nowebui), behind --api-auth."""
+    from modules import shared
+
+    options = shared.cmd_opts
+    if getattr(options, "api", False) or getattr(options, "nowebui", False):
+        app.add_api_route(
+            "/negip/v1/models",
+            models_listing,
+            methods=["GET"],
+            dependencies=api_auth(getattr(options, "api_auth", None)),
+        )
+
+
+def api_auth(setting: str | None) -> list[Any]:
+    """The dependency A1111 gives its API routes for ``--api-auth user:password[,user:password]``:
+    HTTP basic authentication, 401 otherwise; none without the option."""
+    if not setting:
+        return []
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    def check(credentials: HTTPBasicCredentials = Depends(HTTPBasic())) -> None:  # noqa: B008
+        if not credentials_match(setting, credentials.username, credentials.password):
+            raise HTTPException(
+                status_code=401,
+                detail="Incorrect username or password",
+                headers={"WWW-Authenticate": "Basic"},
+            )
+
+    return [Depends(check)]
+
+
+def credentials_match(setting: str, username: str, password: str) -> bool:
+    """Whether ``--api-auth``'s ``setting`` (``user:password[,user:password]``) holds these."""
+    import secrets
+
+    users = dict(entry.split(":", 1) for entry in setting.split(",") if ":" in entry)
+    expected = users.get(username)
+    return expected is not None and secrets.compare_digest(password, expected)
 
 
 def register() -> None:
@@ -37,6 +80,7 @@ def register() -> None:
     from lib_negip.webui import ui
 
     _on("after_component", ui.on_after_component)
+    _on("infotext_pasted", ui.on_infotext_pasted)
     _show_errors_of_the_main_thread()
 
 

@@ -543,6 +543,45 @@ def infotext_fields(
     return fields
 
 
+#: Put into a pasted infotext's values in place of ours when one of them is malformed.
+RESTORE_ERROR = "negip: restore error"  # not a NegIP key: parse_infotext passes over it
+
+
+def on_infotext_pasted(_infotext: str, params: dict[str, Any]) -> None:
+    """A paste in the UI (PNG Info's "Send to", the paste button; not the API's ``infotext``,
+    which answers 422 from :func:`infotext_switch`): with a malformed NegIP value none of ours is
+    restored, rather than every value A1111 could convert on its own, and the switch goes off
+    (:func:`infotext_switch`), so that no generation mixes the pasted settings with the ones
+    left from before; the accordion says which value (:func:`restore_message`)."""
+    if not _has_ours(params):
+        return
+    try:
+        negip_args.parse_infotext(params)
+    except NegIPError as error:
+        from lib_negip.webui.failures import request_error
+
+        logger.error("Negative Image Prompt: %s", error)
+        for key in [key for key in params if str(key).startswith("NegIP")]:
+            del params[key]
+        params[RESTORE_ERROR] = request_error(error, for_ui=True).ui_message
+        return
+    # Stored images that are gone: the rest is restored, but the switch goes off too, so that
+    # the next generation does not run without them (the API's restore answers 422 for them).
+    if _missing_images(params):
+        params[RESTORE_MISSING] = True
+
+
+#: Put into a pasted infotext's values when some of its stored image prompts are missing.
+RESTORE_MISSING = "negip: restore missing"
+
+
+def _missing_images(params: dict[str, Any]) -> list[str]:
+    missing = []
+    for field in ("positive_images", "negative_images", "positive_mask", "negative_mask"):
+        missing += _stored_paths(field, params)[1]
+    return missing
+
+
 def infotext_switch(params: dict[str, Any]) -> bool:
     """The switch's value from an infotext, after checking every NegIP value in it.
 
@@ -552,6 +591,8 @@ def infotext_switch(params: dict[str, Any]) -> bool:
     HTTP 500 and a traceback. A paste in the UI leaves the switch as it is (A1111 logs the error)
     and the accordion shows the message (:func:`restore_message`).
     """
+    if RESTORE_ERROR in params or RESTORE_MISSING in params:  # see on_infotext_pasted
+        return False
     try:
         return bool(negip_args.parse_infotext(params).get("enabled", False))
     except NegIPError as error:
@@ -574,7 +615,7 @@ def _infotext_images(params: dict[str, Any]) -> str | None:
     """The hidden field's value: the stored images the infotext names and its noise seed, as
     one text (:func:`lib_negip.args.infotext_hidden_text`). A malformed reference is passed on
     as written, so that the generation refuses it by name."""
-    if not _has_ours(params):
+    if RESTORE_ERROR in params or not _has_ours(params):
         return None
     try:
         return negip_args.infotext_hidden_text(params)
@@ -610,7 +651,7 @@ def restore_images(field: str, params: dict[str, Any]) -> Any:
     it is for an infotext without image prompts, emptied where the infotext has none."""
     import gradio as gr
 
-    if not _has_ours(params):
+    if RESTORE_ERROR in params or not _has_ours(params):
         return None
     found, _ = _stored_paths(field, params)
     if field.endswith("_mask"):
@@ -628,6 +669,12 @@ def restore_message(params: dict[str, Any]) -> Any:
     images are missing (nothing, clearing an earlier paste's words, otherwise)."""
     import gradio as gr
 
+    if RESTORE_ERROR in params:
+        text = (
+            "This infotext's Negative Image Prompt settings were not restored, and Negative "
+            f"Image Prompt was switched off: {params[RESTORE_ERROR]}"
+        )
+        return gr.update(value=error_status(text))
     if not _has_ours(params):
         # An infotext without our keys switches the extension off: what an earlier paste said
         # about its images no longer applies.
@@ -642,9 +689,7 @@ def restore_message(params: dict[str, Any]) -> Any:
             f"{request_error(error, for_ui=True).ui_message}"
         )
         return gr.update(value=error_status(text))
-    missing = []
-    for field in ("positive_images", "negative_images", "positive_mask", "negative_mask"):
-        missing += _stored_paths(field, params)[1]
+    missing = _missing_images(params)
     counts = negip_args.infotext_image_counts(params)
     if not missing and counts is not None and any(counts):
         # Made with storing off: the infotext counts the images but cannot give them back.
@@ -662,7 +707,8 @@ def restore_message(params: dict[str, Any]) -> Any:
     text = (
         f"{len(missing)} image prompt(s) of this infotext are not in {shown} "
         f"({', '.join(missing)}): they were deleted or come from another installation. Add them "
-        "again before generating."
+        "again before generating"
+        + (", and switch Negative Image Prompt on again." if RESTORE_MISSING in params else ".")
     )
     return gr.update(value=error_status(text))
 

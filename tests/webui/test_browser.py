@@ -649,25 +649,32 @@ def test_send_to_txt2img_names_a_deleted_stored_image(
     assert "/work/" not in status, status
     assert str(folder) not in status, status
     assert file_names(page, "txt2img", "positive") == []
+    # Switched off by the paste: Generate makes no image without the missing image prompt.
+    assert "switch Negative Image Prompt on again" in status, status
+    assert not page.is_checked("#negip_txt2img_enabled-checkbox input")
 
 
 def test_send_to_txt2img_names_a_malformed_value(
     page: Any, tmp_path: Path, server_log: ServerLog
 ) -> None:
-    """An edited infotext with a malformed NegIP value: the accordion says which value was not
-    restored, in the UI's words (the API answers 422 for it)."""
+    """An edited infotext with a malformed NegIP value: none of its NegIP values is restored
+    (not even the well-formed ones), the extension is switched off, and the accordion says
+    which value, in the UI's words (the API answers 422 for it)."""
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
     info.add_text(
         "parameters",
         "a house\nSteps: 4, Seed: 1, Size: 64x64, NegIP model: negip-tiny-ip-adapter_sd15, "
-        "NegIP positive weight: abc",
+        "NegIP positive weight: abc, NegIP negative weight: 0.35",
     )
     png = tmp_path / "edited.png"
     Image.new("RGB", (64, 64), (120, 130, 140)).save(png, pnginfo=info)
     page.reload(wait_until="domcontentloaded")
     page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
+    open_accordion(page)  # on before the paste: the paste must switch it off
+    weight = "#negip_txt2img_negative_weight input[type=number]"
+    before = page.input_value(weight)
     send_png_to_txt2img(page, png)
     page.wait_for_function(
         "() => document.querySelector('#negip_txt2img_restore_status')"
@@ -677,7 +684,10 @@ def test_send_to_txt2img_names_a_malformed_value(
     assert "'NegIP positive weight'" in status, status
     assert "abc" in status, status
     assert "positive_weight" not in status, status  # the UI's words, not the API's
-    # Our one line; A1111 reports the paste callable that raised with its own traceback.
+    assert "switched off" in status, status
+    assert not page.is_checked("#negip_txt2img_enabled-checkbox input")
+    assert page.input_value(weight) == before != "0.35"  # a well-formed value is not restored
+    # Our one line (A1111 converts nothing of ours, so it logs nothing of its own).
     lines = server_log.new_lines()
     ours = [line for line in lines if "Negative Image Prompt: Infotext 'NegIP positive" in line]
     assert len(ours) == 1, lines

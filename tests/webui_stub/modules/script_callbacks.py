@@ -13,6 +13,7 @@ callbacks = {
         "before_ui",
         "script_unloaded",
         "after_component",
+        "infotext_pasted",
     )
 }
 errors = []  # what A1111 would print to the console
@@ -44,6 +45,10 @@ def on_script_unloaded(fun, *, name=None):
 
 def on_after_component(fun, *, name=None):
     _add("after_component", fun, name)
+
+
+def on_infotext_pasted(fun, *, name=None):
+    _add("infotext_pasted", fun, name)
 
 
 def run(category, *args):

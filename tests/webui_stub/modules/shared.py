@@ -34,6 +34,6 @@ def default_opts() -> Options:
 
 
 opts = default_opts()
-cmd_opts = SimpleNamespace(data_dir=".")
+cmd_opts = SimpleNamespace(data_dir=".", api=True, api_auth=None)
 sd_model = None
 state = SimpleNamespace(interrupted=False, skipped=False, sampling_step=0, sampling_steps=0)
