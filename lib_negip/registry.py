@@ -682,6 +682,11 @@ class ModelRegistry:
         self._ensure_scanned()
         return list(self._encoders)
 
+    def contents(self) -> tuple[tuple[Any, ...], ...]:
+        """What the last scan found: each file's path, size and modification time."""
+        self._ensure_scanned()
+        return tuple((e.path, e.size, e.mtime_ns) for e in (*self._adapters, *self._encoders))
+
     def adapter_names(self) -> list[str]:
         """Choices for the UI: "auto" first, then every adapter (broken ones too: choosing one
         shows why it cannot be used)."""

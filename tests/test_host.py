@@ -9,8 +9,12 @@ projection), not from the extension's session.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import sys
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -348,7 +352,7 @@ def test_models_endpoint_only_with_the_api_and_behind_its_authentication(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """As A1111's own /sdapi routes: registered with --api (or --nowebui) only, and with
-    --api-auth given the same HTTP basic check (checked in a real A1111 too)."""
+    --api-auth given the same HTTP basic check (the check itself: the next test)."""
 
     def routes(**flags: Any) -> list[str]:
         monkeypatch.setattr(shared, "cmd_opts", SimpleNamespace(data_dir=".", **flags))
@@ -364,6 +368,66 @@ def test_models_endpoint_only_with_the_api_and_behind_its_authentication(
     assert not register.credentials_match("ann:pw1,bob:p:w2", "ann", "pw2")
     assert not register.credentials_match("ann:pw1,bob:p:w2", "carl", "pw1")
     assert not register.credentials_match("ann:pw1", "", "")
+
+
+def test_api_auth_answers_401_without_the_right_credentials_through_fastapi(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The route added to a real FastAPI app, called over HTTP: the dependency must survive
+    FastAPI's reading of its signature (a string annotation it could not resolve made the route
+    fail to register in a real A1111 with --api-auth, taking the rest of the start-up callback
+    with it), and answer like A1111's /sdapi routes: 401 without or with wrong credentials."""
+    with _real_fastapi(monkeypatch) as fastapi:
+        from fastapi.testclient import TestClient
+
+        _check_api_auth(monkeypatch, fastapi, TestClient)
+
+
+@contextlib.contextmanager
+def _real_fastapi(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The installed fastapi instead of the glue tests' stand-in (tests/webui_stub), for the
+    body of the ``with`` only."""
+    stub = Path(__file__).parent / "webui_stub"
+
+    def ours() -> list[str]:
+        return [n for n in sys.modules if n == "fastapi" or n.startswith("fastapi.")]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "path", [p for p in sys.path if Path(p) != stub])
+        for name in ours():
+            patch.delitem(sys.modules, name)
+        try:
+            fastapi = pytest.importorskip("fastapi")
+            assert not Path(fastapi.__file__).is_relative_to(stub)
+            yield fastapi
+        finally:
+            for name in ours():  # the real package's modules; the stand-in comes back below
+                del sys.modules[name]
+
+
+def _check_api_auth(monkeypatch: pytest.MonkeyPatch, fastapi: Any, TestClient: Any) -> None:
+    def client(api_auth: str | None) -> Any:
+        monkeypatch.setattr(
+            shared, "cmd_opts", SimpleNamespace(data_dir=".", api=True, api_auth=api_auth)
+        )
+        app = fastapi.FastAPI()
+        register.add_routes(app)
+        for route in app.routes:
+            for dependency in getattr(route, "dependencies", []):
+                # What fastapi 0.94 (A1111 1.10's) does when the route is added: evaluate the
+                # dependency's annotations in its module's globals (later versions let an
+                # unresolvable one pass, so the HTTP calls below alone would not see it).
+                typing.get_type_hints(dependency.dependency)
+        return TestClient(app)
+
+    guarded = client("ann:pw1,bob:p:w2")
+    assert guarded.get("/negip/v1/models").status_code == 401
+    assert guarded.get("/negip/v1/models", auth=("ann", "pw2")).status_code == 401
+    assert guarded.get("/negip/v1/models", auth=("carl", "pw1")).status_code == 401
+    answer = guarded.get("/negip/v1/models", auth=("bob", "p:w2"))
+    assert answer.status_code == 200
+    assert "tiny-base_sd15" in {a["name"] for a in answer.json()["adapters"]}
+    assert client(None).get("/negip/v1/models").status_code == 200
 
 
 def test_model_folders_that_cannot_be_used_are_warned_about_not_fatal(
@@ -449,6 +513,37 @@ def test_adapter_replaced_under_its_name_is_checked_loaded_and_named_as_the_new_
     assert not torch.equal(before.result, after.result)
     loaded = [key for key in models.MODELS.adapters.keys() if key[0] == str(target)]  # noqa: SIM118
     assert len(loaded) == 1  # the old file's load is gone, not kept until evicted
+
+
+def test_a_model_file_put_in_after_a_refusal_is_found_without_a_refresh(world: World) -> None:
+    """The refusal tells an API caller to put a file into models/ipadapter; the next request
+    must find it without anything that rescans first (seen in a real A1111: the request kept
+    answering "none installed" until GET /negip/v1/models was called)."""
+    folder = Path(shared_models_path()) / "ipadapter"
+    aside = folder.parent / "aside"
+    aside.mkdir()
+    sd15 = sorted(folder.glob("*_sd15*"))
+    assert sd15
+    reference = generation(world, default_fields()).result
+    auto = generation(world, default_fields(model="auto")).result
+    for path in sd15:
+        path.rename(aside / path.name)
+    with pytest.raises(Exception, match="no installed IP-Adapter fits") as raised:
+        generation(world, default_fields(model="auto"))
+    assert raised.value.status_code == 422
+    with pytest.raises(Exception, match="tiny-base_sd15") as raised:
+        generation(world, default_fields(model="tiny-base_sd15"))
+    assert raised.value.status_code == 422
+    for path in sd15:
+        (aside / path.name).rename(path)
+    assert torch.equal(generation(world, default_fields(model="auto")).result, auto)
+    for path in sd15:
+        path.rename(aside / path.name)
+    with pytest.raises(Exception, match="tiny-base_sd15"):
+        generation(world, default_fields(model="tiny-base_sd15"))
+    (aside / "tiny-base_sd15.safetensors").rename(folder / "tiny-base_sd15.safetensors")
+    named = generation(world, default_fields(model="tiny-base_sd15"))
+    assert torch.equal(named.result, reference)
 
 
 def test_exception_mid_sampling_leaves_nothing_and_next_generation_is_exact(world: World) -> None:

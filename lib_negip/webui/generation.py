@@ -349,7 +349,19 @@ def _resolve_models(args: Any, unet: Any) -> tuple[Any, Any]:
             adapter = resolve_adapter(registry, args.model)
         return adapter, resolve_encoder(registry, args.image_encoder, adapter)
 
-    adapter_entry, encoder_entry = resolve()
+    try:
+        adapter_entry, encoder_entry = resolve()
+    except NegIPError:
+        # The answer tells an API caller to put a file into models/ipadapter (or the encoders'
+        # folder); one put there since the last scan must be found without a call that rescans
+        # (the UI's refresh button, GET /negip/v1/models). A scan reads only files it has not
+        # seen, so this costs a listing of the folders; the request is resolved again only
+        # where the scan found something new.
+        found = registry.contents()
+        registry.refresh()
+        if registry.contents() == found:
+            raise
+        adapter_entry, encoder_entry = resolve()
     if adapter_entry.changed_on_disk() or encoder_entry.changed_on_disk():
         # Removed or replaced since the last scan: scan again, so that "auto" takes a file that
         # is there, a name that is gone is answered as unknown, and a file replaced under its

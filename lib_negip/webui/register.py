@@ -14,10 +14,12 @@ from lib_negip.webui.xyz import CELL_REFUSALS, register_xyz_axes
 
 
 def on_app_started(_demo: Any, app: Any) -> None:
-    add_routes(app)
     # Registered now, after every extension's scripts loaded, so that ours runs last and
-    # sees (and appends after) whatever other callbacks did to the conditioning.
+    # sees (and appends after) whatever other callbacks did to the conditioning. First, so that
+    # nothing below can leave the image prompts without it (A1111 logs a callback's exception
+    # and goes on with the next callback, not with the rest of this one).
     _on("cfg_denoiser", on_cfg_denoiser)
+    add_routes(app)
 
 
 def add_routes(app: Any) -> None:
@@ -41,9 +43,15 @@ def api_auth(setting: str | None) -> list[Any]:
     if not setting:
         return []
     from fastapi import Depends, HTTPException
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+    from fastapi.security import HTTPBasic
 
-    def check(credentials: HTTPBasicCredentials = Depends(HTTPBasic())) -> None:  # noqa: B008
+    security = HTTPBasic()
+
+    # No annotation on the parameter: with ``from __future__ import annotations`` it would be the
+    # string "HTTPBasicCredentials", which FastAPI evaluates in this module's globals, where the
+    # name is not (a NameError when the route is added, seen in a real A1111 with --api-auth).
+    # FastAPI passes what ``Depends`` returns whatever the annotation says.
+    def check(credentials=Depends(security)) -> None:  # noqa: B008
         if not credentials_match(setting, credentials.username, credentials.password):
             raise HTTPException(
                 status_code=401,

@@ -9,6 +9,9 @@ a refused request (HTTP 422) logs.
 Each request names its checkpoint (``override_settings``, restored afterwards); images are
 compared as decoded pixels.
 
+With ``NEGIP_WEBUI_API_AUTH`` ("user:password") every request authenticates, for a server started
+with ``--api-auth``; ``test_api_auth_guards_our_route_as_a1111s`` runs only then.
+
 ``NEGIP_WEBUI_SDXL_URL`` / ``NEGIP_WEBUI_SDXL_LOG`` optionally name a second A1111 started with
 the tiny SDXL checkpoint only (the harness's port 7861) and the SDXL adapter, the SD1.5 base
 adapter and the tiny encoder in its models folder: model "auto" is checked there too. The test
@@ -36,6 +39,8 @@ URL = os.environ.get("NEGIP_WEBUI_URL", "").rstrip("/")
 LOG = os.environ.get("NEGIP_WEBUI_LOG", "")
 SDXL_URL = os.environ.get("NEGIP_WEBUI_SDXL_URL", "").rstrip("/")
 SDXL_LOG = os.environ.get("NEGIP_WEBUI_SDXL_LOG", "")
+# "user:password" when the main server runs with --api-auth (every request sends it then).
+API_AUTH = os.environ.get("NEGIP_WEBUI_API_AUTH", "")
 
 pytestmark = [
     pytest.mark.webui,
@@ -93,12 +98,20 @@ POSITIVE, NEGATIVE, OTHER = picture(1), picture(2), picture(3)
 
 
 def call(
-    method: str, path: str, body: dict | None = None, *, url: str | None = None
+    method: str,
+    path: str,
+    body: dict | None = None,
+    *,
+    url: str | None = None,
+    auth: str | None = None,
 ) -> tuple[int, Any]:
+    """``auth``: "user:password" for HTTP basic authentication; by default ``API_AUTH``."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        (url or URL) + path, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    auth = API_AUTH if auth is None else auth
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    request = urllib.request.Request((url or URL) + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
             return response.status, json.loads(response.read())
@@ -560,6 +573,23 @@ def test_img2img_ignores_the_hires_pass_of_an_infotext() -> None:
     answer = generate(images_only, mode="img2img", infotext=text)
     assert negip_params(infotext(answer))["NegIP hires pass"] == "both"
     assert_same(pixels(answer), pixels(generate(fields(), mode="img2img")))
+
+
+@pytest.mark.skipif(not API_AUTH, reason="NEGIP_WEBUI_API_AUTH is not set (no --api-auth)")
+def test_api_auth_guards_our_route_as_a1111s() -> None:
+    """With --api-auth our route answers as A1111's own (a route that could not be added once
+    took the rest of our start-up callback with it: the image prompts changed no pixel)."""
+    user, _, password = API_AUTH.partition(":")
+    for path in ("/sdapi/v1/sd-models", "/negip/v1/models"):
+        assert call("GET", path, auth=f"{user}:{password}x")[0] == 401, path
+        assert call("GET", path, auth=f"{user}x:{password}")[0] == 401, path
+        status, _ = call("GET", path)
+        assert status == 200, path
+    request = urllib.request.Request(URL + "/negip/v1/models")
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=60)
+    assert raised.value.code == 401
+    assert_differs(pixels(generate(fields())), pixels(generate()))
 
 
 # ---------------------------------------------------------------------------------------------
