@@ -233,6 +233,12 @@ class StepBench:
         # "hooks, no block": the hijack is on but this UNet call's context carries no block
         # (another extension's extra pass, a refiner): the step does not call the session.
         self.append = not variant.hooks_without_block
+        if variant.hooks_without_block and session.hijack is not None:
+            # Since c7b6050 the engine refuses such a call after one that carried the block
+            # (another extension's own conditioning: UnreachedError); what is timed here is the
+            # host cost of the hooks on a call they leave alone, so the hijack is told not to
+            # expect the block, as before its owner's first callback (bench-only).
+            session.hijack._expecting = False
 
     def context(self) -> torch.Tensor:
         """The denoiser callback's work and the batching of cond and uncond rows."""
