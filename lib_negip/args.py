@@ -122,7 +122,10 @@ _SIDES: tuple[Side, ...] = ("positive", "negative")
 
 
 def _show(value: Any, limit: int = 48) -> str:
-    """``repr`` of a value, cut short (base64 strings are megabytes), with its type."""
+    """``repr`` of a value, cut short (base64 strings are megabytes), with its type; JSON's
+    ``null`` by its JSON name (what a JavaScript client's NaN becomes in JSON.stringify)."""
+    if value is None:
+        return "null"
     text = repr(value)
     if len(text) > limit:
         text = text[:limit] + "..."
