@@ -855,6 +855,42 @@ def test_added_pictures_are_read_like_uploads() -> None:
     assert ui.add_image(None, None) == {"__type__": "update"}
 
 
+def test_added_pictures_go_to_a_folder_of_this_process_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a fixed name under the shared temporary folder, which another user of the machine
+    could make first, with a link under the name ➕ writes to (or a picture of theirs under the
+    name it reuses): a new folder with mode 0700, made again if it was removed."""
+    import os
+    import stat
+    import tempfile
+
+    from lib_negip.webui import ui
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(ui, "_FOLDER", [])
+    picture = Image.new("RGB", (8, 8), (10, 20, 30))
+    planted = tmp_path / "negip-ui" / f"{reference_of(picture)}.png"  # the old fixed place
+    planted.parent.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    planted.symlink_to(victim)
+    (path,) = ui.add_input_image(picture, None)
+    folder = Path(path).parent
+    assert folder.parent == tmp_path
+    assert folder.name.startswith("negip-ui-")
+    assert folder != planted.parent
+    assert victim.read_text() == "keep me"
+    if os.name == "posix":
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert Image.open(path).getpixel((0, 0)) == (10, 20, 30)
+    for child in folder.iterdir():
+        child.unlink()
+    folder.rmdir()  # removed under the running server (a temp cleaner): made anew
+    (again,) = ui.add_input_image(picture, None)
+    assert Path(again).is_file()
+
+
 def test_img2img_input_is_the_picture_of_the_sub_tab_in_view() -> None:
     """ "➕ img2img input" takes the picture of the img2img sub-tab the browser says is in view
     (img2img, Sketch, Inpaint's {"image", "mask"}, Inpaint sketch, Inpaint upload), nothing on

@@ -460,8 +460,6 @@ def _with_image(files: Any, image: Any) -> Any:
     """Paths of the side's files (they come as bytes, the component's type), then ``image``
     as a PNG copy in a temporary folder named by its content; with no ``image``, no change to
     the side (an empty list would replace gradio's upload area with an empty file list)."""
-    import tempfile
-
     import gradio as gr
 
     from lib_negip.images import to_rgb
@@ -471,8 +469,7 @@ def _with_image(files: Any, image: Any) -> Any:
         return gr.update()
 
     paths = []
-    folder = Path(tempfile.gettempdir()) / "negip-ui"
-    folder.mkdir(exist_ok=True)
+    folder = _private_folder()
     for data in files or []:
         if isinstance(data, (bytes, bytearray)):
             path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.png"
@@ -487,6 +484,27 @@ def _with_image(files: Any, image: Any) -> Any:
         image.save(path)
     paths.append(str(path))
     return paths
+
+
+_FOLDER: list[Path] = []  # this process's folder for the files of ➕, made at first use
+
+
+def _private_folder() -> Path:
+    """A folder only this process's user can use (``mkdtemp``: mode 0700, a new name),
+    removed at a normal exit. A fixed name under the shared temporary folder
+    (``/tmp/negip-ui`` before) could be made first by another user of the machine, with links
+    or files of their choice under the names (content hashes) ➕ writes and reuses. A server
+    that is killed (SIGTERM, SIGKILL) leaves its folder behind, as the fixed folder stayed:
+    only the pictures ➕ added."""
+    if not _FOLDER or not _FOLDER[0].is_dir():
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="negip-ui-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _FOLDER[:] = [folder]
+    return _FOLDER[0]
 
 
 def _gallery_image(item: Any) -> Any:
