@@ -91,6 +91,9 @@ AUTO_ENCODER = "auto"
 ADAPTER_FOLDER_HINT = "models/ipadapter"
 ENCODER_FOLDER_HINT = "models/clip_vision"
 _PATHS_REFUSED = "model names are the ones listed by GET /negip/v1/models; paths are not accepted"
+#: A request that finds no such model looks at the folders again (generation._resolve_models);
+#: the UI's words (wording.py) send the user to the refresh button, which lists it.
+_FOUND_NEXT = "the next request finds it"
 
 _PARTIAL_SUFFIXES = (
     ".tmp",
@@ -933,13 +936,12 @@ class ModelRegistry:
         if misplaced:
             return (
                 f"there is no {kind} named {name!r}: {misplaced} is a folder, not a model file "
-                f"(an unpacked download?). Put the model file itself into {folder} and press the "
-                "refresh button beside the model list"
+                f"(an unpacked download?). Put the model file itself into {folder}: {_FOUND_NEXT}"
             )
         listed = f"installed: {_names_hint(names)}" if names else f"no {kind} is installed"
         return (
             f"there is no {kind} named {name!r} ({listed}); {_PATHS_REFUSED}. Put the file into "
-            f"{folder} and press the refresh button beside the model list"
+            f"{folder}: {_FOUND_NEXT}"
         )
 
     def _folder_named_like(self, name: str, kind: str) -> str | None:

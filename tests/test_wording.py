@@ -100,6 +100,11 @@ FOR_UI = [
         id="registry-paths-refused",
     ),
     pytest.param(
+        "Put the file into models/ipadapter: the next request finds it",
+        "Put the file into models/ipadapter and press the refresh button beside the model list",
+        id="next-request-finds-it",
+    ),
+    pytest.param(
         "positive_images[0]: not valid base64. Send the file's bytes base64-encoded, optionally "
         "as a data URL 'data:image/png;base64,...'.",
         "positive image 1: not valid base64. Upload the image again (PNG, JPEG or WebP).",
