@@ -682,9 +682,8 @@ class _PixelBudget:
         self.limit = MAX_PIXELS_PER_GENERATION if limit is None else limit
         self.used = 0
 
-    def take(self, label: str, image: Image.Image) -> Image.Image:
+    def take(self, label: str, image: Image.Image) -> None:
         self.take_pixels(label, image.width * image.height)
-        return image
 
     def take_pixels(self, label: str, pixels: int) -> None:
         self.used += pixels

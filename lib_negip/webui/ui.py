@@ -563,6 +563,8 @@ def infotext_fields(
 
 #: Put into a pasted infotext's values in place of ours when one of them is malformed.
 RESTORE_ERROR = "negip: restore error"  # not a NegIP key: parse_infotext passes over it
+#: Put into a pasted infotext's values when some of its stored image prompts are missing.
+RESTORE_MISSING = "negip: restore missing"
 
 
 def on_infotext_pasted(_infotext: str, params: dict[str, Any]) -> None:
@@ -587,10 +589,6 @@ def on_infotext_pasted(_infotext: str, params: dict[str, Any]) -> None:
     # the next generation does not run without them (the API's restore answers 422 for them).
     if _missing_images(params):
         params[RESTORE_MISSING] = True
-
-
-#: Put into a pasted infotext's values when some of its stored image prompts are missing.
-RESTORE_MISSING = "negip: restore missing"
 
 
 def _missing_images(params: dict[str, Any]) -> list[str]:
