@@ -220,6 +220,7 @@ def _check_references(name: str, value: Any) -> str:
         msg = f"{name} must be a text of stored image references; got {_show(value)}."
         raise ArgumentError(msg)
     references, noise_seed = split_noise_seed(name, value)
+    references, unstored = split_unstored(name, references)
     parsed = parse_references(name, references)
     for side, found in parsed.items():  # counted before any stored image is read
         if len(found) > MAX_IMAGES_PER_SIDE:
@@ -228,7 +229,7 @@ def _check_references(name: str, value: Any) -> str:
                 f"{MAX_IMAGES_PER_SIDE} per side are accepted."
             )
             raise ArgumentError(msg)
-    return _with_noise_seed(format_references(parsed), noise_seed)
+    return _with_noise_seed(_with_unstored(format_references(parsed), unstored), noise_seed)
 
 
 #: The part of ``infotext_images`` that carries a noise negative's seed restored from an
@@ -247,20 +248,48 @@ def split_noise_seed(name: str, text: str) -> tuple[str, NoiseSeed | None]:
     infotext, the noise seed comes back with the image seed it belongs to, and applies only
     while the generation's seed is still that one (a new seed makes new noise, as always).
     """
+    rest, match = _split_part(
+        name, text, NOISE_SEED_PART, _NOISE_SEED, f"{NOISE_SEED_PART}: <seed> for seed <seed>"
+    )
+    return rest, None if match is None else (int(match[1]), int(match[2]))
+
+
+#: The part of ``infotext_images`` that counts the image prompts of an infotext made with
+#: storing off (its "NegIP images"), which the request must give again: "not stored: <n>
+#: positive / <m> negative".
+UNSTORED_PART = "not stored"
+_UNSTORED = re.compile(r"^not stored\s*:\s*(\d{1,4}) positive / (\d{1,4}) negative$", re.IGNORECASE)
+
+ImageCounts = tuple[int, int]  # (positive, negative)
+
+
+def split_unstored(name: str, text: str) -> tuple[str, ImageCounts | None]:
+    """``text`` (an ``infotext_images`` value) without its "not stored" part, and the counts
+    that part gives."""
+    rest, match = _split_part(
+        name, text, UNSTORED_PART, _UNSTORED, f"{UNSTORED_PART}: <n> positive / <m> negative"
+    )
+    return rest, None if match is None else (int(match[1]), int(match[2]))
+
+
+def _split_part(
+    name: str, text: str, prefix: str, pattern: re.Pattern[str], form: str
+) -> tuple[str, re.Match[str] | None]:
+    """``text`` without its part that starts with ``prefix``, and that part matched."""
     rest, found = [], None
     for part in text.split(";"):
         words = " ".join(part.split())
-        if not words.lower().startswith(NOISE_SEED_PART):
+        if not words.lower().startswith(prefix):
             rest.append(part)
             continue
-        match = _NOISE_SEED.match(words)
+        match = pattern.match(words)
         if match is None:
-            msg = f"{name}: {words[:60]!r} is not '{NOISE_SEED_PART}: <seed> for seed <seed>'."
+            msg = f"{name}: {words[:60]!r} is not '{form}'."
             raise ArgumentError(msg)
         if found is not None:
-            msg = f"{name}: the {NOISE_SEED_PART} is named twice; name it once."
+            msg = f"{name}: the {prefix} part is named twice; name it once."
             raise ArgumentError(msg)
-        found = (int(match[1]), int(match[2]))
+        found = match
     return ";".join(rest), found
 
 
@@ -273,6 +302,13 @@ def noise_seed_text(noise_seed: NoiseSeed | None) -> str:
 
 def _with_noise_seed(references: str, noise_seed: NoiseSeed | None) -> str:
     part = noise_seed_text(noise_seed)
+    return "; ".join(text for text in (references, part) if text)
+
+
+def _with_unstored(references: str, counts: ImageCounts | None) -> str:
+    if counts is None or not any(counts):
+        return references
+    part = f"{UNSTORED_PART}: {counts[0]} positive / {counts[1]} negative"
     return "; ".join(text for text in (references, part) if text)
 
 
@@ -362,6 +398,7 @@ class NegIPArgs:
             object.__setattr__(self, name, _checked_mask(name, getattr(self, name)))
         if self.enabled:
             _require_model(self.model, self.image_encoder)
+            _require_unstored(self)
             _check_noise(
                 self.negative_noise, self.negative_images, self.positive_images, self.references
             )
@@ -412,7 +449,14 @@ class NegIPArgs:
     def references(self) -> dict[str, tuple[str, ...]]:
         """Stored images named by ``infotext_images`` (restored from an infotext), by field."""
         text, _ = split_noise_seed("infotext_images", self.infotext_images)
+        text, _ = split_unstored("infotext_images", text)
         return parse_references("infotext_images", text)
+
+    @property
+    def unstored_counts(self) -> ImageCounts | None:
+        """(positive, negative) image prompts of a restored infotext made with storing off."""
+        text, _ = split_noise_seed("infotext_images", self.infotext_images)
+        return split_unstored("infotext_images", text)[1]
 
     @property
     def restored_noise_seed(self) -> NoiseSeed | None:
@@ -500,6 +544,34 @@ def _require_model(model: str, image_encoder: str) -> None:
             "name listed by GET /negip/v1/models."
         )
         raise ArgumentError(msg)
+
+
+def _require_unstored(args: NegIPArgs) -> None:
+    """A restored infotext made with storing off counts its image prompts but cannot give them
+    back: each side it had images for, and whose weight is not 0, must get them again."""
+    counts = args.unstored_counts
+    if counts is None:
+        return
+    references = args.references
+    missing = [
+        (side, count)
+        for side, count in zip(_SIDES, counts, strict=True)
+        if count
+        and getattr(args, f"{side}_weight") != 0.0
+        and not getattr(args, f"{side}_images")
+        and not references.get(f"{side}_images")
+    ]
+    if not missing:
+        return
+    had = " and ".join(f"{count} {side}" for side, count in missing)
+    fields = " and ".join(f"{side}_images" for side, _ in missing)
+    weights = " and ".join(f"{side}_weight" for side, _ in missing)
+    msg = (
+        f"The infotext was made with {had} image prompt(s), which were not stored (storing was "
+        "off in Settings > Negative Image Prompt), so it cannot give them back: send them in "
+        f"{fields}, or set {weights} to 0."
+    )
+    raise ArgumentError(msg)
 
 
 def _require_images(
@@ -1093,7 +1165,10 @@ def infotext_hidden_text(params: Mapping[str, Any]) -> str:
         noise = _infotext_seed(INFOTEXT_NOISE_SEED, params[INFOTEXT_NOISE_SEED])
         if params.get("Seed") is not None:
             noise_seed = (noise, _infotext_seed("Seed", params["Seed"]))
-    return _with_noise_seed(format_references(infotext_references(params)), noise_seed)
+    references = _with_unstored(
+        format_references(infotext_references(params)), infotext_image_counts(params)
+    )
+    return _with_noise_seed(references, noise_seed)
 
 
 def _infotext_seed(key: str, value: Any) -> int:

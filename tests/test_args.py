@@ -1008,7 +1008,8 @@ def previous_infotext() -> str:
 
 def test_dict_over_infotext_restored_values() -> None:
     values = a1111_script_args(
-        [{"positive_images": [b64()], "negative_weight": 1.25}], previous_infotext()
+        [{"positive_images": [b64()], "negative_images": [b64()], "negative_weight": 1.25}],
+        previous_infotext(),
     )
     args = parse_script_args(values)
     assert args.enabled
@@ -1017,11 +1018,32 @@ def test_dict_over_infotext_restored_values() -> None:
     assert (args.positive_weight, args.positive_end) == (0.6, 0.8)  # restored
     assert args.negative_weight == 1.25  # the dict wins
     assert (args.hires_pass, args.combine) == ("first", "concat")
-    assert args.image_counts == (1, 0)  # images are never restored
+    # Made with storing off: no image comes back; the request's own count, not the infotext's.
+    assert args.image_counts == (1, 1)
+    assert args.unstored_counts == (1, 2)
+
+
+def test_an_unstored_side_must_be_sent_again_or_weighted_0() -> None:
+    """The infotext counts 2 negative images it cannot give back: a request that sends none for
+    that side would make another picture under the same settings."""
+    infotext = previous_infotext()
+    with pytest.raises(
+        ArgumentError,
+        match=r"made with 2 negative image prompt\(s\), which "
+        r"were not stored .* send them in negative_images, or set negative_weight "
+        r"to 0\.$",
+    ):
+        parse_script_args(a1111_script_args([{"positive_images": [b64()]}], infotext))
+    with pytest.raises(ArgumentError, match=r"made with 1 positive and 2 negative image"):
+        parse_script_args(a1111_script_args([{}], infotext))
+    args = parse_script_args(
+        a1111_script_args([{"positive_images": [b64()], "negative_weight": 0}], infotext)
+    )
+    assert (args.image_counts, args.negative_weight) == ((1, 0), 0.0)
 
 
 def test_positional_request_overrides_infotext() -> None:
-    request = [True, "ip-adapter_sd15", "auto", [b64()], None, 0.5]
+    request = [True, "ip-adapter_sd15", "auto", [b64()], [b64()], 0.5]
     args = parse_script_args(a1111_script_args(request, previous_infotext()))
     assert (args.model, args.image_encoder, args.positive_weight) == (
         "ip-adapter_sd15",
@@ -1230,6 +1252,8 @@ def test_infotext_round_trip(args: NegIPArgs, model_label: str, encoder_label: s
     expected = scalars(args)
     expected["model"] = model_label.strip()
     expected["image_encoder"] = encoder_label.strip()
+    # Written without references (storing off): the hidden field counts the images to send.
+    expected["infotext_images"] = "not stored: {} positive / {} negative".format(*args.image_counts)
     assert fields.keys() == expected.keys()
     for name, value in expected.items():
         if isinstance(value, float):
@@ -1245,7 +1269,10 @@ def test_infotext_round_trip(args: NegIPArgs, model_label: str, encoder_label: s
         assert type(DEFAULTS[name])(restored[key]) == fields[name], key
 
     # The restored fields are accepted as they are by the dict form (the images come anew).
-    again = parse_api_dict({**fields, "positive_images": [b64()]})
+    positive, negative = args.image_counts
+    again = parse_api_dict(
+        {**fields, "positive_images": [b64()] * positive, "negative_images": [b64()] * negative}
+    )
     assert scalars(again) == {**fields, "enabled": True}
 
 
@@ -2272,16 +2299,17 @@ def test_round1_infotext_still_parses() -> None:
         "negative_end": 1.0,
         "hires_pass": "first",
         "combine": "concat",
-        "infotext_images": "",
+        "infotext_images": "not stored: 1 positive / 2 negative",
     }
     assert infotext_image_counts(restored) == (1, 2)
     assert infotext_references(restored) == {}
     # A1111's restore leaves round 2's components at their defaults; the request gives images.
-    args = parse_script_args(a1111_script_args([{"positive_images": [b64()]}], f"p\n{line}"))
+    request = {"positive_images": [b64()], "negative_images": [b64()]}
+    args = parse_script_args(a1111_script_args([request], f"p\n{line}"))
     assert (args.positive_weight, args.hires_pass, args.combine) == (0.6, "first", "concat")
     assert (args.positive_layers, args.negative_layers) == ("all", "all")
     assert (args.negative_noise, args.negative_noise_type) == (0.0, "fade")
-    assert args.infotext_images == ""
+    assert args.infotext_images == "not stored: 1 positive / 2 negative"
 
 
 def round2_infotext(references: dict[str, list[str]]) -> str:

@@ -517,6 +517,55 @@ def test_with_storing_off_nothing_is_written(world: World) -> None:
     assert len(list(store_folder().iterdir())) == 4
 
 
+def test_an_infotext_made_with_storing_off_needs_its_images_sent_again(world: World) -> None:
+    """The API's restore of such an infotext: a side it counted images for, sent without them,
+    is refused (it answered 200 with that side missing); sent again, the result comes back."""
+    from lib_negip.args import infotext_hidden_text
+
+    setattr(shared.opts, OPT_STORE_IMAGES, False)
+    try:
+        made = run(world, stored_request())
+    finally:
+        setattr(shared.opts, OPT_STORE_IMAGES, True)
+    hidden = infotext_hidden_text(made.extra_generation_params)
+    assert hidden == "not stored: 1 positive / 1 negative"
+    _, failed, _ = refused(
+        world,
+        stored_request(negative_images=[], infotext_images=hidden),
+        r"made with 1 negative image prompt\(s\), which were not stored .* send them in "
+        r"negative_images, or set negative_weight to 0\.",
+    )
+    assert negip_keys(failed) == []
+    nothing_left(world.unet)
+    refused(
+        world,
+        stored_request(positive_images=[], negative_images=[], infotext_images=hidden),
+        r"made with 1 positive and 1 negative image prompt\(s\).* positive_images and "
+        r"negative_images, or set positive_weight and negative_weight to 0\.",
+    )
+    again = run(world, stored_request(infotext_images=hidden))
+    assert torch.equal(again.result, made.result)
+    # A side turned off by its weight needs no image; the other side's images still act.
+    positive_only = run(
+        world, stored_request(negative_images=[], negative_weight=0.0, infotext_images=hidden)
+    )
+    assert not torch.equal(positive_only.result, made.result)
+    params = positive_only.extra_generation_params
+    assert "NegIP positive images" in params
+    assert "NegIP negative images" not in params
+    # The UI drops the part with the references (its paste said to add the images again).
+    from lib_negip.args import DEFAULTS, FIELD_ORDER
+
+    values = [DEFAULTS[name] for name in FIELD_ORDER]
+    ui_request = stored_request(negative_images=[], infotext_images=hidden)
+    for name, value in {"enabled": True, **ui_request}.items():
+        values[FIELD_ORDER.index(name)] = value
+    p = make_p(None, world=world, is_api=False)
+    p.scripts = [(world.script, values)]
+    drawn = processing.process_images(p)
+    assert torch.equal(drawn, run(world, stored_request(negative_images=[])).result)
+
+
 # --------------------------------------------------------------------------------------------
 # Never silent where the image prompts cannot act
 

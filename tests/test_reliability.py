@@ -1349,6 +1349,19 @@ def _(lab: Lab) -> None:
     )
 
 
+@case(API, "an infotext made with storing off, restored without one side's images")
+def _(lab: Lab) -> None:
+    # It answered 200 with the negative side missing, under the infotext's settings.
+    fields = reference_fields(infotext_images="not stored: 1 positive / 1 negative")
+    fields["negative_images"] = []
+    lab.refused(
+        fields,
+        r"The infotext was made with 1 negative image prompt\(s\), which were not stored "
+        r"\(storing was off in Settings > Negative Image Prompt\), so it cannot give them back: "
+        r"send them in negative_images, or set negative_weight to 0\.",
+    )
+
+
 @case(API, "malformed stored image references")
 def _(lab: Lab) -> None:
     lab.refused(

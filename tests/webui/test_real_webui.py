@@ -1138,6 +1138,31 @@ def test_infotext_naming_a_deleted_stored_image_is_refused(server_log: ServerLog
     assert_same(pixels(infotext_only(text, [])), pixels(original))
 
 
+def test_infotext_made_with_storing_off_needs_its_images_sent_again(
+    server_log: ServerLog,
+) -> None:
+    """It counts its image prompts but cannot give them back: a restore that sends none for a
+    counted side is refused (it answered 200, drawn without that side), one that sends them
+    makes the same image."""
+    storing_off = {"sd_model_checkpoint": SD15, "negip_store_images": False}
+    original = generate(fields(), seed=4242, override_settings=storing_off)
+    text = infotext(original)
+    params = negip_params(text)
+    assert params["NegIP images"] == "1 positive / 1 negative"
+    assert stored_counts(params) == "0 positive / 0 negative"
+    expect_refused(
+        server_log,
+        [{"positive_images": [POSITIVE]}],
+        "made with 1 negative image prompt(s), which were not stored",
+        "send them in negative_images, or set negative_weight to 0",
+        infotext=text,
+    )
+    again = infotext_only(text, [{"positive_images": [POSITIVE], "negative_images": [NEGATIVE]}])
+    assert_same(pixels(again), pixels(original))
+    # A side set to weight 0 needs no image.
+    infotext_only(text, [{"positive_images": [POSITIVE], "negative_weight": 0}])
+
+
 def test_infotext_naming_a_malformed_reference_is_refused(server_log: ServerLog) -> None:
     text = f"Steps: 4, NegIP model: {BASE}, NegIP positive images: 12345"
     server_log.new_lines()
