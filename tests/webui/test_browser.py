@@ -693,6 +693,162 @@ def test_send_to_txt2img_names_a_malformed_value(
     assert len(ours) == 1, lines
 
 
+def api_twin(text: str, fields: dict[str, Any]) -> np.ndarray:
+    """The API's image for the UI result whose infotext is ``text``, with our ``fields``."""
+    answer = api(
+        "POST",
+        "/sdapi/v1/txt2img",
+        {
+            "prompt": "",
+            "negative_prompt": "",
+            "steps": 4,
+            "width": 64,
+            "height": 64,
+            "seed": int(negip_value(text, "Seed")),
+            "cfg_scale": 7,
+            "sampler_name": negip_value(text, "Sampler"),
+            "scheduler": negip_value(text, "Schedule type"),
+            "alwayson_scripts": {"Negative Image Prompt": {"args": [fields]}},
+        },
+    )
+    return decode(base64.b64decode(answer["images"][0]))
+
+
+def encoded(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def choose(page: Any, dropdown: str, value: str) -> None:
+    """Pick ``value`` in a gradio dropdown (one of its choices, or typed where it takes any)."""
+    page.fill(f"{dropdown} input", value)
+    page.keyboard.press("Enter")
+    page.locator(f"{dropdown} input").blur()
+    settle(page)
+    assert page.input_value(f"{dropdown} input") == value
+
+
+def set_number(page: Any, slider: str, value: float) -> None:
+    """A slider's value through the number box beside it."""
+    box = f"{slider} input[type=number]"
+    page.fill(box, str(value))
+    page.locator(box).blur()
+    settle(page)
+
+
+def test_blocks_mask_and_window_from_the_ui_equal_the_api(
+    page: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Round 2's controls set in the page (a block preset, typed block pairs, a mask upload, a
+    step window) make the image the API makes with the same fields, and the infotext says them."""
+    mask = tmp_path / "mask.png"
+    values = np.zeros((64, 64), dtype=np.uint8)
+    values[:, :32] = 255
+    Image.fromarray(values).save(mask)
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    upload(page, "txt2img", "negative", files["negative"])
+    plain = generate(page)
+    assert plain["image"], plain["log"]
+    choose(page, "#negip_txt2img_positive_layers", "style")
+    choose(page, "#negip_txt2img_negative_layers", "3:1, 6:0.5")
+    page.locator("#negip_txt2img_more .label-wrap").first.click()
+    page.wait_for_selector("#negip_txt2img_positive_mask", state="visible")
+    page.set_input_files("#negip_txt2img_positive_mask input[type=file]", str(mask))
+    page.wait_for_selector("#negip_txt2img_positive_mask img", state="attached")
+    settle(page)
+    set_number(page, "#negip_txt2img_negative_end", 0.5)
+    result = generate(page)
+    assert result["image"], result["log"]
+    text = result["infotext"]
+    assert negip_value(text, "NegIP positive layers") == "style"
+    assert 'NegIP negative layers: "3:1, 6:0.5"' in text, text
+    assert negip_value(text, "NegIP negative end") == "0.5"
+    assert REFERENCE.fullmatch(negip_value(text, "NegIP positive mask"))
+    assert "NegIP negative mask" not in text
+    ui_pixels = decode(fetch(page, result["image"]))
+    assert not np.array_equal(ui_pixels, decode(fetch(page, plain["image"])))
+    fields = {
+        "positive_images": [encoded(files["positive"])],
+        "negative_images": [encoded(files["negative"])],
+        "positive_layers": "style",
+        "negative_layers": "3:1, 6:0.5",
+        "positive_mask": encoded(mask),
+        "negative_end": 0.5,
+    }
+    assert np.array_equal(ui_pixels, api_twin(text, fields))
+
+
+def test_noise_negative_from_the_ui_equals_the_api(page: Any, files: dict[str, Path]) -> None:
+    """The noise slider and its type, set in the page with no negative image: the API's image
+    for the same fields, and the infotext names the noise and its seed."""
+    small_settings(page, seed=777)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    set_number(page, "#negip_txt2img_negative_noise", 0.6)
+    choose(page, "#negip_txt2img_negative_noise_type", "shuffle")
+    result = generate(page)
+    assert result["image"], result["log"]
+    text = result["infotext"]
+    assert negip_value(text, "NegIP negative noise") == "0.6"
+    assert negip_value(text, "NegIP noise type") == "shuffle"
+    assert negip_value(text, "NegIP noise seed") == "777"
+    assert "NegIP negative images" not in text
+    fields = {
+        "positive_images": [encoded(files["positive"])],
+        "negative_noise": 0.6,
+        "negative_noise_type": "shuffle",
+    }
+    ui_pixels = decode(fetch(page, result["image"]))
+    assert np.array_equal(ui_pixels, api_twin(text, fields))
+    without = api_twin(text, {"positive_images": [encoded(files["positive"])]})
+    assert not np.array_equal(ui_pixels, without)
+
+
+def test_settings_section_and_storing_off(
+    page: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
+    """The Settings tab's "Negative Image Prompt" section: storing switched off there (and
+    applied) makes an infotext that counts its images, whose paste then says to add them."""
+    assert api("GET", "/sdapi/v1/options")["negip_store_images"] is True
+    page.locator("#tabs > .tab-nav button", has_text="Settings").click()
+    page.locator("#settings .tab-nav button", has_text="Negative Image Prompt").click()
+    for key in ("negip_store_images", "negip_store_folder", "negip_images_in_memory"):
+        page.wait_for_selector(f"#setting_{key}", state="visible")
+    try:
+        page.uncheck("#setting_negip_store_images input[type=checkbox]")
+        settle(page)
+        page.click("#settings_submit")
+        page.wait_for_function(
+            "() => document.querySelector('#settings_result')?.innerText.includes('settings')"
+        )
+        assert api("GET", "/sdapi/v1/options")["negip_store_images"] is False
+        page.locator("#tabs > .tab-nav button", has_text="txt2img").first.click()
+        page.wait_for_selector("#tab_txt2img", state="visible")
+        small_settings(page)
+        open_accordion(page)
+        upload(page, "txt2img", "positive", files["positive"])
+        result = generate(page)
+        assert result["image"], result["log"]
+        assert negip_value(result["infotext"], "NegIP images") == "1 positive / 0 negative"
+        assert "NegIP positive images" not in result["infotext"]
+        png = tmp_path / "unstored.png"
+        png.write_bytes(fetch(page, result["image"]))
+    finally:
+        api("POST", "/sdapi/v1/options", {"negip_store_images": True})
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
+    send_png_to_txt2img(page, png)
+    page.wait_for_function(
+        "() => document.querySelector('#negip_txt2img_restore_status')"
+        ".innerText.includes('were not stored')"
+    )
+    status = page.eval_on_selector("#negip_txt2img_restore_status", "e => e.innerText")
+    assert "(1 positive, 0 negative)" in status, status
+    assert "add them to the sides again" in status, status
+    assert file_names(page, "txt2img", "positive") == []
+
+
 # ---------------------------------------------------------------------------------------------
 # img2img
 
