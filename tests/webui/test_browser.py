@@ -805,6 +805,56 @@ def test_noise_negative_from_the_ui_equals_the_api(page: Any, files: dict[str, P
     assert not np.array_equal(ui_pixels, without)
 
 
+def gallery_sources(page: Any, tab: str = "txt2img") -> list[str]:
+    return page.eval_on_selector_all(
+        f"#{tab}_gallery img", "imgs => [...new Set(imgs.map(i => i.src))]"
+    )
+
+
+def test_xyz_plot_axis_from_the_ui(
+    page: Any, files: dict[str, Path], server_log: ServerLog
+) -> None:
+    """The X/Y/Z plot script chosen in the page with our negative weight axis: a value no cell
+    can take stops it before any image with the reason in the page; "0, 1" draws the cells the
+    API draws for those weights."""
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    upload(page, "txt2img", "negative", files["negative"])
+    choose(page, "#tab_txt2img #script_list", "X/Y/Z plot")
+    xyz = "#script_txt2img_xyz_plot"
+    page.wait_for_selector(f"{xyz}_x_type", state="visible")
+    choose(page, f"{xyz}_x_type", "[NegIP] Negative weight")
+    page.check(f"{xyz}_include_lone_images input[type=checkbox]")
+    page.fill(f"{xyz}_x_values textarea", "0, 9")
+    settle(page)
+    refused = generate(page)
+    assert refused["image"] == "", refused
+    assert "Negative weight" in refused["log"], refused["log"]
+    assert "9" in refused["log"], refused["log"]
+    lines = server_log.new_lines()
+    assert any(line.startswith(OUR_ERROR_LINE) for line in lines), lines
+    page.fill(f"{xyz}_x_values textarea", "0, 1")
+    settle(page)
+    result = generate(page)
+    assert result["image"], result["log"]
+    page.wait_for_function(
+        "() => new Set([...document.querySelectorAll('#txt2img_gallery img')].map(i => i.src))"
+        ".size >= 3"
+    )
+    sources = gallery_sources(page)
+    assert len(sources) == 3, sources  # the grid, then each cell
+    text = result["infotext"]
+    cells = [decode(fetch(page, source)) for source in sources[1:]]
+    fields = {
+        "positive_images": [encoded(files["positive"])],
+        "negative_images": [encoded(files["negative"])],
+    }
+    for cell, weight in zip(cells, (0.0, 1.0), strict=True):
+        assert np.array_equal(cell, api_twin(text, {**fields, "negative_weight": weight}))
+    assert not np.array_equal(cells[0], cells[1])
+
+
 def test_settings_section_and_storing_off(
     page: Any, files: dict[str, Path], tmp_path: Path
 ) -> None:
