@@ -757,6 +757,10 @@ class _PixelBudget:
     def take(self, label: str, image: Image.Image) -> None:
         self.take_pixels(label, image.width * image.height)
 
+    def give_back(self, image: Image.Image) -> None:
+        """Return what :meth:`take` took for ``image`` (an image that turned out unused)."""
+        self.used -= image.width * image.height
+
     def take_pixels(self, label: str, pixels: int) -> None:
         self.used += pixels
         if self.used > self.limit:
@@ -826,6 +830,11 @@ def _parse_mask(name: str, value: Any, budget: _PixelBudget | None = None) -> Im
         strokes = None if drawn is None else _luminance(name, drawn)
         if strokes is not None and strokes.getbbox() is not None:
             return strokes
+        if drawn is not None:
+            # Nothing drawn: gradio's blank layer (the picture's size) was charged while it was
+            # decoded, and is let go before the picture is, so that it does not count twice.
+            budget.give_back(drawn)
+            del drawn, strokes
         value = value.get("image")
         if value is None:
             return None

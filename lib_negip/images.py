@@ -19,6 +19,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -91,6 +93,24 @@ def _decode_base64(text: str) -> bytes:
         raise ImageError(msg) from error
 
 
+def bomb_pixels(error: Exception) -> int:
+    """The pixel count Pillow names in its decompression bomb refusal (Pillow's text is the
+    only place it is given; a count beyond any limit when the text changes)."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return int(found[1]) if found else sys.maxsize
+
+
+def _too_large(error: Exception, max_pixels: int) -> str:
+    """Pillow's decompression bomb refusal, with the one limit that applies here (Pillow's
+    text names its own, higher limit)."""
+    pixels = bomb_pixels(error)
+    size = f" ({pixels:,} pixels)" if pixels != sys.maxsize else ""
+    return (
+        f"The image is too large to decode safely{size}; at most {max_pixels:,} pixels are "
+        "accepted. Send a smaller image (CLIP sees it at 224x224 anyway)."
+    )
+
+
 def decode_image(data: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode raw bytes, a base64 string or a data URL into a loaded PIL image.
 
@@ -111,11 +131,7 @@ def decode_image(data: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     try:
         image = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError as error:
-        msg = (
-            f"The image is too large to decode safely ({error}). Send an image of at most "
-            f"{max_pixels:,} pixels."
-        )
-        raise ImageError(msg) from error
+        raise ImageError(_too_large(error, max_pixels)) from error
     except UnidentifiedImageError as error:
         msg = (
             f"The data is not an image file Pillow can read: {len(raw)} bytes starting "
@@ -143,11 +159,7 @@ def decode_image(data: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     try:
         image.load()
     except Image.DecompressionBombError as error:
-        msg = (
-            f"The image is too large to decode safely ({error}). Send an image of at most "
-            f"{max_pixels:,} pixels."
-        )
-        raise ImageError(msg) from error
+        raise ImageError(_too_large(error, max_pixels)) from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         msg = (
             f"The {image.format or 'image'} file ({width}x{height}, {len(raw)} bytes) is truncated "

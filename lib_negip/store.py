@@ -23,6 +23,7 @@ from PIL import Image
 
 from lib_negip.cache import image_digest
 from lib_negip.errors import ArgumentError, ImageError
+from lib_negip.images import DEFAULT_MAX_PIXELS, bomb_pixels
 
 REFERENCE_LENGTH = 16
 _REFERENCE = re.compile(rf"^[0-9a-f]{{{REFERENCE_LENGTH}}}$")
@@ -35,6 +36,8 @@ PARTS: Mapping[str, str] = {
     "negative_mask": "negative mask",
 }
 _MASKS = ("positive_mask", "negative_mask")
+#: The most pixels a stored file may hold to be decoded when checked (as an uploaded image).
+MAX_STORED_PIXELS = DEFAULT_MAX_PIXELS
 
 
 def reference_of(image: Image.Image) -> str:
@@ -163,8 +166,31 @@ class ImageStore:
         try:
             with Image.open(self.path_of(reference)) as opened:
                 return opened.width * opened.height
+        except Image.DecompressionBombError as error:  # more than Pillow opens at all
+            return bomb_pixels(error)
         except (OSError, SyntaxError, ValueError):
             return 0
+
+    def unusable(self, reference: str, *, mask: bool = False) -> str | None:
+        """Why the stored file of ``reference`` cannot give its image back (missing, unreadable,
+        too large, changed: :meth:`load`'s message), or None when it can. A file checked
+        before and unchanged since is not decoded again."""
+        path = self.path_of(reference)
+        stat = _stat(path)
+        if stat is not None and _verified.get(path) == stat:
+            return None
+        pixels = self.pixels(reference)
+        if pixels > MAX_STORED_PIXELS:
+            return (
+                f"The stored image prompt {reference} in {self.shown_as} has {pixels:,} pixels; "
+                f"at most {MAX_STORED_PIXELS:,} are accepted: add the image again."
+            )
+        try:
+            self.load(reference, mask=mask)
+        except ImageError as error:
+            return str(error)
+        _verified[path] = stat
+        return None
 
     def load(self, reference: str, *, mask: bool = False) -> Image.Image:
         """The stored image of ``reference`` (RGB, or "L" for a mask), checked against it."""
@@ -174,6 +200,13 @@ class ImageStore:
         try:
             with Image.open(path) as opened:
                 image = opened.convert(mode) if opened.mode != mode else opened.copy()
+        except Image.DecompressionBombError as error:
+            msg = (
+                f"The stored image prompt {reference} in {self.shown_as} cannot be read (it "
+                f"has {bomb_pixels(error):,} pixels, too many to decode safely): add the image "
+                "again."
+            )
+            raise ImageError(msg) from None
         except FileNotFoundError:
             msg = (
                 f"The stored image prompt {reference} is not in the image prompt folder "

@@ -54,7 +54,12 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ),
     (r"\bGET /negip/v1/models\b", "the dropdown (press the refresh button after adding files)"),
     (r"\bthe ones listed by the dropdown\b", "the ones in the dropdown"),
-    (r": the next request finds it\b", " and press the refresh button beside the model list"),
+    # each dropdown has its own refresh button
+    (
+        r"(models/clip_vision): the next request finds it\b",
+        r"\1 and press the refresh button beside 'Image encoder'",
+    ),
+    (r": the next request finds it\b", " and press the refresh button beside 'IP-Adapter'"),
     (
         r"\s*Send the (?:image )?file's bytes base64-encoded(?:, optionally as a data URL "
         r"'data:image/png;base64,\.\.\.')?\.",

@@ -2109,13 +2109,13 @@ EMPTY_SLOT = {"image": None, "mask": None}  # gradio's empty image
             r"positive_images\[0\]",
             id="one-large",
         ),
-        pytest.param(  # an empty drawn layer was decoded but not counted, the image was
+        pytest.param(  # an empty drawn layer counts while it is decoded
             {
                 "positive_images": [b64()] * 4,
-                "negative_mask": {"image": solid(size=(2, 2)), "mask": solid((0, 0, 0), (1, 1))},
+                "negative_mask": {"image": solid(size=(2, 2)), "mask": solid((0, 0, 0), (5, 1))},
             },
-            r"negative_mask",
-            id="empty-drawn-layer-counts-too",
+            r"negative_mask \(drawn\)",
+            id="empty-drawn-layer-counts-while-decoded",
         ),
     ],
 )
@@ -2127,6 +2127,23 @@ def test_pixel_budget(fields: dict[str, Any], label: str) -> None:
     assert re.search(r"at most 100 ", message), message
     ui = caught.value.ui
     assert UI_FORBIDDEN.search(ui) is None, ui
+
+
+@pytest.mark.usefixtures("budget_100")
+def test_an_empty_drawn_layer_is_not_counted_twice() -> None:
+    """The UI's mask is gradio's sketch value: the picture and a blank layer of its size. The
+    layer, let go before the picture is decoded, is given back: the picture alone counts (a
+    mask of more than half the budget was refused in the UI, accepted by the API)."""
+    blank = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    args = parse_api_dict(
+        {
+            "model": "m",
+            "positive_images": [b64()] * 4,  # 96
+            "negative_mask": {"image": solid(size=(2, 2)), "mask": blank},  # 4 (+4 given back)
+        }
+    )
+    assert args.negative_mask is not None
+    assert args.negative_mask.size == (2, 2)
 
 
 @pytest.mark.usefixtures("budget_100")

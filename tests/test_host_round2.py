@@ -30,6 +30,7 @@ from test_host import (
     shared_models_path,
 )
 from test_reliability import SD2, residue
+from test_store import png_header
 from tiny_unets import CHUNK, SD15, SDXL, make_ldm_unet
 from webui_harness import (
     World,
@@ -1116,6 +1117,70 @@ def test_a_paste_with_missing_stored_images_switches_the_extension_off(
     complete = {"NegIP model": "tiny-base_sd15", "NegIP positive images": present}
     ui.on_infotext_pasted("", complete)
     assert ui.infotext_switch(complete) is True
+
+
+@pytest.mark.parametrize("damage", ["garbage", "other picture", "too large"])
+def test_a_paste_with_a_damaged_stored_file_switches_the_extension_off(
+    world: World, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """A stored image or mask whose file no longer gives its image back (unreadable, another
+    picture, more pixels than accepted) is not put into its box: the paste had raised from
+    ``restore_images`` (A1111 logged it, left the box as it was, and the API's restore answered
+    500 with the server's path) or put the other picture in under the restored reference."""
+    import gradio
+
+    from lib_negip.store import ImageStore
+    from lib_negip.webui import ui
+
+    monkeypatch.setattr(gradio, "update", lambda **kwargs: kwargs, raising=False)
+    store = ImageStore(store_folder())
+    image = store.save(POSITIVE)
+    mask = store.save(mask_image("a").convert("L"))
+    params = {
+        "NegIP model": "tiny-base_sd15",
+        "NegIP positive images": image,
+        "NegIP positive mask": mask,
+    }
+    for reference in (image, mask):
+        path = store_folder() / f"{reference}.png"
+        if damage == "garbage":
+            path.write_bytes(b"garbage, not a png")
+        elif damage == "other picture":
+            Image.new("RGB", (8, 8), (1, 2, 3)).save(path)
+        else:
+            path.write_bytes(png_header(9000, 9000))  # 81 M pixels, no data
+    ui.on_infotext_pasted("", params)
+    assert ui.infotext_switch(params) is False
+    assert ui.restore_images("positive_images", params) == {"value": None}
+    assert ui.restore_images("positive_mask", params) == {"value": None}
+    status = ui.restore_message(params)["value"]
+    assert "2 image prompt(s) of this infotext cannot be restored" in status, status
+    if damage == "too large":
+        assert "81,000,000 pixels; at most 67,108,864" in status, status
+    assert image in status, status
+    assert mask in status, status
+    assert str(store_folder()) not in status  # the folder as the data folder names it
+    assert "switch Negative Image Prompt on again" in status, status
+    assert UI_FORBIDDEN.search(status) is None, status
+    # The API's restore of the same infotext: 422 naming the reference, no server path.
+    error, _, _ = refused(
+        world,
+        stored_request(
+            positive_images=[],
+            positive_mask=None,
+            infotext_images=format_references(
+                {"positive_images": [image], "positive_mask": [mask]}
+            ),
+        ),
+        rf"stored (image prompt )?{image}",
+    )
+    assert str(store_folder()) not in str(error)
+    # Stored again by a generation with the images: the paste restores them.
+    run(world, stored_request(positive_mask=b64(mask_image("a"))))
+    again = {key: value for key, value in params.items() if key.startswith("NegIP")}
+    ui.on_infotext_pasted("", again)
+    assert ui.infotext_switch(again) is True
+    assert ui.restore_message(again) == {"value": ""}
 
 
 def test_stored_images_are_counted_and_budgeted_before_any_is_read(

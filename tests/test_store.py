@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -202,10 +204,33 @@ def _directory(path: Path) -> None:
     path.mkdir()
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` and whose pixel data is broken."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"\x78\x9c\x00")
+
+
+def _bomb(path: Path) -> None:
+    """A PNG header claiming 100000x100000 pixels: Pillow refuses to open it at all."""
+    path.write_bytes(png_header(100_000, 100_000))
+
+
+def _too_large(path: Path) -> None:
+    """A PNG header claiming 9000x9000 pixels: more than a stored file may hold."""
+    path.write_bytes(png_header(9000, 9000))
+
+
 UNREADABLE = [
     pytest.param(_garbage, id="garbage"),
     pytest.param(_truncated, id="truncated"),
     pytest.param(_directory, id="directory"),
+    pytest.param(_bomb, id="decompression-bomb"),
 ]
 
 
@@ -229,6 +254,48 @@ def test_unreadable_file_message_has_no_absolute_path(
     with pytest.raises(ImageError) as caught:
         store.load(reference)
     _assert_names_only(caught.value, reference, folder)
+
+
+def test_a_bomb_is_counted_from_its_header(store: ImageStore, folder: Path) -> None:
+    reference = store.save(pattern_image())
+    _bomb(folder / f"{reference}.png")
+    assert store.pixels(reference) == 10**10  # not 0: the pixel budget refuses it
+    assert "10,000,000,000 pixels" in store.unusable(reference)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [*UNREADABLE, pytest.param(_too_large, id="too-large"), pytest.param(None, id="changed")],
+)
+def test_unusable_says_why_as_load_does(store: ImageStore, folder: Path, spoil) -> None:
+    image = pattern_image()
+    reference = store.save(image)
+    path = folder / f"{reference}.png"
+    if spoil is None:
+        pattern_image(size=(5, 7)).save(path)
+    else:
+        spoil(path)
+    why = store.unusable(reference)
+    assert why is not None
+    assert reference in why
+    assert SHOWN in why
+    assert str(folder) not in why
+    if spoil is _too_large:
+        assert "81,000,000 pixels; at most 67,108,864" in why
+    if path.is_file():
+        store.save(image)  # stored again
+        assert store.unusable(reference) is None
+
+
+def test_unusable_decodes_an_unchanged_file_once(
+    store: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = store.save(pattern_image())
+    assert store.unusable(reference) is None  # known intact since it was saved
+    loads = []
+    monkeypatch.setattr(ImageStore, "load", lambda *a, **k: loads.append(a))
+    assert store.unusable(reference) is None
+    assert loads == []
 
 
 def test_saving_again_repairs_a_spoilt_file(store: ImageStore, folder: Path) -> None:

@@ -101,8 +101,15 @@ FOR_UI = [
     ),
     pytest.param(
         "Put the file into models/ipadapter: the next request finds it",
-        "Put the file into models/ipadapter and press the refresh button beside the model list",
+        "Put the file into models/ipadapter and press the refresh button beside 'IP-Adapter'",
         id="next-request-finds-it",
+    ),
+    pytest.param(
+        "there is no image encoder named 'x'. Put the file into models/clip_vision: the next "
+        "request finds it",
+        "there is no image encoder named 'x'. Put the file into models/clip_vision and press the "
+        "refresh button beside 'Image encoder'",
+        id="next-request-finds-the-encoder",
     ),
     pytest.param(
         "positive_images[0]: not valid base64. Send the file's bytes base64-encoded, optionally "

@@ -13,9 +13,11 @@ component whose value type converts the text (floats for the sliders, str for th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import html
+import re
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +27,7 @@ from lib_negip import args as negip_args
 from lib_negip import download, logger
 from lib_negip.errors import NegIPError
 from lib_negip.webui import TITLE, models
+from lib_negip.wording import for_ui
 
 REFRESH_SYMBOL = "\U0001f504"  # the refresh icon A1111's own model lists use
 SWAP_SYMBOL = "\u21c4"
@@ -585,17 +588,27 @@ def on_infotext_pasted(_infotext: str, params: dict[str, Any]) -> None:
             del params[key]
         params[RESTORE_ERROR] = request_error(error, for_ui=True).ui_message
         return
-    # Stored images that are gone: the rest is restored, but the switch goes off too, so that
-    # the next generation does not run without them (the API's restore answers 422 for them).
-    if _missing_images(params):
+    # Stored images that are gone or cannot give their image back: the rest is restored, but
+    # the switch goes off too, so that the next generation does not run without them (the
+    # API's restore answers 422 for them).
+    missing, unusable = _unrestorable_images(params)
+    if missing or unusable:
         params[RESTORE_MISSING] = True
 
 
-def _missing_images(params: dict[str, Any]) -> list[str]:
-    missing = []
-    for field in ("positive_images", "negative_images", "positive_mask", "negative_mask"):
-        missing += _stored_paths(field, params)[1]
-    return missing
+_IMAGE_FIELDS = ("positive_images", "negative_images", "positive_mask", "negative_mask")
+
+
+def _unrestorable_images(params: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """The references an infotext names that are not in the store, and those whose file
+    cannot give its image back (unreadable, too large, changed), with the reason."""
+    missing: list[str] = []
+    unusable: dict[str, str] = {}
+    for field in _IMAGE_FIELDS:
+        stored = _stored_paths(field, params)
+        missing += stored.missing
+        unusable |= stored.unusable
+    return missing, unusable
 
 
 def infotext_switch(params: dict[str, Any]) -> bool:
@@ -643,23 +656,39 @@ def _infotext_images(params: dict[str, Any]) -> str | None:
         )
 
 
-def _stored_paths(field: str, params: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(paths of the stored images an infotext names for ``field``, references missing)."""
+@dataclasses.dataclass
+class _Stored:
+    """What the store holds of the images an infotext names for one field."""
+
+    paths: list[str] = dataclasses.field(default_factory=list)  # intact files
+    missing: list[str] = dataclasses.field(default_factory=list)  # references without a file
+    unusable: dict[str, str] = dataclasses.field(default_factory=dict)  # reference -> why
+
+
+def _stored_paths(field: str, params: dict[str, Any]) -> _Stored:
+    """The stored files of the images an infotext names for ``field``, checked as the API's
+    restore checks them (``ImageStore.load``: readable, within the pixel limit, holding the
+    image of their reference): a paste must not put another picture into a box under the
+    reference of the one it restores."""
     from lib_negip.webui.generation import image_store
 
+    stored = _Stored()
     try:
         references = negip_args.infotext_references(params).get(field, ())
     except NegIPError:
-        return [], []
+        return stored
     store = image_store()
-    found, missing = [], []
     for reference in references:
         path = store.path_of(reference)
-        if path.is_file():
-            found.append(str(path))
+        if not path.is_file():
+            stored.missing.append(reference)
+            continue
+        why = store.unusable(reference, mask=field.endswith("_mask"))
+        if why is None:
+            stored.paths.append(str(path))
         else:
-            missing.append(reference)
-    return found, missing
+            stored.unusable[reference] = why
+    return stored
 
 
 def restore_images(field: str, params: dict[str, Any]) -> Any:
@@ -669,14 +698,18 @@ def restore_images(field: str, params: dict[str, Any]) -> Any:
 
     if RESTORE_ERROR in params or not _has_ours(params):
         return None
-    found, _ = _stored_paths(field, params)
+    found = _stored_paths(field, params).paths
     if field.endswith("_mask"):
         if not found:
             return gr.update(value=None)
         from PIL import Image
 
-        with Image.open(found[0]) as mask:
-            return gr.update(value=mask.convert("RGBA"))
+        try:  # checked above; changed since, it must not fail A1111's whole paste
+            with Image.open(found[0]) as mask:
+                return gr.update(value=mask.convert("RGBA"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            logger.exception("Negative Image Prompt: cannot restore the stored %s", field)
+            return gr.update(value=None)
     return gr.update(value=found or None)
 
 
@@ -705,9 +738,9 @@ def restore_message(params: dict[str, Any]) -> Any:
             f"{request_error(error, for_ui=True).ui_message}"
         )
         return gr.update(value=error_status(text))
-    missing = _missing_images(params)
+    missing, unusable = _unrestorable_images(params)
     counts = negip_args.infotext_image_counts(params)
-    if not missing and counts is not None and any(counts):
+    if not missing and not unusable and counts is not None and any(counts):
         # Made with storing off: the infotext counts the images but cannot give them back.
         text = (
             f"This infotext's image prompts ({counts[0]} positive, {counts[1]} negative) were "
@@ -715,18 +748,29 @@ def restore_message(params: dict[str, Any]) -> Any:
             "Prompt): add them to the sides again before generating."
         )
         return gr.update(value=error_status(text))
-    if not missing:
+    if not missing and not unusable:
         return gr.update(value="")
     from lib_negip.webui.settings import store_folder
 
     _, shown = store_folder()
-    text = (
-        f"{len(missing)} image prompt(s) of this infotext are not in {shown} "
-        f"({', '.join(missing)}): they were deleted or come from another installation. Add them "
-        "again before generating"
+    parts = []
+    if missing:
+        parts.append(
+            f"{len(missing)} image prompt(s) of this infotext are not in {shown} "
+            f"({', '.join(missing)}): they were deleted or come from another installation."
+        )
+    if unusable:
+        reasons = " ".join(
+            re.sub(r":\s*add the image again\.$", ".", for_ui(why)) for why in unusable.values()
+        )
+        parts.append(
+            f"{len(unusable)} image prompt(s) of this infotext cannot be restored: {reasons}"
+        )
+    parts.append(
+        "Add them again before generating"
         + (", and switch Negative Image Prompt on again." if RESTORE_MISSING in params else ".")
     )
-    return gr.update(value=error_status(text))
+    return gr.update(value=error_status(" ".join(parts)))
 
 
 def _choices(listing: Callable[..., list[str]], refresh: bool = False) -> list[str]:

@@ -654,6 +654,40 @@ def test_send_to_txt2img_names_a_deleted_stored_image(
     assert not page.is_checked("#negip_txt2img_enabled-checkbox input")
 
 
+def test_send_to_txt2img_names_a_changed_stored_image(
+    page: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
+    """A stored image prompt whose file now holds another picture is not put into the box
+    under its reference (it was, and Generate drew with the other picture): the accordion says
+    which, and the paste switches the extension off."""
+    folder = store_folder()
+    unique = random_png(tmp_path / "unique.png", 7003)  # only this test uses it
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", unique)
+    original = generate(page)
+    assert original["image"], original["log"]
+    png = tmp_path / "result.png"
+    png.write_bytes(fetch(page, original["image"]))
+    reference = negip_value(original["infotext"], "NegIP positive images")
+    random_png(folder / f"{reference}.png", 7004)
+
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
+    send_png_to_txt2img(page, png)
+    page.wait_for_function(
+        "ref => document.querySelector('#negip_txt2img_restore_status').innerText.includes(ref)",
+        arg=reference,
+    )
+    status = page.eval_on_selector("#negip_txt2img_restore_status", "e => e.innerText")
+    assert "cannot be restored" in status, status
+    assert "the file was changed" in status, status
+    assert str(folder) not in status, status
+    assert file_names(page, "txt2img", "positive") == []
+    assert "switch Negative Image Prompt on again" in status, status
+    assert not page.is_checked("#negip_txt2img_enabled-checkbox input")
+
+
 def test_send_to_txt2img_names_a_malformed_value(
     page: Any, tmp_path: Path, server_log: ServerLog
 ) -> None:

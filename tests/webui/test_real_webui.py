@@ -1138,6 +1138,32 @@ def test_infotext_naming_a_deleted_stored_image_is_refused(server_log: ServerLog
     assert_same(pixels(infotext_only(text, [])), pixels(original))
 
 
+@pytest.mark.parametrize("damage", ["garbage", "another picture"])
+def test_infotext_naming_a_damaged_stored_mask_is_refused(
+    server_log: ServerLog, damage: str
+) -> None:
+    """A stored mask whose file no longer holds it: 422 naming the reference (an unreadable
+    one answered HTTP 500 with the server's path, raised from the UI's restore function that
+    A1111 also runs for the API's infotext)."""
+    folder = store_folder()
+    mask = mask_png("left", size=48)  # only this test uses it
+    original = generate(fields(positive_mask=mask))
+    text = infotext(original)
+    reference = negip_params(text)["NegIP positive mask"]
+    stored = folder / f"{reference}.png"
+    assert stored.is_file()
+    if damage == "garbage":
+        stored.write_bytes(b"garbage, not a png")
+    else:
+        Image.new("L", (48, 48), 200).save(stored)
+    detail = expect_refused(server_log, [], reference, infotext=text)
+    assert str(folder) not in detail
+    # the mask given again is stored again: the infotext works again
+    given = generate([{"positive_mask": mask}], infotext=text)
+    assert_same(pixels(given), pixels(original))
+    assert_same(pixels(infotext_only(text, [])), pixels(original))
+
+
 def test_infotext_made_with_storing_off_needs_its_images_sent_again(
     server_log: ServerLog,
 ) -> None:
