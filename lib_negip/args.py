@@ -821,6 +821,9 @@ def _parse_mask(name: str, value: Any, budget: _PixelBudget | None = None) -> Im
     strokes win over the uploaded image), as an "L" image; None for none."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
+    if isinstance(value, image_io.UnreadableUpload):  # the UI's upload, see ui._tolerant
+        msg = f"{name}: {value.reason}"
+        raise ImageError(msg)
     if isinstance(value, (list, tuple)):
         msg = f"{name} must be one image (a base64 string or data URL), not a list."
         raise ArgumentError(msg)

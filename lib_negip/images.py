@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import re
 import sys
@@ -91,6 +92,28 @@ def _decode_base64(text: str) -> bytes:
             "data URL 'data:image/png;base64,...'."
         )
         raise ImageError(msg) from error
+
+
+@dataclasses.dataclass(frozen=True)
+class UnreadableUpload:
+    """What the UI hands over for an upload its own decoding could not read: why, in words
+    for the user (see :meth:`from_error`)."""
+
+    reason: str
+
+    @classmethod
+    def from_error(cls, error: Exception) -> UnreadableUpload:
+        if isinstance(error, Image.DecompressionBombError):
+            return cls(_too_large(error, DEFAULT_MAX_PIXELS))
+        if isinstance(error, UnidentifiedImageError):
+            return cls(
+                "The uploaded file is not an image file that can be read. Upload a PNG, JPEG "
+                "or WebP image."
+            )
+        return cls(
+            "The uploaded picture cannot be read (the file is damaged or incomplete). Save it "
+            "again and upload the new file."
+        )
 
 
 def bomb_pixels(error: Exception) -> int:

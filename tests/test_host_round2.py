@@ -1183,6 +1183,43 @@ def test_a_paste_with_a_damaged_stored_file_switches_the_extension_off(
     assert ui.restore_message(again) == {"value": ""}
 
 
+def test_a_mask_box_hands_over_what_its_decoding_could_not_read(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gradio decodes a mask upload before our code runs; a file it cannot decode failed the
+    request inside gradio (no reason in the page, later Generates hung). The mask boxes hand
+    the failure over, and the generation refuses it by the mask's name."""
+    import gradio
+    from PIL import UnidentifiedImageError
+
+    from lib_negip.images import UnreadableUpload
+    from lib_negip.webui import ui
+
+    class Box:
+        def preprocess(self, value):
+            if value == "broken":
+                raise UnidentifiedImageError("cannot identify image file <_io.BytesIO>")
+            return value
+
+    monkeypatch.setattr(gradio, "__version__", "3.41.2", raising=False)
+    monkeypatch.setattr(gradio, "Image", lambda **kwargs: Box(), raising=False)
+    box = ui._mask_input(gradio, "Positive mask", "negip_txt2img_positive_mask")
+    assert box.preprocess("fine") == "fine"
+    handed = box.preprocess("broken")
+    assert isinstance(handed, UnreadableUpload)
+    from lib_negip.args import DEFAULTS, FIELD_ORDER
+
+    values = [DEFAULTS[name] for name in FIELD_ORDER]  # the UI's components at Generate
+    for name, value in {"enabled": True, **fields_for(), "positive_mask": handed}.items():
+        values[FIELD_ORDER.index(name)] = value
+    p = make_p(None, world=world, is_api=False)
+    p.scripts = [(world.script, values)]
+    with pytest.raises(NegIPError) as raised:
+        processing.process_images(p)
+    assert "'Positive mask': The uploaded file is not an image file" in raised.value.ui_message
+    nothing_left(world.unet)
+
+
 def test_stored_images_are_counted_and_budgeted_before_any_is_read(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,10 +20,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from lib_negip.errors import ImageError
-from lib_negip.images import CLIP_MEAN, CLIP_STD, clip_preprocess, decode_image, to_rgb
+from lib_negip.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    UnreadableUpload,
+    clip_preprocess,
+    decode_image,
+    to_rgb,
+)
 
 A1111_PINS = os.environ.get("NEGIP_A1111_PINS") == "1"
 
@@ -458,3 +465,31 @@ def test_preprocess_errors() -> None:
         clip_preprocess([])
     with pytest.raises(ImageError, match=r"1x2000000.*224x448000000"):
         clip_preprocess([Image.new("L", (1, 2_000_000))])
+
+
+# --- an upload the UI's own decoding could not read ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (UnidentifiedImageError("cannot identify image file <_io.BytesIO>"), "not an image file"),
+        (
+            Image.DecompressionBombError("Image size (400000000 pixels) exceeds limit of ..."),
+            "too large to decode safely (400,000,000 pixels); at most 67,108,864",
+        ),
+        (OSError("image file is truncated"), "damaged or incomplete"),
+    ],
+)
+def test_unreadable_upload_says_why_in_the_users_words(error: Exception, expected: str) -> None:
+    from lib_negip.args import _parse_mask
+    from lib_negip.wording import UI_FORBIDDEN, for_ui
+
+    upload = UnreadableUpload.from_error(error)
+    assert expected in upload.reason
+    with pytest.raises(ImageError) as caught:
+        _parse_mask("positive_mask", upload)
+    message = for_ui(str(caught.value))
+    assert message.startswith("'Positive mask': "), message
+    assert UI_FORBIDDEN.search(message) is None, message
+    assert "BytesIO" not in message

@@ -25,6 +25,7 @@ from typing import Any
 
 from lib_negip import args as negip_args
 from lib_negip import download, logger
+from lib_negip import images as negip_images
 from lib_negip.errors import NegIPError
 from lib_negip.webui import TITLE, models
 from lib_negip.wording import for_ui
@@ -394,11 +395,30 @@ def _mask_input(gr: Any, label: str, element_id: str) -> Any:
         "elem_classes": ["negip-mask"],
     }
     if _gradio_major(gr) >= 4:
-        return gr.Image(**common)
+        return _tolerant(gr.Image(**common))
     try:
-        return gr.Image(source="upload", tool="sketch", **common)
+        return _tolerant(gr.Image(source="upload", tool="sketch", **common))
     except TypeError:  # a gradio that refuses them outright
-        return gr.Image(**common)
+        return _tolerant(gr.Image(**common))
+
+
+def _tolerant(component: Any) -> Any:
+    """``component`` whose own decoding of an upload hands over what went wrong instead of
+    raising. gradio decodes an image input before any of our code runs; a file it cannot decode
+    (not an image, empty, a decompression bomb) failed the whole request inside gradio, the page
+    stayed at "Waiting..." with no reason shown, and every later Generate of that page hung.
+    Now the generation refuses it by the mask's name, in the page like any other refusal."""
+    decode = component.preprocess
+
+    def preprocess(value: Any) -> Any:
+        try:
+            return decode(value)
+        except Exception as error:  # gradio's decoding, before any of ours
+            logger.info("Negative Image Prompt: an uploaded mask cannot be read (%r)", error)
+            return negip_images.UnreadableUpload.from_error(error)
+
+    component.preprocess = preprocess
+    return component
 
 
 def _gradio_major(gr: Any) -> int:

@@ -813,6 +813,39 @@ def test_blocks_mask_and_window_from_the_ui_equal_the_api(
     assert np.array_equal(ui_pixels, api_twin(text, fields))
 
 
+def test_an_unreadable_mask_upload_is_refused_in_the_page(
+    page: Any, files: dict[str, Path], tmp_path: Path, server_log: ServerLog
+) -> None:
+    """A file gradio cannot decode dropped on a mask box: Generate shows the reason in the page
+    (gradio's own decoding failed the request before: the page stayed at "Waiting..." with no
+    reason, and every later Generate of the page hung); a good mask then generates."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"garbage, not a png")
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 255).save(mask)
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    page.locator("#negip_txt2img_more .label-wrap").first.click()
+    page.wait_for_selector("#negip_txt2img_positive_mask", state="visible")
+    page.set_input_files("#negip_txt2img_positive_mask input[type=file]", str(broken))
+    page.wait_for_selector("#negip_txt2img_positive_mask img", state="attached")
+    settle(page)
+    refused = generate(page)
+    assert refused["image"] == "", refused
+    assert (
+        "'Positive mask': The uploaded file is not an image file that can be read"
+        in (refused["log"])
+    ), refused["log"]
+    lines = server_log.new_lines()
+    assert len([line for line in lines if line.startswith(OUR_ERROR_LINE)]) == 1, lines
+    page.set_input_files("#negip_txt2img_positive_mask input[type=file]", str(mask))
+    settle(page)
+    result = generate(page)
+    assert result["image"], result["log"]
+    assert REFERENCE.fullmatch(negip_value(result["infotext"], "NegIP positive mask"))
+
+
 def test_noise_negative_from_the_ui_equals_the_api(page: Any, files: dict[str, Path]) -> None:
     """The noise slider and its type, set in the page with no negative image: the API's image
     for the same fields, and the infotext names the noise and its seed."""
