@@ -124,3 +124,25 @@ def test_img2img_input_adds_the_picture_of_forges_canvas(page: Any, tmp_path: Pa
     names = click_add(page, "img2img", "positive", "input", 1)
     # gradio 4's file list shows the stem and the suffix in two elements ("<stem> .png")
     assert ["".join(name.split()) for name in names] == [expected], names
+
+
+def test_an_unreadable_mask_upload_is_refused_in_the_page(
+    page: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
+    """gradio 4 decodes a mask upload before our code runs, as gradio 3 does: a file that is
+    not a picture is refused by the mask's name in the page, not lost inside gradio."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"garbage, not a png")
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    page.locator("#negip_txt2img_more .label-wrap").first.click()
+    page.wait_for_selector("#negip_txt2img_positive_mask", state="visible")
+    page.set_input_files("#negip_txt2img_positive_mask input[type=file]", str(broken))
+    page.wait_for_timeout(2000)  # gradio 4 uploads the file before Generate can send it
+    result = generate(page)
+    assert result["image"] == "", result
+    assert (
+        "'Positive mask': The uploaded file is not an image file that can be read"
+        in (result["log"])
+    ), result["log"]
