@@ -408,7 +408,9 @@ def _tolerant(component: Any) -> Any:
     (not an image, empty, a decompression bomb) failed the whole request inside gradio, the page
     stayed at "Waiting..." with no reason shown, and every later Generate of that page hung.
     Now the generation refuses it by the mask's name, in the page like any other refusal."""
-    decode = component.preprocess
+    decode = getattr(component, "preprocess", None)
+    if decode is None:  # not a gradio component as we know them: left as it is
+        return component
 
     def preprocess(value: Any) -> Any:
         try:
