@@ -216,6 +216,8 @@ class ModelEntry:
     error: str | None  # why it cannot be used; None when its spec was detected
     error_type: type[NegIPError] = field(default=ModelFileError, repr=False, compare=False)
     _hashes: _HashCache | None = field(default=None, repr=False, compare=False)
+    #: (size, mtime) of the config.json read with an encoder's weights; None for adapters
+    config_stamp: tuple[int, int] | None = field(default=None, repr=False)
 
     @property
     def file_name(self) -> str:
@@ -282,6 +284,11 @@ class EncoderEntry(ModelEntry):
     """An image encoder file and its detected :class:`EncoderSpec` (None when ``error``)."""
 
     spec: EncoderSpec | None = None
+
+    def changed_on_disk(self) -> bool:
+        """Also when its config.json changed: it decides the encoder's head and activation, so
+        an edited config makes another encoder from the same weights."""
+        return super().changed_on_disk() or config_stamp(self.path.parent) != self.config_stamp
 
     def usable_spec(self) -> EncoderSpec:
         """The spec; raises the recorded error for a file that cannot be used."""
@@ -530,6 +537,13 @@ def _config_stat(current: Path) -> os.stat_result | None:
         if stat is not None:
             return stat
     return None
+
+
+def config_stamp(folder: Path) -> tuple[int, int] | None:
+    """(size, mtime) of the encoder config in ``folder`` (None without one): part of what an
+    encoder is, beside its weights file."""
+    stat = _config_stat(Path(folder))
+    return None if stat is None else (stat.st_size, stat.st_mtime_ns)
 
 
 def _order(found: _Found) -> tuple[Any, ...]:
@@ -805,6 +819,7 @@ class ModelRegistry:
             "path": item.path,
             "size": item.stat.st_size,
             "mtime_ns": item.stat.st_mtime_ns,
+            "config_stamp": (config.st_size, config.st_mtime_ns) if config else None,
             "error": error,
             "error_type": error_type,
             "_hashes": self._hashes,
@@ -927,7 +942,7 @@ class ModelRegistry:
             if official
             else ""
         )
-        return f"{adapter_label} needs {need}, but {have}: {where} and press refresh{auto}"
+        return f"{adapter_label} needs {need}, but {have}: {where}; {_FOUND_NEXT}{auto}"
 
     def _unknown_message(self, name: str, kind: str, entries: Sequence[ModelEntry]) -> str:
         names = [e.name for e in entries]

@@ -56,7 +56,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     (r"\bthe ones listed by the dropdown\b", "the ones in the dropdown"),
     # each dropdown has its own refresh button
     (
-        r"(models/clip_vision): the next request finds it\b",
+        r"(models/clip_vision\S*)[:;] the next request finds it\b",
         r"\1 and press the refresh button beside 'Image encoder'",
     ),
     (r": the next request finds it\b", " and press the refresh button beside 'IP-Adapter'"),
@@ -87,7 +87,8 @@ _BARE_CLASS_NAME = re.compile(r"\b[A-Z]\w*(?:Error|Exception)\b")
 _SNAKE_FIELDS = sorted((name for name in FIELD_LABELS if "_" in name), key=len, reverse=True)
 # snake_case names are unambiguous anywhere; "model", "combine" and "enabled" are also plain
 # words, replaced only where they name the field ("model: ...", "combine must be ...").
-_FIELDS = re.compile(r"(?<![\w'\"])(" + "|".join(map(re.escape, _SNAKE_FIELDS)) + r")(?![\w'\"])")
+# (not in a path: h94's folder "models/image_encoder" is no field)
+_FIELDS = re.compile(r"(?<![\w'\"/])(" + "|".join(map(re.escape, _SNAKE_FIELDS)) + r")(?![\w'\"/])")
 _WORD_FIELDS = re.compile(r"(?:^|(?<=[.;]\s))(model|combine|enabled)(?=:| must\b| is\b)")
 
 

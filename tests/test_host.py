@@ -515,6 +515,61 @@ def test_adapter_replaced_under_its_name_is_checked_loaded_and_named_as_the_new_
     assert len(loaded) == 1  # the old file's load is gone, not kept until evicted
 
 
+def test_adapter_replaced_by_an_older_file_is_named_as_the_new_file(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``mv`` of an earlier download (or ``cp -p``, ``rsync -t``, an unpacked archive) puts a
+    file OLDER than the one it replaces: A1111's hash cache, which hashes again only newer
+    files, kept the old file's hash, and the infotext named the old file."""
+    import os
+
+    folder = Path(shared_models_path()) / "ipadapter"
+    target = folder / "tiny-base_sd15.safetensors"
+    first = generation(world, default_fields())
+    assert first.extra_generation_params["NegIP model"] == (
+        f"tiny-base_sd15 [{_short_sha256(target)}]"
+    )
+    older = folder.parent / "older.safetensors"
+    older.write_bytes((folder / "tiny-plus_sd15.safetensors").read_bytes())
+    stat = target.stat()
+    os.utime(older, ns=(stat.st_atime_ns - 10**12, stat.st_mtime_ns - 10**12))
+    os.replace(older, target)
+    after = generation(world, default_fields())
+    assert after.extra_generation_params["NegIP model"] == (
+        f"tiny-base_sd15 [{_short_sha256(target)}]"
+    )
+    assert _short_sha256(target) not in first.extra_generation_params["NegIP model"]
+    # a restore naming the old file's hash gets the console's warning (docs/ui.md): the file
+    # of that name now has another hash
+    old_label = first.extra_generation_params["NegIP model"]
+    caplog.clear()
+    generation(world, default_fields(model=old_label))
+    assert any("has the hash" in record.getMessage() for record in caplog.records), caplog.text
+
+
+def test_an_edited_encoder_config_makes_the_next_generation_load_it_again(world: World) -> None:
+    """The config.json beside an encoder's weights decides its head and activation: edited
+    with the weights untouched, the running server kept the encoder (and the features) it had
+    loaded, so the same request gave another image after a restart."""
+    import json
+    import os
+
+    config_path = Path(shared_models_path()) / "clip_vision" / "tiny-vit" / "config.json"
+    config = json.loads(config_path.read_text())
+    before = generation(world, default_fields())
+    assert config["hidden_act"] == "gelu"
+    edited = {**config, "hidden_act": "quick_gelu"}
+    config_path.write_text(json.dumps(edited))
+    stat = config_path.stat()
+    os.utime(config_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later write
+    after = generation(world, default_fields())
+    assert not torch.equal(after.result, before.result)
+    models.MODELS.clear()  # what a restart would load
+    models.MODELS.registry(refresh=True)
+    fresh = generation(world, default_fields())
+    assert torch.equal(after.result, fresh.result)
+
+
 def test_a_model_file_put_in_after_a_refusal_is_found_without_a_refresh(world: World) -> None:
     """The refusal tells an API caller to put a file into models/ipadapter; the next request
     must find it without anything that rescans first (seen in a real A1111: the request kept

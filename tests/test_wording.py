@@ -112,6 +112,16 @@ FOR_UI = [
         id="next-request-finds-the-encoder",
     ),
     pytest.param(
+        "x needs the ViT-H-14 image encoder, but no image encoder is installed: put X (h94/"
+        "IP-Adapter models/image_encoder: model.safetensors and config.json) into "
+        "models/clip_vision/X/; the next request finds it, or enable the automatic download",
+        "x needs the ViT-H-14 image encoder, but no image encoder is installed: put X (h94/"
+        "IP-Adapter models/image_encoder: model.safetensors and config.json) into "
+        "models/clip_vision/X/ and press the refresh button beside 'Image encoder', or enable "
+        "the automatic download",
+        id="no-encoder-folder-is-not-a-field",
+    ),
+    pytest.param(
         "positive_images[0]: not valid base64. Send the file's bytes base64-encoded, optionally "
         "as a data URL 'data:image/png;base64,...'.",
         "positive image 1: not valid base64. Upload the image again (PNG, JPEG or WebP).",

@@ -150,8 +150,10 @@ class Models:
 
     def encoder(self, path: Path) -> tuple[Any, tuple]:
         from lib_negip.encoder import load_image_encoder
+        from lib_negip.registry import config_stamp
 
-        key = _file_key(path)
+        # the config.json beside the weights is part of the encoder (its head, its activation)
+        key = (*_file_key(path), config_stamp(path.parent))
         encoder = self.encoders.get(key)
         if encoder is None:
             self.file_reads += 1
@@ -167,7 +169,7 @@ class Models:
         self.features.clear()
 
 
-def _evict_older_versions(cache: LRUCache, key: tuple[str, int, int]) -> None:
+def _evict_older_versions(cache: LRUCache, key: tuple[Any, ...]) -> None:
     """Drop what was loaded from ``key``'s path before the file was replaced (another size or
     mtime): no request can use it again."""
     for old in cache.keys():  # noqa: SIM118 (a copy: entries are evicted in the loop)
@@ -176,12 +178,32 @@ def _evict_older_versions(cache: LRUCache, key: tuple[str, int, int]) -> None:
 
 
 def _a1111_hash(path: Path) -> str | None:
-    """sha256 through A1111's hash cache (cache.json): each file is hashed once, ever; None
-    with --no-hashing. A1111 keys that cache by title alone, so the title is the file's real
-    path: encoders in folders are all called model.safetensors."""
+    """sha256 through A1111's hash cache (cache/hashes, cache.json before 1.8): each file is
+    hashed once; None with --no-hashing. A1111 keys that cache by title alone, so the title is
+    the file's real path: encoders in folders are all called model.safetensors."""
     from modules import hashes
 
-    return hashes.sha256(str(path), f"negip/{os.path.realpath(path)}")
+    title = f"negip/{os.path.realpath(path)}"
+    _forget_if_replaced(hashes, path, title)
+    return hashes.sha256(str(path), title)
+
+
+def _forget_if_replaced(hashes: Any, path: Path, title: str) -> None:
+    """Drop the cached hash of ``title`` unless it was computed for the file's mtime. A1111
+    hashes a file again only when it is NEWER than the one hashed: a file replaced by an older
+    one (``mv`` of an earlier download, ``cp -p``, ``rsync -t``, an unpacked archive) kept the
+    replaced file's hash, so the infotext named the old file and a restore's hash check read it
+    too. (The registry's own cache already tells files apart by size and mtime.)"""
+    cache = getattr(hashes, "cache", None)
+    if not callable(cache):
+        return
+    try:
+        entries = cache("hashes")
+        cached = entries.get(title)
+        if isinstance(cached, dict) and cached.get("mtime") != os.path.getmtime(path):
+            del entries[title]
+    except (OSError, KeyError, TypeError, AttributeError):
+        return  # the file is gone (the hash then fails by itself), or another cache layout
 
 
 def _split_dirs(value: str, base: Path) -> list[Path]:

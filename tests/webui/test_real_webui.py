@@ -481,6 +481,43 @@ def test_model_label_with_hash_is_accepted(with_images: dict) -> None:
     assert_same(pixels(generate(fields(model=label))), pixels(with_images))
 
 
+def server_models_folder(kind: str) -> Path:
+    """The server's models/<kind> folder, when this machine can see it."""
+    status, flags = call("GET", "/sdapi/v1/cmd-flags")
+    assert status == 200
+    folder = Path(flags.get("data_dir") or ".") / "models" / kind
+    if not folder.is_dir():
+        pytest.skip(f"the server's {kind} folder {folder} is not on this machine")
+    return folder
+
+
+def test_adapter_replaced_by_an_older_file_is_named_as_the_new_file(with_images: dict) -> None:
+    """``mv`` of an earlier download puts a file older than the one it replaces: A1111's hash
+    cache hashes again only newer files, and kept naming the replaced file in the infotext."""
+    import hashlib
+    import os
+
+    folder = server_models_folder("ipadapter")
+    target = folder / "negip-probe-replaced.safetensors"
+    older = folder / "negip-probe-older.tmp"
+    try:
+        target.write_bytes((folder / f"{BASE}.safetensors").read_bytes())
+        first = negip_params(infotext(generate(fields(model="negip-probe-replaced"))))
+        short = hashlib.sha256(target.read_bytes()).hexdigest()[:10]
+        assert first["NegIP model"] == f"negip-probe-replaced [{short}]"
+        older.write_bytes((folder / f"{PLUS}.safetensors").read_bytes())
+        stat = target.stat()
+        os.utime(older, ns=(stat.st_atime_ns - 10**12, stat.st_mtime_ns - 10**12))
+        os.replace(older, target)
+        after = generate(fields(model="negip-probe-replaced"))
+        short = hashlib.sha256(target.read_bytes()).hexdigest()[:10]
+        assert negip_params(infotext(after))["NegIP model"] == f"negip-probe-replaced [{short}]"
+        assert_same(pixels(after), pixels(generate(fields(model=PLUS))))
+    finally:
+        target.unlink(missing_ok=True)
+        older.unlink(missing_ok=True)
+
+
 def xyz_args(
     x_label: str, values: str = "", dropdown: list | None = None, *, text_inputs: bool = False
 ) -> list:
