@@ -518,6 +518,73 @@ def test_adapter_replaced_by_an_older_file_is_named_as_the_new_file(with_images:
         older.unlink(missing_ok=True)
 
 
+def write_tiny_lora(path: Path, projections: tuple[str, ...], seed: int = 11) -> None:
+    """A LoRA for the harness's tiny SD1.5 on the given projections of every attn2 layer, in
+    kohya's key names (``lora_unet_<compvis module path>``), which A1111's Lora loads."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, flags = call("GET", "/sdapi/v1/cmd-flags")
+    checkpoints = Path(
+        flags.get("ckpt_dir") or Path(flags["data_dir"]) / "models" / "Stable-diffusion"
+    )
+    checkpoint = checkpoints / f"{SD15}.safetensors"
+    if not checkpoint.is_file():
+        pytest.skip(f"the tiny SD1.5 checkpoint {checkpoint} is not on this machine")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    with safe_open(str(checkpoint), "pt") as weights:
+        for key in weights.keys():  # noqa: SIM118 (a safetensors file, not a dict)
+            module = key.removeprefix("model.diffusion_model.").removesuffix(".weight")
+            if ".attn2." not in key or not key.endswith(".weight"):
+                continue
+            if module.rsplit(".attn2.", 1)[1] not in projections:
+                continue
+            out_features, in_features = weights.get_slice(key).get_shape()
+            name = "lora_unet_" + module.replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = torch.randn(4, in_features, generator=generator)
+            tensors[f"{name}.lora_up.weight"] = torch.randn(out_features, 4, generator=generator)
+            tensors[f"{name}.alpha"] = torch.tensor(4.0)
+    assert tensors, "no attn2 projection found in the checkpoint"
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["lora-patches-weights", "functional"])
+def test_a_lora_on_the_projections_our_term_reads_still_acts(functional: bool) -> None:
+    """A1111's Lora patches nn.Linear's forward; the image term is computed from the outputs of
+    attn2's to_q and to_out.0, whose forward we wrap per instance: a LoRA on exactly those must
+    still act with image prompts on (both of A1111's modes: weights patched in place, or the
+    LoRA computed at each call), and weight 0 must equal the LoRA alone bit for bit."""
+    folder = server_models_folder("Lora")
+    name = "negip-probe-lora"
+    path = folder / f"{name}.safetensors"
+    settings = {"sd_model_checkpoint": SD15, "lora_functional": functional}
+    try:
+        write_tiny_lora(path, ("to_q", "to_out.0"))
+        status, _ = call("POST", "/sdapi/v1/refresh-loras")
+        assert status == 200
+        prompt = f"a house <lora:{name}:1>"
+        lora_only = pixels(generate(None, prompt=prompt, override_settings=settings))
+        plain = pixels(generate(None, prompt="a house", override_settings=settings))
+        assert_differs(lora_only, plain)  # the LoRA acts
+        both = pixels(generate(fields(), prompt=prompt, override_settings=settings))
+        images_only = pixels(generate(fields(), prompt="a house", override_settings=settings))
+        assert_differs(both, lora_only)  # the image prompts act with the LoRA
+        assert_differs(both, images_only)  # ... and the LoRA with them
+        again = pixels(generate(fields(), prompt=prompt, override_settings=settings))
+        assert_same(again, both)
+        zero = fields(positive_weight=0.0, negative_weight=0.0)
+        assert_same(pixels(generate(zero, prompt=prompt, override_settings=settings)), lora_only)
+        # the LoRA off again: the image prompts' own image, bit for bit
+        assert_same(
+            pixels(generate(fields(), prompt="a house", override_settings=settings)), images_only
+        )
+    finally:
+        path.unlink(missing_ok=True)
+        call("POST", "/sdapi/v1/refresh-loras")
+
+
 def xyz_args(
     x_label: str, values: str = "", dropdown: list | None = None, *, text_inputs: bool = False
 ) -> list:
