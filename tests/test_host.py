@@ -249,6 +249,31 @@ def test_hires_second_pass_only(world: World) -> None:
     assert p.extra_generation_params["NegIP hires pass"] == "second"
 
 
+def test_upscale_of_a_result_with_the_first_pass_only_is_no_failure(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """txt2img's "upscale" of a result (✨) gives the result as the first pass and samples only
+    Hires. fix's: image prompts set for the first pass have nothing to do there. It was logged
+    as a warning that no step had them ("the pass they are set for ran no step")."""
+    fields = default_fields(hires_pass="first", positive_end=1.0, negative_start=0.0)
+    caplog.set_level("INFO", logger="negip")
+    p = generation(world, fields, enable_hr=True, firstpass_image=object())
+    assert world.calls
+    assert all(c.hires for c in world.calls)
+    assert all(c.denoiser.calls[c.index][1] == 77 for c in world.calls)  # nothing appended
+    assert p.extra_generation_params["NegIP hires pass"] == "first"  # the result's first pass
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [], [r.getMessage() for r in warnings]
+    assert "samples only the Hires. fix pass" in caplog.text
+    plain = generation(
+        world,
+        {**fields, "positive_weight": 0.0, "negative_weight": 0.0},
+        enable_hr=True,
+        firstpass_image=object(),
+    )
+    assert torch.equal(p.result, plain.result)
+
+
 def test_hires_second_without_hires_fix_fails_loudly(world: World) -> None:
     with pytest.raises(Exception, match=r"Hires\. fix is off") as raised:
         generation(world, default_fields(hires_pass="second"))

@@ -151,6 +151,9 @@ class Generation:
         self.infotext = infotext  # written at post_sample, when the image prompts acted
         self.callback_calls = 0
         self.watch: CallbackWatch | None = None
+        # txt2img's "upscale" of a result (✨) samples only the Hires. fix pass, on the result
+        # given as its first pass: image prompts set for the first pass have nothing to do.
+        self.first_pass_given = False
 
     @classmethod
     def end(cls) -> None:
@@ -320,6 +323,11 @@ def start(p: Any, args: Any) -> None:
         noise_seed=noise_seed,
     )
     generation = Generation(p, session, infotext)
+    generation.first_pass_given = (
+        args.hires_pass == "first"
+        and bool(getattr(p, "enable_hr", False))
+        and getattr(p, "firstpass_image", None) is not None
+    )
     with Generation.lock:
         Generation.current = generation
     # Kept on p (A1111's p is an unhashable dataclass) until its postprocess: see before_batch.
@@ -721,6 +729,11 @@ def post_sample(p: Any) -> None:
         logger.warning(
             "Negative Image Prompt: the image prompts did not reach the UNet in this batch; "
             "its infotext does not name them"
+        )
+    elif generation.first_pass_given and not session.appended_in_batch:
+        logger.info(
+            "Negative Image Prompt: the image prompts are set for the first pass only, and "
+            "this upscale of a result samples only the Hires. fix pass"
         )
     elif not session.appended_in_batch and not session.idle_by_choice:
         logger.warning(

@@ -57,10 +57,13 @@ class Processing:
     is_api: bool = True  # A1111 marks API requests; the UI's are False (answers in UI words)
     n_iter: int = 1  # batch count: the batches sample the same latent again
     init_images: Any = None  # img2img's pictures (A1111's img2img processing has them)
+    firstpass_image: Any = None  # txt2img's upscale of a result (✨): the first pass is given
 
     def sample(self, x):
-        """What A1111's ``p.sample`` does here: the first pass, then hires fix's second."""
-        x = sample(self, self.steps, x)
+        """What A1111's ``p.sample`` does here: the first pass (unless given), then hires
+        fix's second."""
+        if self.firstpass_image is None or not self.enable_hr:
+            x = sample(self, self.steps, x)
         if self.enable_hr:
             self.is_hr_pass = True
             x = sample(self, self.hr_steps, x)
