@@ -841,6 +841,41 @@ def test_xyz_axis_with_the_extension_disabled_fails_loudly(world: World) -> None
     processing.process_images(plain)
 
 
+def test_xyz_axes_are_added_when_the_script_loads(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --nowebui, A1111 builds the scripts' UI while it makes the API, before the
+    before_ui callbacks run: the X/Y/Z plot's axis list (which its API indexes) was made
+    without ours, so an API plot could not use them. The plot's script loads before any
+    extension's, so ours are added when our script loads; before_ui adds none twice."""
+    from types import SimpleNamespace
+
+    from modules import scripts
+    from webui_harness import load_entry_script
+
+    def axis_option(label, kind, apply, confirm=None, choices=None):
+        return SimpleNamespace(label=label, type=kind, apply=apply, confirm=confirm)
+
+    plot = SimpleNamespace(
+        axis_options=[],
+        AxisOption=axis_option,
+        process_images=lambda p: p,
+        draw_xyz_grid=lambda *args, **kwargs: None,
+    )
+    plot_class = type("Script", (), {"__module__": "xyz_grid.py"})
+    monkeypatch.setattr(
+        scripts, "scripts_data", [SimpleNamespace(script_class=plot_class, module=plot)]
+    )
+    try:
+        load_entry_script()
+        labels = [option.label for option in plot.axis_options]
+        assert labels == [label for label, _kind, _field in xyz.XYZ_AXES]
+        script_callbacks.run("before_ui")
+        assert [option.label for option in plot.axis_options] == labels
+    finally:
+        xyz.CELL_REFUSALS.remove()
+
+
 def test_xyz_axes_check_every_value_before_the_plot_starts(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -84,6 +84,10 @@ def register() -> None:
     _on("ui_settings", on_ui_settings)
     _on("app_started", on_app_started)
     _on("before_ui", register_xyz_axes)
+    # Now too: with --nowebui, A1111 builds the scripts' UI (the X/Y/Z plot's list of axes, which
+    # its API indexes) while it makes the API, before the before_ui callbacks run. The plot's
+    # script is loaded before any extension's; the callback adds nothing twice.
+    register_xyz_axes()
     _on("script_unloaded", shutdown)
     from lib_negip.webui import ui
 
