@@ -329,7 +329,14 @@ def generate(page: Any, tab: str = "txt2img") -> dict[str, str]:
         timeout=GENERATION_TIMEOUT_MS,
     )
     source = gallery_source(page, tab)
-    if source == before:
+    failed = page.evaluate(
+        """([tab, logBefore]) => {
+            const log = document.querySelector(`#html_log_${tab}`);
+            return !!log && log.innerHTML !== logBefore && !!log.querySelector('.error');
+        }""",
+        [tab, log_before],
+    )
+    if source == before or failed:  # (after an error the gallery may be emptied: a "new" URL)
         source = ""
     else:  # the infotext is written together with the gallery
         page.wait_for_function(
