@@ -29,8 +29,8 @@ from test_host import (
     pos_window_weight,
     shared_models_path,
 )
+from test_images import png_header
 from test_reliability import SD2, residue
-from test_store import png_header
 from tiny_unets import CHUNK, SD15, SDXL, make_ldm_unet
 from webui_harness import (
     World,

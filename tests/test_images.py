@@ -142,7 +142,7 @@ def test_decode_truncated_file(fmt: str) -> None:
         decode_image(data[: len(data) * 2 // 3])
 
 
-def _png_header(width: int, height: int) -> bytes:
+def png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` and whose pixel data is broken."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -158,7 +158,7 @@ def test_decode_refuses_large_images_before_decoding() -> None:
     # 70 megapixels (below Pillow's own warning threshold): the pixel data is broken, so
     # decoding it first would report truncation instead of the size
     with pytest.raises(ImageError, match=r"10000x7000 = 70,000,000 pixels; at most 67,108,864"):
-        decode_image(_png_header(10000, 7000))
+        decode_image(png_header(10000, 7000))
     with pytest.raises(ImageError, match=r"200x100 = 20,000 pixels; at most 19,999"):
         decode_image(png_bytes(Image.new("L", (200, 100))), max_pixels=19_999)
     assert decode_image(png_bytes(Image.new("L", (200, 100))), max_pixels=20_000).size == (200, 100)
@@ -168,7 +168,7 @@ def test_decode_pillow_decompression_bomb_error() -> None:
     # 10^10 pixels: Pillow itself raises DecompressionBombError while opening. The message
     # names our limit only (Pillow's text named its own, 178,956,970 pixels, beside it).
     with pytest.raises(ImageError) as caught:
-        decode_image(_png_header(100_000, 100_000))
+        decode_image(png_header(100_000, 100_000))
     assert str(caught.value) == (
         "The image is too large to decode safely (10,000,000,000 pixels); at most 67,108,864 "
         "pixels are accepted. Send a smaller image (CLIP sees it at 224x224 anyway)."

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_images import png_header
 
 from lib_negip.errors import ArgumentError, ImageError
 from lib_negip.store import (
@@ -202,18 +201,6 @@ def _truncated(path: Path) -> None:
 def _directory(path: Path) -> None:
     path.unlink()
     path.mkdir()
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` and whose pixel data is broken."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"\x78\x9c\x00")
 
 
 def _bomb(path: Path) -> None:

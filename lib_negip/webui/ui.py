@@ -578,7 +578,7 @@ def infotext_fields(
         for key, field in negip_args.INFOTEXT_FIELDS
         if not (is_img2img and field in TXT2IMG_ONLY)
     ]
-    for field in ("positive_images", "negative_images", "positive_mask", "negative_mask"):
+    for field in negip_args.IMAGE_FIELDS + negip_args.MASK_FIELDS:
         fields.append((components[field], functools.partial(restore_images, field)))
     fields.append((components["infotext_images"], _infotext_images))
     if restore_status is not None:
@@ -618,15 +618,12 @@ def on_infotext_pasted(_infotext: str, params: dict[str, Any]) -> None:
         params[RESTORE_MISSING] = True
 
 
-_IMAGE_FIELDS = ("positive_images", "negative_images", "positive_mask", "negative_mask")
-
-
 def _unrestorable_images(params: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     """The references an infotext names that are not in the store, and those whose file
     cannot give its image back (unreadable, too large, changed), with the reason."""
     missing: list[str] = []
     unusable: dict[str, str] = {}
-    for field in _IMAGE_FIELDS:
+    for field in negip_args.IMAGE_FIELDS + negip_args.MASK_FIELDS:
         stored = _stored_paths(field, params)
         missing += stored.missing
         unusable |= stored.unusable

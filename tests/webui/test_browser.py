@@ -629,11 +629,10 @@ def test_png_info_image_goes_to_the_negative_side(page: Any, files: dict[str, Pa
     assert click_add(page, "img2img", "positive", "png_info", 1) == names
 
 
-def test_send_to_txt2img_names_a_deleted_stored_image(
-    page: Any, files: dict[str, Path], tmp_path: Path
-) -> None:
-    folder = store_folder()
-    unique = random_png(tmp_path / "unique.png", 7002)  # only this test uses it
+def result_of_a_unique_image(page: Any, tmp_path: Path, seed: int) -> tuple[Path, str]:
+    """A result made with one positive image only the calling test uses (random ``seed``):
+    its PNG, saved under ``tmp_path``, and the reference of its stored image prompt."""
+    unique = random_png(tmp_path / "unique.png", seed)
     small_settings(page)
     open_accordion(page)
     upload(page, "txt2img", "positive", unique)
@@ -641,9 +640,12 @@ def test_send_to_txt2img_names_a_deleted_stored_image(
     assert original["image"], original["log"]
     png = tmp_path / "result.png"
     png.write_bytes(fetch(page, original["image"]))
-    reference = negip_value(original["infotext"], "NegIP positive images")
-    (folder / f"{reference}.png").unlink()
+    return png, negip_value(original["infotext"], "NegIP positive images")
 
+
+def paste_on_a_fresh_page(page: Any, png: Path, reference: str) -> str:
+    """PNG Info > "Send to txt2img" of ``png`` on a reloaded page; the accordion's status once
+    it names ``reference``."""
     page.reload(wait_until="domcontentloaded")
     page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
     send_png_to_txt2img(page, png)
@@ -651,7 +653,16 @@ def test_send_to_txt2img_names_a_deleted_stored_image(
         "ref => document.querySelector('#negip_txt2img_restore_status').innerText.includes(ref)",
         arg=reference,
     )
-    status = page.eval_on_selector("#negip_txt2img_restore_status", "e => e.innerText")
+    return page.eval_on_selector("#negip_txt2img_restore_status", "e => e.innerText")
+
+
+def test_send_to_txt2img_names_a_deleted_stored_image(
+    page: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = store_folder()
+    png, reference = result_of_a_unique_image(page, tmp_path, 7002)
+    (folder / f"{reference}.png").unlink()
+    status = paste_on_a_fresh_page(page, png, reference)
     assert "outputs/negip-image-prompts" in status, status
     assert "/work/" not in status, status
     assert str(folder) not in status, status
@@ -668,25 +679,9 @@ def test_send_to_txt2img_names_a_changed_stored_image(
     under its reference (it was, and Generate drew with the other picture): the accordion says
     which, and the paste switches the extension off."""
     folder = store_folder()
-    unique = random_png(tmp_path / "unique.png", 7003)  # only this test uses it
-    small_settings(page)
-    open_accordion(page)
-    upload(page, "txt2img", "positive", unique)
-    original = generate(page)
-    assert original["image"], original["log"]
-    png = tmp_path / "result.png"
-    png.write_bytes(fetch(page, original["image"]))
-    reference = negip_value(original["infotext"], "NegIP positive images")
+    png, reference = result_of_a_unique_image(page, tmp_path, 7003)
     random_png(folder / f"{reference}.png", 7004)
-
-    page.reload(wait_until="domcontentloaded")
-    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
-    send_png_to_txt2img(page, png)
-    page.wait_for_function(
-        "ref => document.querySelector('#negip_txt2img_restore_status').innerText.includes(ref)",
-        arg=reference,
-    )
-    status = page.eval_on_selector("#negip_txt2img_restore_status", "e => e.innerText")
+    status = paste_on_a_fresh_page(page, png, reference)
     assert "cannot be restored" in status, status
     assert "the file was changed" in status, status
     assert str(folder) not in status, status
