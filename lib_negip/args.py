@@ -300,6 +300,14 @@ def noise_seed_text(noise_seed: NoiseSeed | None) -> str:
     return f"{NOISE_SEED_PART}: {noise_seed[0]} for seed {noise_seed[1]}"
 
 
+def without_stored_references(name: str, text: str) -> str:
+    """``text`` (an ``infotext_images`` value) with its noise seed and "not stored" parts only:
+    what a UI generation keeps of it, whose stored images are in the file boxes themselves."""
+    rest, noise_seed = split_noise_seed(name, text)
+    _, unstored = split_unstored(name, rest)
+    return _with_noise_seed(_with_unstored("", unstored), noise_seed)
+
+
 def _with_noise_seed(references: str, noise_seed: NoiseSeed | None) -> str:
     part = noise_seed_text(noise_seed)
     return "; ".join(text for text in (references, part) if text)

@@ -67,6 +67,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ),
     # what to do with an image, in the accordion's words: it is uploaded there, not sent
     (r"\bSend the content of an image file\b", "Upload an image file"),
+    (r"\bsend them in (?=(?:positive|negative)_images\b)", "add them to "),
     (r"\bSend (?=(?:a|an|smaller)\b)", "Use "),
     (r"\bsend (?=(?:the new file|the complete file|that)\b)", "upload "),
     (r"\(send numbers as JSON numbers, not strings\)", ""),

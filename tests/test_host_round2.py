@@ -554,17 +554,34 @@ def test_an_infotext_made_with_storing_off_needs_its_images_sent_again(world: Wo
     params = positive_only.extra_generation_params
     assert "NegIP positive images" in params
     assert "NegIP negative images" not in params
-    # The UI drops the part with the references (its paste said to add the images again).
+    # The UI refuses the same (its paste said to add the images again; Generate drew without
+    # them), in its own words, and draws what the API draws once the side is off or given.
     from lib_negip.args import DEFAULTS, FIELD_ORDER
 
-    values = [DEFAULTS[name] for name in FIELD_ORDER]
-    ui_request = stored_request(negative_images=[], infotext_images=hidden)
-    for name, value in {"enabled": True, **ui_request}.items():
-        values[FIELD_ORDER.index(name)] = value
-    p = make_p(None, world=world, is_api=False)
-    p.scripts = [(world.script, values)]
-    drawn = processing.process_images(p)
-    assert torch.equal(drawn, run(world, stored_request(negative_images=[])).result)
+    def ui_values(**overrides) -> list:
+        values = [DEFAULTS[name] for name in FIELD_ORDER]
+        for name, value in {"enabled": True, **stored_request(**overrides)}.items():
+            values[FIELD_ORDER.index(name)] = value
+        return values
+
+    def from_the_ui(values: list) -> processing.Processing:
+        p = make_p(None, world=world, is_api=False)
+        p.scripts = [(world.script, values)]
+        p.result = processing.process_images(p)
+        return p
+
+    with pytest.raises(NegIPError) as raised:
+        from_the_ui(ui_values(negative_images=[], infotext_images=hidden))
+    assert str(raised.value) == (
+        "The infotext was made with 1 negative image prompt(s), which were not stored (storing "
+        "was off in Settings > Negative Image Prompt), so it cannot give them back: add them to "
+        "'Negative images', or set 'Negative weight' to 0."
+    )
+    assert UI_FORBIDDEN.search(str(raised.value)) is None
+    nothing_left(world.unet)
+    weight_0 = ui_values(negative_images=[], negative_weight=0.0, infotext_images=hidden)
+    assert torch.equal(from_the_ui(weight_0).result, positive_only.result)
+    assert torch.equal(from_the_ui(ui_values(infotext_images=hidden)).result, made.result)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1053,13 +1070,13 @@ def test_a_malformed_infotext_value_is_refused_where_a1111_reads_it(
     assert ui.RESTORE_ERROR in pasted
     assert ui.infotext_switch(pasted) is False
     assert ui.restore_images("positive_images", pasted) is None
-    assert ui._infotext_images(pasted) is None
+    assert ui._infotext_images(pasted) == ""  # nothing an earlier paste left there
     status = ui.restore_message(pasted)["value"]
     assert "were not restored, and Negative Image Prompt was switched off" in status
     assert named.replace("'", "&#x27;") in status
     well_formed = {"NegIP model": "m", "NegIP negative weight": "0.35"}
     ui.on_infotext_pasted("", well_formed)
-    assert well_formed == {"NegIP model": "m", "NegIP negative weight": "0.35"}
+    assert well_formed == {"NegIP model": "m", "NegIP negative weight": "0.35", ui.UI_PASTE: "yes"}
 
 
 def test_a_paste_of_an_infotext_made_with_storing_off_says_so(
@@ -1080,8 +1097,17 @@ def test_a_paste_of_an_infotext_made_with_storing_off_says_so(
     assert ui.restore_message({"NegIP model": "m", "NegIP images": "0 positive / 0 negative"}) == {
         "value": ""
     }
-    # A later paste without NegIP keys clears what an earlier paste said (it stayed).
+    # A later paste without NegIP keys clears what an earlier paste said (it stayed), and the
+    # hidden field's counts, which would refuse a generation the user switched on again; the
+    # API's restore (no paste callback) leaves the request's own value.
     assert ui.restore_message({"Steps": "4", "Seed": "3"}) == {"value": ""}
+    plain = {"Steps": "4", "Seed": "3"}
+    assert ui._infotext_images(plain) is None
+    ui.on_infotext_pasted("", plain)
+    assert ui._infotext_images(plain) == ""
+    unstored = {"NegIP model": "m", "NegIP images": "1 positive / 2 negative"}
+    ui.on_infotext_pasted("", unstored)
+    assert ui._infotext_images(unstored) == "not stored: 1 positive / 2 negative"
 
 
 def test_a_paste_with_missing_stored_images_switches_the_extension_off(

@@ -231,16 +231,16 @@ def without_ui_references(p: Any, values: Sequence[Any]) -> Sequence[Any]:
     """The UI's values without the references of the hidden ``infotext_images`` field: a
     pasted infotext puts the stored images into the file boxes themselves, which the user may
     then change; the hidden references are for API requests (the API's ``infotext`` field).
-    Its restored noise seed stays (it has no box of its own)."""
-    from lib_negip.args import FIELD_ORDER, noise_seed_text, split_noise_seed
+    Its restored noise seed stays (it has no box of its own), and so do the counts of an
+    infotext made with storing off, whose images the user must add again (or the generation
+    is refused, as the API's)."""
+    from lib_negip.args import FIELD_ORDER, without_stored_references
 
     index = FIELD_ORDER.index("infotext_images")
     if not wants_ui_words(p) or len(values) <= index or isinstance(values[0], Mapping):
         return values
     hidden = values[index]
-    kept = ""
-    if isinstance(hidden, str):
-        kept = noise_seed_text(split_noise_seed("infotext_images", hidden)[1])
+    kept = without_stored_references("infotext_images", hidden) if isinstance(hidden, str) else ""
     return [*values[:index], kept, *values[index + 1 :]]
 
 

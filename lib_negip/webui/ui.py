@@ -590,6 +590,8 @@ def infotext_fields(
 RESTORE_ERROR = "negip: restore error"  # not a NegIP key: parse_infotext passes over it
 #: Put into a pasted infotext's values when some of its stored image prompts are missing.
 RESTORE_MISSING = "negip: restore missing"
+#: Put into the values of every paste in the UI (the API's ``infotext`` has none).
+UI_PASTE = "negip: ui paste"
 
 
 def on_infotext_pasted(_infotext: str, params: dict[str, Any]) -> None:
@@ -598,6 +600,7 @@ def on_infotext_pasted(_infotext: str, params: dict[str, Any]) -> None:
     restored, rather than every value A1111 could convert on its own, and the switch goes off
     (:func:`infotext_switch`), so that no generation mixes the pasted settings with the ones
     left from before; the accordion says which value (:func:`restore_message`)."""
+    params[UI_PASTE] = "yes"  # a text, as the values of other extensions: see _infotext_images
     if not _has_ours(params):
         return
     try:
@@ -662,9 +665,14 @@ def _has_ours(params: dict[str, Any]) -> bool:
 def _infotext_images(params: dict[str, Any]) -> str | None:
     """The hidden field's value: the stored images the infotext names and its noise seed, as
     one text (:func:`lib_negip.args.infotext_hidden_text`). A malformed reference is passed on
-    as written, so that the generation refuses it by name."""
+    as written, so that the generation refuses it by name.
+
+    Without NegIP values (or with a malformed one) a paste in the UI empties the field: what an
+    earlier paste left there (a noise seed, the counts of images that were not stored) is not
+    this infotext's. The API's restore leaves the request's own value.
+    """
     if RESTORE_ERROR in params or not _has_ours(params):
-        return None
+        return "" if UI_PASTE in params else None
     try:
         return negip_args.infotext_hidden_text(params)
     except NegIPError:

@@ -925,7 +925,7 @@ def test_xyz_plot_axis_from_the_ui(
 
 
 def test_settings_section_and_storing_off(
-    page: Any, files: dict[str, Path], tmp_path: Path
+    page: Any, files: dict[str, Path], tmp_path: Path, server_log: ServerLog
 ) -> None:
     """The Settings tab's "Negative Image Prompt" section: storing switched off there (and
     applied) makes an infotext that counts its images, whose paste then says to add them."""
@@ -966,6 +966,18 @@ def test_settings_section_and_storing_off(
     assert "(1 positive, 0 negative)" in status, status
     assert "add them to the sides again" in status, status
     assert file_names(page, "txt2img", "positive") == []
+    # Generate without them is refused (it drew without the positive side), in the UI's words.
+    refused = generate(page)
+    assert refused["image"] == "", refused
+    assert "which were not stored" in refused["log"], refused["log"]
+    assert "add them to 'Positive images', or set 'Positive weight' to 0" in refused["log"]
+    ours = [line for line in server_log.new_lines() if line.startswith(OUR_ERROR_LINE)]
+    assert len(ours) == 1, ours
+    # Given again, the image comes back bit for bit.
+    upload(page, "txt2img", "positive", files["positive"])
+    again = generate(page)
+    assert again["image"], again["log"]
+    assert np.array_equal(decode(fetch(page, again["image"])), decode(png.read_bytes()))
 
 
 # ---------------------------------------------------------------------------------------------
