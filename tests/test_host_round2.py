@@ -11,6 +11,7 @@ uncond row with the NEGATIVE ones, through an :class:`AttentionHijack` given the
 from __future__ import annotations
 
 import re
+import tempfile
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
@@ -930,7 +931,6 @@ def test_added_pictures_go_to_a_folder_of_this_process_only(
     name it reuses): a new folder with mode 0700, made again if it was removed."""
     import os
     import stat
-    import tempfile
 
     from lib_negip.webui import ui
 
@@ -956,6 +956,57 @@ def test_added_pictures_go_to_a_folder_of_this_process_only(
     folder.rmdir()  # removed under the running server (a temp cleaner): made anew
     (again,) = ui.add_input_image(picture, None)
     assert Path(again).is_file()
+
+
+def test_folders_of_stopped_servers_are_removed_at_the_first_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A1111 leaves on Ctrl+C with ``os._exit``, which skips the exit handler that removes the
+    folder: each start left one under the temporary folder. The first ➕ removes those whose
+    process is gone, and nothing of a running process, of an older version or behind a link."""
+    import os
+    import subprocess
+    import sys
+
+    from lib_negip.webui import ui
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(ui, "_FOLDER", [])
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    gone = int(ended.stdout)
+    assert ui._process_runs(gone) is False
+    assert ui._process_runs(os.getppid()) is True
+
+    def planted(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "picture.png").write_bytes(b"x")
+        return folder
+
+    abandoned = planted(f"negip-ui-{gone}-abc123")
+    reused_pid = planted(f"negip-ui-{os.getpid()}-old")  # a restart gave this process its id
+    running = planted(f"negip-ui-{os.getppid()}-def456")
+    older_version = planted("negip-ui-1r3zz0b1")
+    unrelated = planted(f"other-{gone}-x")
+    victim = planted("victim")
+    (tmp_path / f"negip-ui-{gone}-link").symlink_to(victim, target_is_directory=True)
+    (path,) = ui.add_input_image(Image.new("RGB", (8, 8), (1, 2, 3)), None)
+    assert not abandoned.exists()
+    assert not reused_pid.exists()
+    for kept in (running, older_version, unrelated, victim):
+        assert (kept / "picture.png").is_file(), kept
+    folder = Path(path).parent
+    assert folder.name.startswith(f"negip-ui-{os.getpid()}-")
+    # Later uses do not look again; a folder made for this process is never taken for another's.
+    planted(f"negip-ui-{gone}-later")
+    ui.add_input_image(Image.new("RGB", (8, 8), (4, 5, 6)), None)
+    assert (tmp_path / f"negip-ui-{gone}-later").is_dir()
+    assert len(list(folder.iterdir())) == 2
 
 
 def test_img2img_input_is_the_picture_of_the_sub_tab_in_view() -> None:

@@ -512,24 +512,81 @@ def _with_image(files: Any, image: Any) -> Any:
 
 
 _FOLDER: list[Path] = []  # this process's folder for the files of ➕, made at first use
+_FOLDER_PREFIX = "negip-ui-"
 
 
 def _private_folder() -> Path:
     """A folder only this process's user can use (``mkdtemp``: mode 0700, a new name),
     removed at a normal exit. A fixed name under the shared temporary folder
     (``/tmp/negip-ui`` before) could be made first by another user of the machine, with links
-    or files of their choice under the names (content hashes) ➕ writes and reuses. A server
-    that is killed (SIGTERM, SIGKILL) leaves its folder behind, as the fixed folder stayed:
-    only the pictures ➕ added."""
+    or files of their choice under the names (content hashes) ➕ writes and reuses.
+
+    A server that is stopped with Ctrl+C (A1111 leaves with ``os._exit``, which skips the exit
+    handlers) or killed leaves its folder behind: the name carries the process id, and the
+    first use of ➕ removes this user's folders whose process is gone
+    (:func:`_remove_abandoned_folders`)."""
     if not _FOLDER or not _FOLDER[0].is_dir():
         import atexit
+        import os
         import shutil
         import tempfile
 
-        folder = Path(tempfile.mkdtemp(prefix="negip-ui-"))
+        _remove_abandoned_folders(Path(tempfile.gettempdir()))
+        folder = Path(tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         _FOLDER[:] = [folder]
     return _FOLDER[0]
+
+
+def _remove_abandoned_folders(temporary: Path) -> None:
+    """Remove the ➕ folders under ``temporary`` that belong to this user and name a process
+    that no longer runs (or this one: a process id used again after a restart). Folders of
+    other users, of running processes, and of versions whose names carry no process id stay.
+    Nothing here may fail the ➕ that called it."""
+    import os
+    import shutil
+
+    try:
+        candidates = list(temporary.glob(f"{_FOLDER_PREFIX}*-*"))
+    except OSError:
+        return
+    for folder in candidates:
+        pid_text = folder.name[len(_FOLDER_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or folder in _FOLDER:
+            continue
+        try:
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            if hasattr(os, "getuid") and folder.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        pid = int(pid_text)
+        if pid != os.getpid() and _process_runs(pid) is not False:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.info("Negative Image Prompt: removed %s, left by a server that stopped", folder)
+
+
+def _process_runs(pid: int) -> bool | None:
+    """Whether process ``pid`` runs; None where that cannot be told."""
+    try:
+        import psutil  # A1111 installs it
+
+        return bool(psutil.pid_exists(pid))
+    except Exception:  # not installed, or it failed: ask the OS where that is safe
+        pass
+    import os
+
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, for one
+        return True
+    return True
 
 
 def _gallery_image(item: Any) -> Any:
