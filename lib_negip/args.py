@@ -893,7 +893,40 @@ def _parse_fields(fields: Mapping[str, Any], base: Mapping[str, Any]) -> NegIPAr
         return NegIPArgs()
     for name in IMAGE_FIELDS:
         _refuse_null_images(name, fields.get(name))
-    return _build({**DEFAULTS, **base, **fields, "enabled": True})
+    args = _build({**DEFAULTS, **base, **fields, "enabled": True})
+    _refuse_empty_over_stored(fields, args)
+    return args
+
+
+def _refuse_empty_over_stored(fields: Mapping[str, Any], args: NegIPArgs) -> None:
+    """A side or mask that the dict gives as empty (``[]``, null, "") where the restored
+    infotext names stored images for it. The stored ones would be used (as for the positional
+    form, whose every position holds a value), so the client's value would change nothing:
+    refused with the ways to say what it means. A side whose weight is 0 is not drawn."""
+    references = args.references
+    for name in (*IMAGE_FIELDS, *MASK_FIELDS):
+        side = name.split("_", 1)[0]
+        if (
+            name not in fields
+            or not references.get(name)
+            or getattr(args, name) not in (None, ())
+            or getattr(args, f"{side}_weight") == 0.0
+        ):
+            continue
+        named = ", ".join(references[name])
+        if name in IMAGE_FIELDS:
+            msg = (
+                f"{name} is empty, but the request's infotext names stored {side} image(s) "
+                f"({named}): leave {name} out to use them, send the images to use instead, or "
+                f"set {side}_weight to 0 to draw without that side."
+            )
+        else:
+            msg = (
+                f"{name} is empty, but the request's infotext names a stored {side} mask "
+                f"({named}): leave {name} out to use it, send the mask to use instead, or take "
+                f"'NegIP {side} mask' out of the infotext to draw without one."
+            )
+        raise ArgumentError(msg)
 
 
 def _refuse_null_images(name: str, value: Any) -> None:

@@ -1418,9 +1418,13 @@ REF_B = "fedcba9876543210"
 REF_M = "00112233445566ff"
 
 
+OMIT = object()  # a field left out of the dict
+
+
 def _enabled(**fields: Any) -> NegIPArgs:
-    """The API dict form with a model and (unless given) one positive image."""
-    return parse_api_dict({"model": "m", "positive_images": [b64()], **fields})
+    """The API dict form with a model and (unless given, or OMIT) one positive image."""
+    merged = {"model": "m", "positive_images": [b64()], **fields}
+    return parse_api_dict({name: value for name, value in merged.items() if value is not OMIT})
 
 
 # --- positive_layers / negative_layers ------------------------------------------------------------
@@ -1651,7 +1655,7 @@ def test_noise_conflict_in_every_form() -> None:
     [
         pytest.param({}, id="positive-images"),
         pytest.param(
-            {"positive_images": [], "infotext_images": f"positive images: {REF_A} {REF_B}"},
+            {"positive_images": OMIT, "infotext_images": f"positive images: {REF_A} {REF_B}"},
             id="positive-references-only",
         ),
         pytest.param(
@@ -1664,6 +1668,52 @@ def test_noise_with_positive_images_is_valid(fields: dict[str, Any]) -> None:
     args = _enabled(negative_noise=0.7, negative_noise_type="dissolve", **fields)
     assert (args.negative_noise, args.negative_noise_type) == (0.7, "dissolve")
     assert args.negative_images == ()
+
+
+@pytest.mark.parametrize(
+    ("fields", "pattern"),
+    [
+        pytest.param(
+            {"positive_images": []},
+            r"^positive_images is empty, but the request's infotext names stored positive "
+            rf"image\(s\) \({REF_A}, {REF_B}\): leave positive_images out to use them, send "
+            r"the images to use instead, or set positive_weight to 0 to draw without that side\.$",
+            id="empty-side",
+        ),
+        pytest.param({"positive_images": None}, r"^positive_images is empty", id="null-side"),
+        pytest.param(
+            {"negative_mask": None},
+            rf"^negative_mask is empty, but the request's infotext names a stored negative mask "
+            rf"\({REF_M}\): leave negative_mask out to use it, send the mask to use instead, or "
+            r"take 'NegIP negative mask' out of the infotext to draw without one\.$",
+            id="null-mask",
+        ),
+        pytest.param({"negative_mask": ""}, r"^negative_mask is empty", id="empty-text-mask"),
+    ],
+)
+def test_an_empty_field_over_stored_images_is_refused(fields: dict[str, Any], pattern: str) -> None:
+    """API dict + infotext: an empty side or mask the dict names explicitly would have been
+    replaced by the infotext's stored images without a word (the client's value changed
+    nothing). Left out, the stored ones are used; a side at weight 0 needs none; images the
+    request sends win; the positional form (a value at every position) restores."""
+    stored = f"positive images: {REF_A} {REF_B}; negative mask: {REF_M}"
+    base = {"model": "m", "infotext_images": stored}
+    with pytest.raises(ArgumentError, match=pattern):
+        parse_api_dict({**base, **fields})
+    args = parse_api_dict(base)
+    assert args.references == {
+        "positive_images": (REF_A, REF_B),
+        "negative_mask": (REF_M,),
+    }
+    side = next(iter(fields)).split("_")[0]
+    assert parse_api_dict({**base, **fields, f"{side}_weight": 0.0}).references == args.references
+    given = [b64()] if next(iter(fields)).endswith("images") else b64()
+    assert parse_api_dict({**base, next(iter(fields)): given}).references == args.references
+    values = [DEFAULTS[name] for name in FIELD_ORDER]
+    values[0], values[FIELD_ORDER.index("model")] = True, "m"
+    values[FIELD_ORDER.index("infotext_images")] = stored
+    values[FIELD_ORDER.index(next(iter(fields)))] = next(iter(fields.values()))
+    assert parse_script_args(values).references == args.references
 
 
 def test_noise_without_positive_images_is_refused() -> None:
@@ -2280,7 +2330,7 @@ def test_infotext_round_trip_with_references(
     assert fields["positive_layers"] == "3:1, 6:0.8"
     assert fields["negative_noise"] == 0.3
     # The restored fields are accepted by the dict form; positive references count as images.
-    overrides: dict[str, Any] = {"positive_images": [] if references else [b64()]}
+    overrides: dict[str, Any] = {} if references else {"positive_images": [b64()]}
     if "negative_images" in by_field:
         # ROUND2's noise and stored negative images exclude each other.
         with pytest.raises(ArgumentError, match=r"negative_noise.*negative_images"):

@@ -423,13 +423,19 @@ def store_folder() -> Path:
     return Path(paths.data_path) / DEFAULT_STORE_FOLDER
 
 
+OMIT = object()  # a field left out of the request's dict
+
+
 def stored_request(**overrides) -> dict:
+    """The request with images and masks on both sides; a field given as OMIT is left out
+    (an API request that takes it from the infotext's stored images)."""
     fields = {
         "positive_mask": b64(mask_image("a")),
         "negative_mask": b64(mask_image("b")),
         "positive_layers": "style",
     }
-    return fields_for(**{**fields, **overrides})
+    merged = fields_for(**{**fields, **overrides})
+    return {name: value for name, value in merged.items() if value is not OMIT}
 
 
 def test_image_prompts_are_stored_once_and_restore_the_result(world: World) -> None:
@@ -461,10 +467,10 @@ def test_image_prompts_are_stored_once_and_restore_the_result(world: World) -> N
     restored = run(
         world,
         stored_request(
-            positive_images=[],
-            negative_images=[],
-            positive_mask=None,
-            negative_mask=None,
+            positive_images=OMIT,
+            negative_images=OMIT,
+            positive_mask=OMIT,
+            negative_mask=OMIT,
             infotext_images=references,
         ),
     )
@@ -473,10 +479,10 @@ def test_image_prompts_are_stored_once_and_restore_the_result(world: World) -> N
     unmasked = run(
         world,
         stored_request(
-            positive_images=[],
-            negative_images=[],
-            positive_mask=None,
-            negative_mask=None,
+            positive_images=OMIT,
+            negative_images=OMIT,
+            positive_mask=OMIT,
+            negative_mask=OMIT,
             infotext_images=format_references(
                 {f: [expected[f]] for f in ("positive_images", "negative_images")}
             ),
@@ -489,10 +495,10 @@ def test_image_prompts_are_stored_once_and_restore_the_result(world: World) -> N
     error, failed, _ = refused(
         world,
         stored_request(
-            positive_images=[],
-            negative_images=[],
-            positive_mask=None,
-            negative_mask=None,
+            positive_images=OMIT,
+            negative_images=OMIT,
+            positive_mask=OMIT,
+            negative_mask=OMIT,
             infotext_images=references,
         ),
         expected["negative_mask"],
@@ -1243,8 +1249,8 @@ def test_a_paste_with_a_damaged_stored_file_switches_the_extension_off(
     error, _, _ = refused(
         world,
         stored_request(
-            positive_images=[],
-            positive_mask=None,
+            positive_images=OMIT,
+            positive_mask=OMIT,
             infotext_images=format_references(
                 {"positive_images": [image], "positive_mask": [mask]}
             ),
@@ -1311,7 +1317,7 @@ def test_stored_images_are_counted_and_budgeted_before_any_is_read(
     monkeypatch.setattr(
         ImageStore, "load", lambda self, *a, **k: loads.append(a) or real_load(self, *a, **k)
     )
-    restore = {"positive_images": [], "negative_images": [], "positive_mask": None}
+    restore = {"positive_images": OMIT, "negative_images": [], "positive_mask": None}
     refused(
         world,
         stored_request(

@@ -1341,11 +1341,24 @@ def _(lab: Lab) -> None:
 @case(API, "a stored image prompt that was deleted (infotext restore)")
 def _(lab: Lab) -> None:
     fields = reference_fields(infotext_images="positive images: 0123456789abcdef")
-    fields["positive_images"] = []
+    del fields["positive_images"]  # taken from the store
     lab.refused(
         fields,
         r"stored image prompt 0123456789abcdef is not in the image prompt folder "
         r"\(outputs/negip-image-prompts\)",
+    )
+
+
+@case(API, "an empty side over the infotext's stored images (dict form)")
+def _(lab: Lab) -> None:
+    # It answered 200 with the stored images, as if the empty list had not been sent.
+    fields = reference_fields(infotext_images="positive images: 0123456789abcdef")
+    fields["positive_images"] = []
+    lab.refused(
+        fields,
+        r"positive_images is empty, but the request's infotext names stored positive image\(s\) "
+        r"\(0123456789abcdef\): leave positive_images out to use them, send the images to use "
+        r"instead, or set positive_weight to 0 to draw without that side\.",
     )
 
 

@@ -1164,6 +1164,25 @@ def test_infotext_alone_restores_the_image_prompts_from_the_store() -> None:
         assert json.loads(again["info"])["seed"] == 4321
 
 
+def test_infotext_with_an_empty_side_over_its_stored_images_is_refused(
+    server_log: ServerLog,
+) -> None:
+    """The dict form naming a side (or mask) empty that the infotext has stored images for: the
+    stored ones were used without a word (found by a probe: 200, the original image). Left out
+    they are used; weight 0 draws without the side, as the same request without the infotext."""
+    request = {"negative_weight": 0.7, "positive_mask": mask_png("left")}
+    original = generate(fields(**request), seed=4322)
+    text = infotext(original)
+    for empty in ({"negative_images": []}, {"negative_images": None}, {"positive_mask": None}):
+        (name,) = empty
+        expect_refused(server_log, [empty], f"{name} is empty", "leave", infotext=text)
+    assert_same(pixels(infotext_only(text, [{}])), pixels(original))
+    without = infotext_only(text, [{"negative_weight": 0.0}])
+    direct = generate(fields(**{**request, "negative_weight": 0.0}), seed=4322)
+    assert_same(pixels(without), pixels(direct))
+    assert_differs(pixels(without), pixels(original))
+
+
 def test_infotext_alone_restores_a_noise_negative() -> None:
     original = generate(
         fields(negative_images=[], negative_noise=0.75, negative_noise_type="dissolve")
