@@ -53,6 +53,7 @@ from lib_negip.prompt import StepWindow
 from lib_negip.session import pass_progress
 from lib_negip.store import format_references, reference_of
 from lib_negip.unet_layers import block_indices, cross_attention_layers, transformer_blocks
+from lib_negip.webui import generation as generation_module
 from lib_negip.webui.failures import UI_NAME
 from lib_negip.webui.generation import Generation
 from lib_negip.webui.settings import DEFAULT_STORE_FOLDER, OPT_STORE_IMAGES
@@ -510,6 +511,70 @@ def test_image_prompts_are_stored_once_and_restore_the_result(world: World) -> N
 
 def tmp_root(folder: Path) -> Path:
     return folder.parent.parent
+
+
+class _ResetInterrupt:
+    """A script after ours that takes the Interrupt back, as a host that samples anyway."""
+
+    @staticmethod
+    def process(p, *args) -> None:
+        shared.state.interrupted = False
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+def test_interrupt_while_preparing_stops_between_images(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Interrupt pressed while many large image prompts are stored and encoded (a probe waited
+    15 s for 20 of 1536x1536): the next image or side is not started, nothing is drawn and no
+    error is shown (A1111's loop stops before sampling); a host that samples anyway is refused."""
+    from lib_negip.store import ImageStore
+
+    saved: list[str] = []
+    real_save = ImageStore.save
+
+    def save_then_interrupt(self, image, *args, **kwargs):
+        saved.append(real_save(self, image, *args, **kwargs))
+        shared.state.interrupted = True  # pressed while the first image was written
+        return saved[-1]
+
+    monkeypatch.setattr(ImageStore, "save", save_then_interrupt)
+    request = stored_request(positive_images=[b64(POSITIVE), b64(NEGATIVE)])
+    try:
+        with caplog.at_level("INFO", logger="negip"):
+            p = run(world, request)
+    finally:
+        shared.state.interrupted = False
+    assert p.result is None  # no image
+    assert len(saved) == 1
+    assert [r.levelname for r in caplog.records if "Interrupted" in r.getMessage()] == ["INFO"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert negip_keys(p) == []
+    nothing_left(world.unet)
+    # Between the sides' encodings; then a host whose loop does not stop is refused.
+    monkeypatch.setattr(ImageStore, "save", real_save)
+    encoded: list[int] = []
+    features = type(generation_module.MODELS.features).features
+
+    def encode_then_interrupt(self, *args, **kwargs):
+        encoded.append(1)
+        shared.state.interrupted = True
+        return features(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(generation_module.MODELS.features), "features", encode_then_interrupt)
+    p = make_p(request, world=world)
+    p.scripts.append((_ResetInterrupt(), []))
+    try:
+        with pytest.raises(NegIPError, match=r"^Interrupted while the image prompts were being"):
+            processing.process_images(p)
+    finally:
+        shared.state.interrupted = False
+    assert encoded == [1]  # the negative side was not encoded
+    nothing_left(world.unet)
+    monkeypatch.undo()
+    assert torch.equal(run(world, request).result, run(world, request).result)
 
 
 def test_with_storing_off_nothing_is_written(world: World) -> None:

@@ -174,10 +174,12 @@ class Generation:
                 pending.disarm()
 
     @classmethod
-    def fail(cls, error: BaseException, p: Any = None) -> None:
+    def fail(cls, error: BaseException, p: Any = None, *, log: bool = True) -> None:
         """Keep ``error`` and raise it where it reaches the user (A1111 swallows it here): the
-        next UNet call, or ``p.sample`` where no UNet is known."""
-        if isinstance(error, NegIPError):
+        next UNet call, or ``p.sample`` where no UNet is known. ``log``: also log it."""
+        if not log:
+            pass
+        elif isinstance(error, NegIPError):
             logger.error("Negative Image Prompt: %s", error)
         else:
             logger.exception("Negative Image Prompt failed", exc_info=error)
@@ -222,9 +224,36 @@ def process(p: Any, values: Sequence[Any]) -> None:
             args = parse_api_dict({"enabled": True, **overrides}, base=args)
         if not args.enabled:
             return
+        stop_if_interrupted()
         start(p, args)
+    except Interrupted as error:
+        # A1111 makes no image after an Interrupt (its loop stops before sampling); should a
+        # host sample anyway, the trap refuses it rather than drawing without the image prompts.
+        logger.info("Negative Image Prompt: %s", error)
+        Generation.fail(error, p, log=False)
     except Exception as error:  # every failure must reach the user: see Generation.fail
         Generation.fail(explain_out_of_memory(error), p)
+
+
+class Interrupted(NegIPError):
+    """The user pressed Interrupt while the image prompts were being prepared."""
+
+
+INTERRUPTED = (
+    "Interrupted while the image prompts were being prepared: nothing was drawn. Generate "
+    "again to make the image."
+)
+
+
+def stop_if_interrupted() -> None:
+    """Raise :class:`Interrupted` once the user has pressed Interrupt (or Stop after this
+    image): checked between images, so that many large image prompts do not hold the
+    interrupt back until all of them are stored and encoded."""
+    from modules import shared
+
+    state = getattr(shared, "state", None)
+    if getattr(state, "interrupted", False) or getattr(state, "stopping_generation", False):
+        raise Interrupted(INTERRUPTED)
 
 
 def without_ui_references(p: Any, values: Sequence[Any]) -> Sequence[Any]:
@@ -439,7 +468,10 @@ def _store(args: Any) -> dict[str, list[str]]:
     references: dict[str, list[str]] = {}
     try:
         for field in ("positive_images", "negative_images"):
-            references[field] = [store.save(image) for image in getattr(args, field)]
+            references[field] = []
+            for image in getattr(args, field):
+                stop_if_interrupted()
+                references[field].append(store.save(image))
         for field in ("positive_mask", "negative_mask"):
             mask = getattr(args, field)
             if mask is not None:
@@ -481,9 +513,14 @@ def _encode(
         encoder, device, torch.float32 if device.type == "cpu" else devices.dtype, low_vram
     )
     try:
-        features = functools.partial(
+        encode_side = functools.partial(
             MODELS.features.features, on_device, encoder_key, spec.encoder_output
         )
+
+        def features(images: Sequence[Any]) -> torch.Tensor:
+            stop_if_interrupted()
+            return encode_side(images)
+
         if spec.encoder_output == "image_embeds":
 
             def unconditional() -> torch.Tensor:

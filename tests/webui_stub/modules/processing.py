@@ -118,7 +118,10 @@ def sample(p, steps, x):
 def process_images(p):
     """The last batch's result."""
     run_scripts(p, "process")
+    x = None
     for batch_number in range(p.n_iter):
+        if shared.state.interrupted or getattr(shared.state, "stopping_generation", False):
+            break  # as A1111: no new image once Interrupt was pressed
         run_scripts(p, "before_process_batch", batch_number=batch_number)
         x = p.sample(p.latent.clone())  # an exception here reaches the user, as in A1111
         run_scripts(p, "post_sample", None)
