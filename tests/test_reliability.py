@@ -1619,6 +1619,31 @@ def _(lab: Lab) -> None:
     interrupt_at_step(lab, "skipped")
 
 
+@case(FAULTS, "interrupted while the image prompts are prepared")
+def _(lab: Lab) -> None:
+    # Interrupt waited until every image prompt was stored and encoded (15 s for 20 large ones).
+    from lib_negip import store
+
+    real_save = store.ImageStore.save
+    saved: list[str] = []
+
+    def save_then_interrupt(self: Any, image: Any, *args: Any, **kwargs: Any) -> str:
+        saved.append(real_save(self, image, *args, **kwargs))
+        shared.state.interrupted = True
+        return saved[-1]
+
+    lab.monkeypatch.setattr(store.ImageStore, "save", save_then_interrupt)
+    fields = reference_fields(positive_images=[b64(png(POSITIVE)), b64(png(NEGATIVE))])
+    seen = denoisers_seen(lab)
+    try:
+        p = lab.run(fields)
+    finally:
+        shared.state.interrupted = False
+    assert p.result is None  # A1111 makes no image once Interrupt is pressed
+    assert len(saved) == 1  # the next image was not stored (nor any encoded)
+    assert seen == []
+
+
 def interrupt_at_step(lab: Lab, flag: str) -> None:
     def press(params: Any) -> None:
         if params.denoiser.step == 1:
