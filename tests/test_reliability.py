@@ -1116,6 +1116,18 @@ def _(lab: Lab) -> None:
     )
 
 
+@case(API, "args sent as a text (A1111 splits it into characters)")
+def _(lab: Lab) -> None:
+    # It said "enabled must be true or false; got '{' (str)."
+    text = '{"model": "tiny-base_sd15"}'
+    lab.refused(
+        None,
+        r"^The script's args must be a list, not a text \(A1111 put its characters "
+        r"'\{\"model\": \"tiny-base_sd15\"\}' \(str\) where the values go\): send \[\{",
+        args=list(text),
+    )
+
+
 @case(API, "too many positional args")
 def _(lab: Lab) -> None:
     lab.refused(None, r"The script's args have 30 values; at most 20", args=[True] + [None] * 29)
