@@ -988,10 +988,10 @@ def parse_script_args(values: Sequence[Any]) -> NegIPArgs:
     if len(values) > 1 and all(isinstance(value, str) and len(value) == 1 for value in values[:2]):
         # "args": "text" in an API request: A1111 puts a text's characters where the values go.
         msg = (
-            "The script's args must be a list, not a text (A1111 put its characters "
-            f"{_show(''.join(v for v in values if isinstance(v, str) and len(v) == 1))} where "
-            'the values go): send [{"model": "...", "positive_images": ["<base64>"], ...}], '
-            f"or the values in the order {', '.join(FIELD_ORDER)}."
+            "The script's args must be a list, not a text (A1111 put its characters, "
+            f"{_show(''.join(v for v in values if isinstance(v, str) and len(v) == 1))}, one "
+            'per value): send [{"model": "...", "positive_images": ["<base64>"], ...}], or the '
+            f"values in the order {', '.join(FIELD_ORDER)}."
         )
         raise ArgumentError(msg)
     if len(values) > len(FIELD_ORDER):

@@ -1122,8 +1122,8 @@ def _(lab: Lab) -> None:
     text = '{"model": "tiny-base_sd15"}'
     lab.refused(
         None,
-        r"^The script's args must be a list, not a text \(A1111 put its characters "
-        r"'\{\"model\": \"tiny-base_sd15\"\}' \(str\) where the values go\): send \[\{",
+        r"^The script's args must be a list, not a text \(A1111 put its characters, "
+        r"'\{\"model\": \"tiny-base_sd15\"\}' \(str\), one per value\): send \[\{",
         args=list(text),
     )
 
