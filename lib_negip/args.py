@@ -1060,6 +1060,10 @@ INFOTEXT_ENABLED = "NegIP enabled"
 #: The seed of a noise negative: the generation's first seed (see :func:`split_noise_seed`).
 INFOTEXT_NOISE_SEED = "NegIP noise seed"
 INFOTEXT_PREFIX = "NegIP"
+_KNOWN_INFOTEXT_KEYS = frozenset(
+    [key for key, _ in (*INFOTEXT_FIELDS, *INFOTEXT_REFERENCES)]
+    + [INFOTEXT_IMAGES, INFOTEXT_ENABLED, INFOTEXT_NOISE_SEED]
+)
 
 _IMAGE_COUNTS = re.compile(r"^\s*(\d+) positive / (\d+) negative\s*$")
 _LABEL_HASH = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9A-Fa-f]{4,64})\]$")
@@ -1188,6 +1192,16 @@ def parse_infotext(params: Mapping[str, Any]) -> dict[str, Any]:
     """
     if not any(is_infotext_key(key) for key in params):
         return {}
+    unknown = [key for key in params if is_infotext_key(key) and key not in _KNOWN_INFOTEXT_KEYS]
+    if unknown:
+        # A newer version's setting (or a typo): restored without it, the image would differ.
+        names = ", ".join(repr(str(key)[:60]) for key in unknown[:3])
+        msg = (
+            f"Infotext {names}: not a Negative Image Prompt value this version knows (a newer "
+            "version's, or a typo), so the image it describes cannot be made again here. Update "
+            "the extension, or take the value out of the infotext."
+        )
+        raise ArgumentError(msg)
     result: dict[str, Any] = {"enabled": infotext_enabled(params)}
     for key, name in INFOTEXT_FIELDS:
         if key not in params:

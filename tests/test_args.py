@@ -1286,10 +1286,25 @@ def test_parse_infotext_refuses_a_name_no_file_has_without_echoing_it() -> None:
 
 def test_parse_infotext_ignores_other_keys() -> None:
     assert parse_infotext({"Steps": "20", "Negative prompt": "NegIP model: x", "NegIPx": "1"}) == {}
-    fields = parse_infotext({"Steps": "20", "NegIP combine": "concat", "NegIP future key": "7"})
+    fields = parse_infotext({"Steps": "20", "NegIP combine": "concat", "NegIPx": "7"})
     # infotext_images is always there (empty without references): a pasted infotext replaces
     # the references of an earlier paste.
     assert fields == {"enabled": True, "combine": "concat", "infotext_images": ""}
+
+
+def test_parse_infotext_refuses_a_negip_key_it_does_not_know() -> None:
+    """A newer version's value (or a typo) was passed over, so the restored image differed
+    without a word; every key this version writes or reads is known."""
+    with pytest.raises(ArgumentError) as raised:
+        parse_infotext({"Steps": "20", "NegIP combine": "concat", "NegIP future key": "7"})
+    assert str(raised.value) == (
+        "Infotext 'NegIP future key': not a Negative Image Prompt value this version knows (a "
+        "newer version's, or a typo), so the image it describes cannot be made again here. "
+        "Update the extension, or take the value out of the infotext."
+    )
+    written = to_infotext(ROUND2, "m", "e", {"positive_images": [REF_A]}, noise_seed=5)
+    everything = {**written, "NegIP images": "1 positive / 0 negative", "NegIP enabled": "True"}
+    assert parse_infotext({key: str(value) for key, value in everything.items()})["enabled"]
 
 
 @pytest.mark.parametrize(

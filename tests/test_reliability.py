@@ -1387,6 +1387,22 @@ def _(lab: Lab) -> None:
     )
 
 
+@case(API, "an infotext with a NegIP value this version does not know")
+def _(lab: Lab) -> None:
+    # It was passed over: the restored image differed from the one the infotext describes.
+    from lib_negip.webui import ui
+
+    params = {"Steps": "4", "NegIP model": "tiny-base_sd15", "NegIP style strength": "0.5"}
+    with pytest.raises(NegIPError) as raised:
+        ui.infotext_switch(params)
+    lab.answer(
+        raised.value,
+        r"^Infotext 'NegIP style strength': not a Negative Image Prompt value this version "
+        r"knows \(a newer version's, or a typo\), so the image it describes cannot be made again "
+        r"here\. Update the extension, or take the value out of the infotext\.$",
+    )
+
+
 @case(API, "malformed stored image references")
 def _(lab: Lab) -> None:
     lab.refused(

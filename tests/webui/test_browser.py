@@ -690,19 +690,28 @@ def test_send_to_txt2img_names_a_changed_stored_image(
     assert not page.is_checked("#negip_txt2img_enabled-checkbox input")
 
 
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("NegIP positive weight: abc", "'NegIP positive weight'"),
+        ("NegIP style strength: 0.5", "'NegIP style strength': not a Negative Image Prompt value"),
+    ],
+    ids=["malformed", "unknown to this version"],
+)
 def test_send_to_txt2img_names_a_malformed_value(
-    page: Any, tmp_path: Path, server_log: ServerLog
+    page: Any, tmp_path: Path, server_log: ServerLog, value: str, named: str
 ) -> None:
-    """An edited infotext with a malformed NegIP value: none of its NegIP values is restored
-    (not even the well-formed ones), the extension is switched off, and the accordion says
-    which value, in the UI's words (the API answers 422 for it)."""
+    """An edited infotext with a malformed NegIP value (or a key this version does not know):
+    none of its NegIP values is restored (not even the well-formed ones), the extension is
+    switched off, and the accordion says which value, in the UI's words (the API answers 422
+    for it)."""
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
     info.add_text(
         "parameters",
         "a house\nSteps: 4, Seed: 1, Size: 64x64, NegIP model: negip-tiny-ip-adapter_sd15, "
-        "NegIP positive weight: abc, NegIP negative weight: 0.35",
+        f"{value}, NegIP negative weight: 0.35",
     )
     png = tmp_path / "edited.png"
     Image.new("RGB", (64, 64), (120, 130, 140)).save(png, pnginfo=info)
@@ -717,15 +726,17 @@ def test_send_to_txt2img_names_a_malformed_value(
         ".innerText.includes('were not restored')"
     )
     status = page.eval_on_selector("#negip_txt2img_restore_status", "e => e.innerText")
-    assert "'NegIP positive weight'" in status, status
-    assert "abc" in status, status
+    assert named in status, status
+    if value.endswith("abc"):
+        assert "abc" in status, status  # the malformed value itself
     assert "positive_weight" not in status, status  # the UI's words, not the API's
     assert "switched off" in status, status
     assert not page.is_checked("#negip_txt2img_enabled-checkbox input")
     assert page.input_value(weight) == before != "0.35"  # a well-formed value is not restored
     # Our one line (A1111 converts nothing of ours, so it logs nothing of its own).
     lines = server_log.new_lines()
-    ours = [line for line in lines if "Negative Image Prompt: Infotext 'NegIP positive" in line]
+    key = value.split(":")[0]
+    ours = [line for line in lines if f"Negative Image Prompt: Infotext '{key}'" in line]
     assert len(ours) == 1, lines
 
 

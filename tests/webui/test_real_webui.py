@@ -1191,6 +1191,19 @@ def test_infotext_with_an_empty_side_over_its_stored_images_is_refused(
     assert_differs(pixels(without), pixels(original))
 
 
+def test_infotext_with_a_negip_key_this_version_does_not_know_is_refused(
+    server_log: ServerLog,
+) -> None:
+    """A newer version's setting was passed over: the image came back without it."""
+    text = infotext(generate(fields(negative_weight=0.7), seed=4323))
+    expect_refused(
+        server_log,
+        [],
+        "'NegIP style strength': not a Negative Image Prompt value this version knows",
+        infotext=text + ", NegIP style strength: 0.5",
+    )
+
+
 def test_infotext_alone_restores_a_noise_negative() -> None:
     original = generate(
         fields(negative_images=[], negative_noise=0.75, negative_noise_type="dissolve")
