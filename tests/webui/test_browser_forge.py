@@ -33,6 +33,7 @@ from test_browser import (  # noqa: F401  (browser is a fixture)
     negip_value,
     open_accordion,
     random_png,
+    send_png_to_txt2img,
     small_settings,
     upload,
 )
@@ -92,6 +93,40 @@ def test_a_generation_from_the_ui_changes_the_pixels(page: Any, files: dict[str,
     plain_pixels = decode(fetch(page, plain["image"])).astype(np.int16)
     assert ours_pixels.shape == plain_pixels.shape
     assert float(np.abs(ours_pixels - plain_pixels).mean()) >= 0.5
+
+
+def test_png_info_send_to_txt2img_makes_the_image_again(
+    page: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Forge's PNG Info and "Send to" (gradio 4): the settings and the stored image prompts come
+    back into the accordion, and Generate makes the same picture."""
+    small_settings(page, seed=4321)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    upload(page, "txt2img", "negative", files["negative"])
+    original = generate(page)
+    assert original["image"], original["log"]
+    png = tmp_path / "result.png"
+    png.write_bytes(fetch(page, original["image"]))
+    positive = negip_value(original["infotext"], "NegIP positive images")
+    negative = negip_value(original["infotext"], "NegIP negative images")
+
+    page.reload(wait_until="domcontentloaded")  # a fresh page: nothing uploaded, extension off
+    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
+    assert not page.is_checked("#negip_txt2img_enabled-checkbox input")
+    send_png_to_txt2img(page, png)
+    page.wait_for_function(
+        "() => document.querySelector('#negip_txt2img_enabled-checkbox input').checked"
+    )
+    for side, reference in (("positive", positive), ("negative", negative)):
+        page.wait_for_function(
+            "([box, name]) => document.querySelector(box)?.innerText.includes(name)",
+            arg=[f"#negip_txt2img_{side}_images", reference],
+        )
+    again = generate(page)
+    assert again["image"], again["log"]
+    assert negip_value(again["infotext"], "NegIP positive images") == positive
+    assert np.array_equal(decode(fetch(page, again["image"])), decode(png.read_bytes()))
 
 
 def test_a_refusal_shows_the_extensions_message(page: Any) -> None:
