@@ -994,6 +994,13 @@ def parse_script_args(values: Sequence[Any]) -> NegIPArgs:
             f"values in the order {', '.join(FIELD_ORDER)}."
         )
         raise ArgumentError(msg)
+    if values and isinstance(values[0], str) and values[0].strip()[:1] in ("{", "["):
+        msg = (
+            "The script's args hold a text where the dict of named fields belongs "
+            f"({_show(values[0])}): send the dict itself, not its JSON text: "
+            '[{"model": "...", "positive_images": ["<base64>"], ...}].'
+        )
+        raise ArgumentError(msg)
     if len(values) > len(FIELD_ORDER):
         msg = (
             f"The script's args have {len(values)} values; at most {len(FIELD_ORDER)} are "
@@ -1076,6 +1083,17 @@ def is_infotext_key(key: Any) -> bool:
     return isinstance(key, str) and (
         key == INFOTEXT_PREFIX or key.startswith(f"{INFOTEXT_PREFIX} ")
     )
+
+
+def names_our_key(key: Any) -> bool:
+    """Whether ``key`` is spelled as one of our infotext keys in any letter case ("negip
+    model"): a hand-edited key that A1111 would pass over without a word, so that it is refused
+    with the unknown ones instead."""
+    if not isinstance(key, str):
+        return False
+    lowered = key.lower()
+    prefix = INFOTEXT_PREFIX.lower()
+    return lowered == prefix or lowered.startswith(f"{prefix} ")
 
 
 def _infotext_float(value: float) -> float:
@@ -1190,16 +1208,20 @@ def parse_infotext(params: Mapping[str, Any]) -> dict[str, Any]:
     images), so that restoring an infotext clears the references of an earlier one. A malformed
     value raises :class:`ArgumentError` naming its key.
     """
-    if not any(is_infotext_key(key) for key in params):
+    if not any(names_our_key(key) for key in params):
         return {}
-    unknown = [key for key in params if is_infotext_key(key) and key not in _KNOWN_INFOTEXT_KEYS]
+    unknown = [key for key in params if names_our_key(key) and key not in _KNOWN_INFOTEXT_KEYS]
     if unknown:
         # A newer version's setting (or a typo): restored without it, the image would differ.
         names = ", ".join(repr(str(key)[:60]) for key in unknown[:3])
+        spelled = {" ".join(key.lower().split()): key for key in _KNOWN_INFOTEXT_KEYS}
+        meant = [spelled.get(" ".join(str(key).lower().split())) for key in unknown[:3]]
+        hint = "; ".join(f"the key is {key!r}" for key in meant if key)
         msg = (
             f"Infotext {names}: not a Negative Image Prompt value this version knows (a newer "
-            "version's, or a typo), so the image it describes cannot be made again here. Update "
-            "the extension, or take the value out of the infotext."
+            f"version's, or a typo{': ' + hint if hint else ''}), so the image it describes "
+            "cannot be made again here. Update the extension, or take the value out of the "
+            "infotext."
         )
         raise ArgumentError(msg)
     result: dict[str, Any] = {"enabled": infotext_enabled(params)}

@@ -1302,6 +1302,13 @@ def test_parse_infotext_refuses_a_negip_key_it_does_not_know() -> None:
         "newer version's, or a typo), so the image it describes cannot be made again here. "
         "Update the extension, or take the value out of the infotext."
     )
+    # Spelled in another letter case or with two spaces (a hand edit A1111 passes over; with
+    # no exact key the extension was switched off without a word): refused, naming the key.
+    for typo, key in (("negip model", "NegIP model"), ("NegIP  combine", "NegIP combine")):
+        with pytest.raises(ArgumentError, match=rf"typo: the key is '{key}'\)"):
+            parse_infotext({typo: "concat", "Steps": "4"})
+    with pytest.raises(ArgumentError, match=r"^Infotext 'Negip thing': "):
+        parse_infotext({"NegIP model": "m", "Negip thing": "1"})
     written = to_infotext(ROUND2, "m", "e", {"positive_images": [REF_A]}, noise_seed=5)
     everything = {**written, "NegIP images": "1 positive / 0 negative", "NegIP enabled": "True"}
     assert parse_infotext({key: str(value) for key, value in everything.items()})["enabled"]
@@ -1683,6 +1690,21 @@ def test_noise_with_positive_images_is_valid(fields: dict[str, Any]) -> None:
     args = _enabled(negative_noise=0.7, negative_noise_type="dissolve", **fields)
     assert (args.negative_noise, args.negative_noise_type) == (0.7, "dissolve")
     assert args.negative_images == ()
+
+
+@pytest.mark.parametrize(
+    "text", ['{"positive_images": ["abc"]}', ' [{"model": "m"}]'], ids=["dict", "list"]
+)
+def test_args_holding_a_json_text_where_the_dict_belongs_are_refused_as_such(text: str) -> None:
+    """["{...}"] (the dict double-encoded inside the list) said "enabled must be true or false"."""
+    with pytest.raises(ArgumentError) as raised:
+        parse_script_args([text])
+    assert str(raised.value).startswith(
+        "The script's args hold a text where the dict of named fields belongs ("
+    )
+    assert "send the dict itself, not its JSON text" in str(raised.value)
+    with pytest.raises(ArgumentError, match=r"^The script's args must be a list, not a text"):
+        parse_script_args(list(text))
 
 
 @pytest.mark.parametrize(

@@ -666,7 +666,7 @@ def on_infotext_pasted(_infotext: str, params: dict[str, Any]) -> None:
         from lib_negip.webui.failures import request_error
 
         logger.error("Negative Image Prompt: %s", error)
-        for key in [key for key in params if str(key).startswith("NegIP")]:
+        for key in [key for key in params if negip_args.names_our_key(key)]:
             del params[key]
         params[RESTORE_ERROR] = request_error(error, for_ui=True).ui_message
         return
@@ -716,7 +716,8 @@ def error_status(text: str) -> str:
 
 
 def _has_ours(params: dict[str, Any]) -> bool:
-    return any(str(key).startswith("NegIP") for key in params)
+    """Whether the infotext has NegIP values (or keys spelled like ours, which are refused)."""
+    return any(negip_args.names_our_key(key) for key in params)
 
 
 def _infotext_images(params: dict[str, Any]) -> str | None:

@@ -695,8 +695,9 @@ def test_send_to_txt2img_names_a_changed_stored_image(
     [
         ("NegIP positive weight: abc", "'NegIP positive weight'"),
         ("NegIP style strength: 0.5", "'NegIP style strength': not a Negative Image Prompt value"),
+        ("negip positive weight: 0.5", "typo: the key is 'NegIP positive weight'"),
     ],
-    ids=["malformed", "unknown to this version"],
+    ids=["malformed", "unknown to this version", "another letter case"],
 )
 def test_send_to_txt2img_names_a_malformed_value(
     page: Any, tmp_path: Path, server_log: ServerLog, value: str, named: str

@@ -1141,6 +1141,14 @@ def test_model_auto_on_the_sdxl_server() -> None:
 # Round 2: the image prompts restored from the store by the API's `infotext` field
 
 
+def infotext_only_refused(text: str, args: list) -> str:
+    """The 422 detail of a request with nothing but the infotext and our ``args``."""
+    body = {"infotext": text, "alwayson_scripts": {SCRIPT: {"args": args}}}
+    status, answer = call("POST", "/sdapi/v1/txt2img", body)
+    assert status == 422, answer
+    return answer["detail"]
+
+
 def infotext_only(text: str, args: list, mode: str = "txt2img", **request: Any) -> dict:
     """A request with nothing but the infotext (and our script's entry, with ``args``)."""
     body = {"infotext": text, "alwayson_scripts": {SCRIPT: {"args": args}}, **request}
@@ -1185,6 +1193,19 @@ def test_infotext_with_an_empty_side_over_its_stored_images_is_refused(
         (name,) = empty
         expect_refused(server_log, [empty], f"{name} is empty", "leave", infotext=text)
     assert_same(pixels(infotext_only(text, [{}])), pixels(original))
+    # The positional form: the values sent replace the infotext's position by position (A1111);
+    # without the last one (infotext_images), empty image and mask positions take the stored
+    # images; with it sent as "", nothing is restored.
+    sent = positional(
+        negative_weight=0.7,
+        positive_images=[],
+        negative_images=[],
+        positive_mask=None,
+    )
+    assert_same(pixels(infotext_only(text, sent[:-1])), pixels(original))
+    detail = infotext_only_refused(text, sent)
+    assert "both empty" in detail, detail
+    server_log.new_lines()
     without = infotext_only(text, [{"negative_weight": 0.0}])
     direct = generate(fields(**{**request, "negative_weight": 0.0}), seed=4322)
     assert_same(pixels(without), pixels(direct))
