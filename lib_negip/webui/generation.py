@@ -177,11 +177,9 @@ class Generation:
     def fail(cls, error: BaseException, p: Any = None, *, log: bool = True) -> None:
         """Keep ``error`` and raise it where it reaches the user (A1111 swallows it here): the
         next UNet call, or ``p.sample`` where no UNet is known. ``log``: also log it."""
-        if not log:
-            pass
-        elif isinstance(error, NegIPError):
+        if log and isinstance(error, NegIPError):
             logger.error("Negative Image Prompt: %s", error)
-        else:
+        elif log:
             logger.exception("Negative Image Prompt failed", exc_info=error)
         cls.end()
         raised = request_error(error, for_ui=wants_ui_words(p))
