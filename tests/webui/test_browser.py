@@ -556,9 +556,11 @@ def send_png_to_txt2img(page: Any, png: Path) -> None:
     page.wait_for_selector("#tab_txt2img", state="visible")
 
 
-def test_png_info_send_to_txt2img_restores_the_image_prompts(
+def result_with_both_sides(
     page: Any, files: dict[str, Path], tmp_path: Path
-) -> None:
+) -> tuple[Path, str, str]:
+    """A result made with the positive and the negative file (seed 4321): its PNG, saved under
+    ``tmp_path``, and the references of its stored positive and negative image prompts."""
     small_settings(page, seed=4321)
     open_accordion(page)
     upload(page, "txt2img", "positive", files["positive"])
@@ -567,14 +569,28 @@ def test_png_info_send_to_txt2img_restores_the_image_prompts(
     assert original["image"], original["log"]
     png = tmp_path / "result.png"
     png.write_bytes(fetch(page, original["image"]))
-    positive = negip_value(original["infotext"], "NegIP positive images")
-    negative = negip_value(original["infotext"], "NegIP negative images")
+    text = original["infotext"]
+    return (
+        png,
+        negip_value(text, "NegIP positive images"),
+        negip_value(text, "NegIP negative images"),
+    )
 
-    page.reload(wait_until="domcontentloaded")  # a fresh page: nothing uploaded, extension off
+
+def send_on_a_fresh_page(page: Any, png: Path) -> None:
+    """PNG Info > "Send to txt2img" of ``png`` on a reloaded page (nothing uploaded, the
+    extension off)."""
+    page.reload(wait_until="domcontentloaded")
     page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
     assert not page.is_checked("#negip_txt2img_enabled-checkbox input")
     send_png_to_txt2img(page, png)
 
+
+def test_png_info_send_to_txt2img_restores_the_image_prompts(
+    page: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
+    png, positive, negative = result_with_both_sides(page, files, tmp_path)
+    send_on_a_fresh_page(page, png)
     page.wait_for_function(
         "() => document.querySelector('#negip_txt2img_enabled-checkbox input').checked"
     )
@@ -646,9 +662,7 @@ def result_of_a_unique_image(page: Any, tmp_path: Path, seed: int) -> tuple[Path
 def paste_on_a_fresh_page(page: Any, png: Path, reference: str) -> str:
     """PNG Info > "Send to txt2img" of ``png`` on a reloaded page; the accordion's status once
     it names ``reference``."""
-    page.reload(wait_until="domcontentloaded")
-    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
-    send_png_to_txt2img(page, png)
+    send_on_a_fresh_page(page, png)
     page.wait_for_function(
         "ref => document.querySelector('#negip_txt2img_restore_status').innerText.includes(ref)",
         arg=reference,

@@ -33,7 +33,8 @@ from test_browser import (  # noqa: F401  (browser is a fixture)
     negip_value,
     open_accordion,
     random_png,
-    send_png_to_txt2img,
+    result_with_both_sides,
+    send_on_a_fresh_page,
     small_settings,
     upload,
 )
@@ -100,21 +101,8 @@ def test_png_info_send_to_txt2img_makes_the_image_again(
 ) -> None:
     """Forge's PNG Info and "Send to" (gradio 4): the settings and the stored image prompts come
     back into the accordion, and Generate makes the same picture."""
-    small_settings(page, seed=4321)
-    open_accordion(page)
-    upload(page, "txt2img", "positive", files["positive"])
-    upload(page, "txt2img", "negative", files["negative"])
-    original = generate(page)
-    assert original["image"], original["log"]
-    png = tmp_path / "result.png"
-    png.write_bytes(fetch(page, original["image"]))
-    positive = negip_value(original["infotext"], "NegIP positive images")
-    negative = negip_value(original["infotext"], "NegIP negative images")
-
-    page.reload(wait_until="domcontentloaded")  # a fresh page: nothing uploaded, extension off
-    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
-    assert not page.is_checked("#negip_txt2img_enabled-checkbox input")
-    send_png_to_txt2img(page, png)
+    png, positive, negative = result_with_both_sides(page, files, tmp_path)
+    send_on_a_fresh_page(page, png)
     page.wait_for_function(
         "() => document.querySelector('#negip_txt2img_enabled-checkbox input').checked"
     )
