@@ -411,6 +411,7 @@ class NegIPArgs:
                 self.negative_noise, self.negative_images, self.positive_images, self.references
             )
             _require_images(self.positive_images, self.negative_images, self.references)
+            _refuse_unused_side_fields(self)
 
     def __repr__(self) -> str:
         scalars = ", ".join(
@@ -605,6 +606,50 @@ def _require_images(
         ui="Negative Image Prompt is on but has no image: drop an image on the positive or the "
         "negative side, or untick Negative Image Prompt.",
     )
+
+
+def _refuse_unused_side_fields(args: NegIPArgs) -> None:
+    """A side without images (nor stored ones, nor a noise negative) follows the other side's
+    blocks and mask, as plain IP-Adapter's "no image" side does: blocks or a mask set for it
+    would be written to the infotext and restored while changing no pixel, so they are refused.
+    Its weight and window are not: the UI always sends them. A side at weight 0 is switched off
+    by its user (as the refusals of missing stored images suggest): what it holds is moot."""
+    references = args.references
+    for side, other in (("positive", "negative"), ("negative", "positive")):
+        if getattr(args, f"{side}_images") or references.get(f"{side}_images"):
+            continue
+        if side == "negative" and args.negative_noise > 0.0:
+            continue  # the noise images are the negative side
+        if getattr(args, f"{side}_weight") == 0.0:
+            continue
+        label = side.capitalize()
+        follows = f"a side without images follows the {other} side's blocks and mask"
+        layers = parse_layers(f"{side}_layers", getattr(args, f"{side}_layers"))
+        if not layers.is_all:
+            text = layers.text()
+            msg = (
+                f"{side}_layers is {text!r}, but the {side} side has no images, so it would "
+                f"change nothing ({follows}). Give {side} images, set the blocks in "
+                f'{other}_layers, or leave {side}_layers out ("all").'
+            )
+            raise ArgumentError(
+                msg,
+                ui=f"'{label} blocks' is {text!r}, but there are no {side} images, so it would "
+                f"change nothing ({follows}): add {side} images, choose the blocks in "
+                f"'{other.capitalize()} blocks', or set '{label} blocks' to all.",
+            )
+        if getattr(args, f"{side}_mask") is not None or references.get(f"{side}_mask"):
+            msg = (
+                f"{side}_mask is given, but the {side} side has no images, so it would change "
+                f"nothing ({follows}). Give {side} images, put the mask in {other}_mask, or "
+                f"leave {side}_mask out."
+            )
+            raise ArgumentError(
+                msg,
+                ui=f"'{label} mask' is set, but there are no {side} images, so it would change "
+                f"nothing ({follows}): add {side} images, put the mask in "
+                f"'{other.capitalize()} mask', or remove it.",
+            )
 
 
 # ---------------------------------------------------------------------------------------------

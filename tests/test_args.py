@@ -1229,6 +1229,7 @@ def test_infotext_needs_labels(label: Any) -> None:
             NegIPArgs(
                 enabled=True,
                 model="m",
+                positive_images=(solid(),),
                 negative_images=(solid(),),
                 positive_layers="0:-1, 15:5, 7:0.125",
                 negative_layers="style and composition",
@@ -1438,6 +1439,7 @@ def test_helpers_match_a1111_checkout() -> None:
 REF_A = "0123456789abcdef"
 REF_B = "fedcba9876543210"
 REF_M = "00112233445566ff"
+REF_N = "0f1e2d3c4b5a6978"
 
 
 OMIT = object()  # a field left out of the dict
@@ -1483,18 +1485,27 @@ LAYER_TEXTS = [
 @pytest.mark.parametrize(("written", "canonical"), LAYER_TEXTS)
 @pytest.mark.parametrize("field", ["positive_layers", "negative_layers"])
 def test_layers_canonical_text(field: str, written: Any, canonical: str) -> None:
-    assert getattr(_enabled(**{field: written}), field) == canonical
+    both = {"negative_images": [b64()]}  # blocks for a side without images are refused
+    assert getattr(_enabled(**both, **{field: written}), field) == canonical
     # The positional form (the UI) and the arguments object agree.
-    positional = parse_script_args(full_positional(**{field: written}))
+    positional = parse_script_args(full_positional(**both, **{field: written}))
     assert getattr(positional, field) == canonical
-    direct = NegIPArgs(enabled=True, model="m", positive_images=(solid(),), **{field: written})
+    direct = NegIPArgs(
+        enabled=True,
+        model="m",
+        positive_images=(solid(),),
+        negative_images=(solid(),),
+        **{field: written},
+    )
     assert getattr(direct, field) == canonical
     other = "negative_layers" if field == "positive_layers" else "positive_layers"
     assert getattr(direct, other) == "all"
 
 
 def test_layer_specs_of_the_args() -> None:
-    args = _enabled(positive_layers="6:0.8, 3:1", negative_layers="Strong Style")
+    args = _enabled(
+        negative_images=[b64()], positive_layers="6:0.8, 3:1", negative_layers="Strong Style"
+    )
     assert args.positive_layer_spec.preset is None
     assert args.positive_layer_spec.pairs == ((3, 1.0), (6, 0.8))
     assert args.negative_layer_spec.preset == "strong style"
@@ -1733,13 +1744,14 @@ def test_an_empty_field_over_stored_images_is_refused(fields: dict[str, Any], pa
     replaced by the infotext's stored images without a word (the client's value changed
     nothing). Left out, the stored ones are used; a side at weight 0 needs none; images the
     request sends win; the positional form (a value at every position) restores."""
-    stored = f"positive images: {REF_A} {REF_B}; negative mask: {REF_M}"
+    stored = f"positive images: {REF_A} {REF_B}; negative images: {REF_N}; negative mask: {REF_M}"
     base = {"model": "m", "infotext_images": stored}
     with pytest.raises(ArgumentError, match=pattern):
         parse_api_dict({**base, **fields})
     args = parse_api_dict(base)
     assert args.references == {
         "positive_images": (REF_A, REF_B),
+        "negative_images": (REF_N,),
         "negative_mask": (REF_M,),
     }
     side = next(iter(fields)).split("_")[0]
@@ -1762,6 +1774,81 @@ def test_noise_without_positive_images_is_refused() -> None:
 def test_noise_without_positive_images_names_the_noise() -> None:
     with pytest.raises(ArgumentError, match=r"negative_noise"):
         _enabled(positive_images=[], negative_noise=0.5)
+
+
+@pytest.mark.parametrize(
+    ("fields", "api", "ui"),
+    [
+        pytest.param(
+            {"negative_layers": "16:1"},
+            r"^negative_layers is '16:1', but the negative side has no images, so it would change "
+            r"nothing \(a side without images follows the positive side's blocks and mask\)\. "
+            r"Give negative images, set the blocks in positive_layers, or leave negative_layers "
+            r'out \("all"\)\.$',
+            r"^'Negative blocks' is '16:1', but there are no negative images, .* choose the "
+            r"blocks in 'Positive blocks', or set 'Negative blocks' to all\.$",
+            id="blocks-on-the-empty-negative-side",
+        ),
+        pytest.param(
+            {"negative_layers": " Style "},
+            r"^negative_layers is 'style', but",
+            r"^'Negative blocks' is 'style'",
+            id="a-preset",
+        ),
+        pytest.param(
+            {"negative_mask": "BLACK"},
+            r"^negative_mask is given, but the negative side has no images, so it would change "
+            r"nothing .* Give negative images, put the mask in positive_mask, or leave "
+            r"negative_mask out\.$",
+            r"^'Negative mask' is set, but there are no negative images, .* put the mask in "
+            r"'Positive mask', or remove it\.$",
+            id="mask-on-the-empty-negative-side",
+        ),
+        pytest.param(
+            {"positive_images": [], "negative_images": ["IMAGE"], "positive_mask": "BLACK"},
+            r"^positive_mask is given, but the positive side has no images, .* follows the "
+            r"negative side's blocks and mask\)\. Give positive images, put the mask in "
+            r"negative_mask",
+            r"^'Positive mask' is set, but there are no positive images",
+            id="mask-on-the-empty-positive-side",
+        ),
+        pytest.param(
+            {"infotext_images": f"positive images: {REF_A}; negative mask: {REF_M}"},
+            r"^negative_mask is given, but the negative side has no images",
+            r"^'Negative mask' is set",
+            id="a-stored-mask-on-the-empty-side",
+        ),
+    ],
+)
+def test_blocks_or_a_mask_for_a_side_without_images_are_refused(
+    fields: dict[str, Any], api: str, ui: str
+) -> None:
+    """A side without images follows the other side's blocks and mask (plain IP-Adapter's "no
+    image" side): its own were accepted, written to the infotext and restored, while changing
+    no pixel (an out-of-range block too, which then failed the restore with images)."""
+    given = {
+        name: [b64()]
+        if value == ["IMAGE"]
+        else b64(solid(0, mode="L"))
+        if value == "BLACK"
+        else value
+        for name, value in fields.items()
+    }
+    for parse in (
+        lambda: _enabled(**given),
+        lambda: parse_script_args(full_positional(**given)),
+    ):
+        with pytest.raises(ArgumentError) as caught:
+            parse()
+        assert re.search(api, str(caught.value)), str(caught.value)
+        assert re.search(ui, caught.value.ui), caught.value.ui
+    # Where the side holds something, is off, or is the noise, the same values are accepted.
+    side = api[1:].split("_")[0]
+    _enabled(**{**given, f"{side}_images": [b64()]})
+    _enabled(**{**given, f"{side}_weight": 0.0})
+    if side == "negative":
+        _enabled(**{**given, "negative_noise": 0.5})
+    assert _enabled(negative_layers="all").negative_layers == "all"
 
 
 # --- infotext_images (stored image references) ----------------------------------------------------
@@ -1791,8 +1878,10 @@ def test_noise_without_positive_images_names_the_noise() -> None:
     ],
 )
 def test_infotext_images_canonical(written: Any, canonical: str) -> None:
-    assert _enabled(infotext_images=written).infotext_images == canonical
-    assert parse_script_args(full_positional(infotext_images=written)).infotext_images == canonical
+    both = {"negative_images": [b64()]}  # the stored masks need images on their side
+    assert _enabled(**both, infotext_images=written).infotext_images == canonical
+    positional = parse_script_args(full_positional(**both, infotext_images=written))
+    assert positional.infotext_images == canonical
 
 
 @pytest.mark.parametrize(
@@ -2020,10 +2109,11 @@ MASK_FORMS = [
 @pytest.mark.parametrize("field", ["positive_mask", "negative_mask"])
 @pytest.mark.parametrize("form", ["dict", "positional"])
 def test_mask_forms(form: str, field: str, make_mask: Any, expected: Any) -> None:
+    # Images on both sides: a mask on a side without images is refused (it would do nothing).
     if form == "dict":
-        args = _enabled(**{field: make_mask()})
+        args = _enabled(negative_images=[b64()], **{field: make_mask()})
     else:
-        args = parse_script_args(full_positional(**{field: make_mask()}))
+        args = parse_script_args(full_positional(negative_images=[b64()], **{field: make_mask()}))
     mask = getattr(args, field)
     other = "negative_mask" if field == "positive_mask" else "positive_mask"
     assert getattr(args, other) is None
@@ -2065,7 +2155,9 @@ def test_a_mask_is_turned_as_its_exif_orientation_says() -> None:
     stored = Image.fromarray(np.array([[255, 0], [0, 0]], np.uint8))  # white at the top left
     exif = Image.Exif()
     exif[0x0112] = 6  # the viewer turns it 90 degrees clockwise: white at the top right
-    args = _enabled(negative_mask=_encoded(stored, "JPEG", exif=exif, quality=100))
+    args = _enabled(
+        negative_images=[b64()], negative_mask=_encoded(stored, "JPEG", exif=exif, quality=100)
+    )
     shown = np.asarray(args.negative_mask)
     assert shown[0, 1] > 200
     assert shown[0, 0] < 50
@@ -2078,7 +2170,9 @@ def test_sketch_transparent_white_drawing_keeps_image() -> None:
 
 
 def test_mask_size_is_kept_and_shown_in_repr() -> None:
-    args = _enabled(negative_mask=b64(solid(size=(9, 5))), negative_noise=0.0)
+    args = _enabled(
+        negative_images=[b64()], negative_mask=b64(solid(size=(9, 5))), negative_noise=0.0
+    )
     assert args.negative_mask.size == (9, 5)
     assert "masks=['negative_mask']" in repr(args)
     assert "masks=[]" in repr(_enabled())
@@ -2089,6 +2183,7 @@ def test_mask_of_the_args_object() -> None:
         enabled=True,
         model="m",
         positive_images=(solid(),),
+        negative_images=(solid(),),
         positive_mask=rgba([(255, 255, 255, 0), (255, 255, 255, 255)]),
         negative_mask=solid(33, mode="L"),
     )
@@ -2226,11 +2321,11 @@ def test_an_empty_drawn_layer_is_not_counted_twice() -> None:
         {
             "model": "m",
             "positive_images": [b64()] * 4,  # 96
-            "negative_mask": {"image": solid(size=(2, 2)), "mask": blank},  # 4 (+4 given back)
+            "positive_mask": {"image": solid(size=(2, 2)), "mask": blank},  # 4 (+4 given back)
         }
     )
-    assert args.negative_mask is not None
-    assert args.negative_mask.size == (2, 2)
+    assert args.positive_mask is not None
+    assert args.positive_mask.size == (2, 2)
 
 
 @pytest.mark.usefixtures("budget_100")

@@ -1382,7 +1382,12 @@ def test_stored_images_are_counted_and_budgeted_before_any_is_read(
     monkeypatch.setattr(
         ImageStore, "load", lambda self, *a, **k: loads.append(a) or real_load(self, *a, **k)
     )
-    restore = {"positive_images": OMIT, "negative_images": [], "positive_mask": None}
+    restore = {
+        "positive_images": OMIT,
+        "negative_images": [],
+        "positive_mask": None,
+        "negative_mask": None,
+    }
     refused(
         world,
         stored_request(
@@ -1645,9 +1650,7 @@ def test_windows_that_hold_no_step_say_so_in_the_console(
     weight 0 does (the request is valid: an X/Y/Z sweep of starts up to 1 has such cells), but
     unlike weight 0 it is rarely what the user meant: the console says so. Settings that give
     them nothing to do by themselves (weights or blocks 0) are not warned about."""
-    request = default_fields(negative_images=[], **fields)
-    if "positive_layers" in fields:
-        request["negative_layers"] = "0:0"
+    request = default_fields(negative_images=[], **fields)  # the empty side follows the blocks
     with caplog.at_level("WARNING", logger="negip"):
         p = generation(world, request, steps=2)
     assert ("no step of this batch had the image prompts" in caplog.text) is warned, caplog.text

@@ -1210,6 +1210,19 @@ def _(lab: Lab) -> None:
     )
 
 
+@case(API, "blocks or a mask for a side without images")
+def _(lab: Lab) -> None:
+    lab.refused(
+        reference_fields(negative_images=[], negative_layers="16:1"),
+        r"^negative_layers is '16:1', but the negative side has no images, so it would change "
+        r"nothing \(a side without images follows the positive side's blocks and mask\)",
+    )
+    lab.refused(
+        reference_fields(negative_images=[], negative_mask=b64(png(POSITIVE))),
+        r"^negative_mask is given, but the negative side has no images",
+    )
+
+
 @case(API, "block weights: a malformed pair and a non-finite weight")
 def _(lab: Lab) -> None:
     lab.refused(reference_fields(positive_layers="3=1"), r"positive_layers: '3=1' is neither")

@@ -935,6 +935,29 @@ def test_block_out_of_range_is_refused(server_log: ServerLog) -> None:
     )
 
 
+def test_blocks_or_a_mask_for_a_side_without_images_are_refused(server_log: ServerLog) -> None:
+    """They would change nothing (the empty side follows the other one); accepted, they were
+    written to the infotext and restored, and an out-of-range block failed only later."""
+    expect_refused(
+        server_log,
+        fields(negative_images=[], negative_layers="16:1"),
+        "negative_layers is '16:1', but the negative side has no images",
+        "positive_layers",
+    )
+    expect_refused(
+        server_log,
+        fields(model=BASE_XL, negative_images=[], negative_layers="12:1"),
+        "negative_layers is '12:1', but the negative side has no images",
+        checkpoint=SDXL,
+    )
+    expect_refused(
+        server_log,
+        fields(negative_images=[], negative_mask=mask_png("black")),
+        "negative_mask is given, but the negative side has no images",
+        "positive_mask",
+    )
+
+
 def test_malformed_blocks_are_refused(server_log: ServerLog) -> None:
     expect_refused(server_log, fields(positive_layers="styles"), "positive_layers", "styles")
     expect_refused(server_log, fields(negative_layers="3:1, 3:0.5"), "negative_layers", "twice")
