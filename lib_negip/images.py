@@ -130,7 +130,7 @@ def _too_large(error: Exception, max_pixels: int) -> str:
     size = f" ({pixels:,} pixels)" if pixels != sys.maxsize else ""
     return (
         f"The image is too large to decode safely{size}; at most {max_pixels:,} pixels are "
-        "accepted. Send a smaller image (CLIP sees it at 224x224 anyway)."
+        "accepted. Send a smaller image (CLIP sees an image prompt at 224x224, and a mask is scaled to the picture's latent grid)."
     )
 
 
@@ -172,7 +172,7 @@ def decode_image(data: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     if width * height > max_pixels:
         msg = (
             f"The image is {width}x{height} = {width * height:,} pixels; at most {max_pixels:,} "
-            "are accepted. Scale the image down (CLIP sees it at 224x224 anyway)."
+            "are accepted. Scale the image down (CLIP sees an image prompt at 224x224, and a mask is scaled to the picture's latent grid)."
         )
         raise ImageError(msg)
     if width < 1 or height < 1:

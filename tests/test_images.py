@@ -171,7 +171,7 @@ def test_decode_pillow_decompression_bomb_error() -> None:
         decode_image(png_header(100_000, 100_000))
     assert str(caught.value) == (
         "The image is too large to decode safely (10,000,000,000 pixels); at most 67,108,864 "
-        "pixels are accepted. Send a smaller image (CLIP sees it at 224x224 anyway)."
+        "pixels are accepted. Send a smaller image (CLIP sees an image prompt at 224x224, and a mask is scaled to the picture's latent grid)."
     )
 
 
