@@ -590,6 +590,54 @@ def test_with_storing_off_nothing_is_written(world: World) -> None:
     assert len(list(store_folder().iterdir())) == 4
 
 
+@pytest.mark.parametrize(
+    ("value", "stores"),
+    [
+        (0, False),
+        (0.0, False),
+        ("false", False),
+        (" OFF ", False),
+        ("no", False),
+        ("0", False),
+        (1, True),
+        ("True", True),
+        ("on", True),
+        ("yes", True),
+    ],
+)
+def test_storing_set_through_the_api_as_a_number_or_a_text_means_what_it_says(
+    world: World, value: Any, stores: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A1111 takes any value for a setting through the API, and its Settings tab and GET
+    /sdapi/v1/options show 0 or "off" as unticked: storing went on (anything but a real bool
+    was the default, True) while the user saw it off."""
+    setattr(shared.opts, OPT_STORE_IMAGES, value)
+    try:
+        with caplog.at_level("WARNING", logger="negip"):
+            p = run(world, stored_request())
+    finally:
+        setattr(shared.opts, OPT_STORE_IMAGES, True)
+    assert ("NegIP positive images" in p.extra_generation_params) is stores
+    assert ("NegIP images" in p.extra_generation_params) is not stores
+    assert (store_folder().exists() and any(store_folder().iterdir())) is stores
+    assert "neither true nor false" not in caplog.text
+
+
+def test_a_checkbox_setting_of_another_value_takes_its_default_with_a_warning(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    setattr(shared.opts, OPT_STORE_IMAGES, "maybe")
+    try:
+        with caplog.at_level("WARNING", logger="negip"):
+            p = run(world, stored_request())
+    finally:
+        setattr(shared.opts, OPT_STORE_IMAGES, True)
+    assert "NegIP positive images" in p.extra_generation_params  # the default: on
+    assert "Setting negip_store_images is 'maybe', neither true nor false: using True" in (
+        caplog.text
+    )
+
+
 def test_an_infotext_made_with_storing_off_needs_its_images_sent_again(world: World) -> None:
     """The API's restore of such an infotext: a side it counted images for, sent without them,
     is refused (it answered 200 with that side missing); sent again, the result comes back."""

@@ -61,7 +61,6 @@ from lib_negip.webui.models import (
 from lib_negip.webui.settings import (
     OPT_ENCODER_ON_GPU,
     OPT_STORE_IMAGES,
-    opt,
     setting_bool,
     store_folder,
 )
@@ -593,7 +592,7 @@ def check_family(spec: Any, adapter_name: str, unet: Any) -> None:
 def keep_encoder_on_gpu(low_vram: bool) -> bool:
     """Whether the encoder stays on the GPU after encoding: as the setting says, but never
     under --lowvram / --medvram, where nothing of ours stays on the GPU."""
-    return not low_vram and bool(opt(OPT_ENCODER_ON_GPU))
+    return not low_vram and setting_bool(OPT_ENCODER_ON_GPU)
 
 
 class _EncoderOnDevice:

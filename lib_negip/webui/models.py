@@ -23,6 +23,7 @@ from lib_negip.webui.settings import (
     OPT_IMAGES_IN_MEMORY,
     OPT_MODELS_IN_MEMORY,
     opt,
+    setting_bool,
     setting_int,
 )
 
@@ -295,7 +296,7 @@ def resolve_auto_adapter(registry: Any, unet: Any, encoder_name: str) -> Any:
     layers = cross_attention_layers(unet)
     width = layers[0].context_dim if layers else 0
     candidates = auto_adapter_order(registry.adapters(), width, len(layers))
-    if not candidates and opt(OPT_AUTO_DOWNLOAD):
+    if not candidates and setting_bool(OPT_AUTO_DOWNLOAD):
         for name in OFFICIAL_BASE.get(width, ())[:1]:
             if _download_official(name):
                 registry.refresh()
@@ -331,7 +332,7 @@ def resolve_adapter(registry: Any, name: str) -> Any:
     try:
         return registry.resolve_adapter(name)
     except ArgumentError:
-        if not (opt(OPT_AUTO_DOWNLOAD) and _download_official(name)):
+        if not (setting_bool(OPT_AUTO_DOWNLOAD) and _download_official(name)):
             raise
         registry.refresh()
         return registry.resolve_adapter(name)
@@ -343,7 +344,7 @@ def resolve_encoder(registry: Any, name: str, adapter: Any) -> Any:
     try:
         return registry.resolve_encoder(name, adapter)
     except NegIPError:
-        if name != "auto" or not opt(OPT_AUTO_DOWNLOAD):
+        if name != "auto" or not setting_bool(OPT_AUTO_DOWNLOAD):
             raise
         from lib_negip import download
 

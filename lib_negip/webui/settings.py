@@ -64,10 +64,26 @@ def setting_int(key: str, low: int, high: int) -> int:
     return min(max(number, low), high)
 
 
+#: How a checkbox setting set through the API may be written (A1111 does not check the type):
+#: the spellings A1111's own API answers and its Settings tab show as ticked or not (pydantic's
+#: bool), so that what the user sees is what happens.
+_TRUE_TEXTS = frozenset({"true", "t", "yes", "y", "on", "1"})
+_FALSE_TEXTS = frozenset({"false", "f", "no", "n", "off", "0"})
+
+
 def setting_bool(key: str) -> bool:
-    """A checkbox setting; anything but a real bool (the API can set any value) is the default."""
+    """A checkbox setting. The API can set any value: 0 and 1 and the texts "true"/"false",
+    "on"/"off", "yes"/"no" mean what they say (storing set to 0 went on storing while the
+    Settings tab showed it off); anything else is the default, with a warning."""
     value = opt(key)
-    return value if isinstance(value, bool) else DEFAULTS[key]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_TEXTS | _FALSE_TEXTS:
+        return value.strip().lower() in _TRUE_TEXTS
+    logger.warning("Setting %s is %r, neither true nor false: using %s", key, value, DEFAULTS[key])
+    return DEFAULTS[key]
 
 
 def store_folder() -> tuple[Path, str]:

@@ -115,9 +115,9 @@ def _check_installed(name: str) -> None:
     """An adapter a cell can load: installed and usable, or official with downloads on."""
     from lib_negip import download
     from lib_negip.webui.models import MODELS
-    from lib_negip.webui.settings import OPT_AUTO_DOWNLOAD, opt
+    from lib_negip.webui.settings import OPT_AUTO_DOWNLOAD, setting_bool
 
-    if opt(OPT_AUTO_DOWNLOAD) and download.is_official(name):
+    if setting_bool(OPT_AUTO_DOWNLOAD) and download.is_official(name):
         return
     MODELS.registry().resolve_adapter(name).usable_spec()
 
