@@ -1307,17 +1307,28 @@ def infotext_hidden_text(params: Mapping[str, Any]) -> str:
     if params.get(INFOTEXT_NOISE_SEED) is not None:
         noise = _infotext_seed(INFOTEXT_NOISE_SEED, params[INFOTEXT_NOISE_SEED])
         if params.get("Seed") is not None:
-            noise_seed = (noise, _infotext_seed("Seed", params["Seed"]))
+            noise_seed = (noise, _image_seed(params["Seed"]))
     references = _with_unstored(
         format_references(infotext_references(params)), infotext_image_counts(params)
     )
     return _with_noise_seed(references, noise_seed)
 
 
-def _infotext_seed(key: str, value: Any) -> int:
+def _image_seed(value: Any) -> int:
+    """The infotext's "Seed" as the noise seed's key compares it: A1111 keeps a negative seed
+    other than -1 as given and writes it so ("Seed: -5"), while the noise is seeded with its
+    64-bit two's complement, as the generation's own seed is taken."""
+    text = str(value).strip()
+    negative = text.startswith("-")
+    seed = _infotext_seed("Seed", text[1:] if negative else text, shown=value)
+    return (-seed if negative else seed) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _infotext_seed(key: str, value: Any, *, shown: Any = None) -> int:
     text = str(value).strip()
     if not text.isdigit() or len(text) > 20:
-        msg = f"Infotext {key!r} must be a whole number of at least 0; got {_show(value)}."
+        what = "a whole number" if key == "Seed" else "a whole number of at least 0"
+        msg = f"Infotext {key!r} must be {what}; got {_show(value if shown is None else shown)}."
         raise ArgumentError(msg)
     return int(text)
 

@@ -1927,8 +1927,17 @@ def test_infotext_restores_the_noise_seed_with_the_images_own_seed() -> None:
     assert parse_infotext({"NegIP model": "m", "NegIP noise seed": "1000"})["infotext_images"] == ""
     with pytest.raises(ArgumentError, match=r"^Infotext 'NegIP noise seed' must be a whole"):
         parse_infotext({"NegIP model": "m", "NegIP noise seed": "x", "Seed": "1"})
-    with pytest.raises(ArgumentError, match=r"^Infotext 'Seed' must be a whole"):
-        parse_infotext({"NegIP model": "m", "NegIP noise seed": "1", "Seed": "-1"})
+    # A1111 keeps a negative seed other than -1 and writes it so; the noise seed is its 64-bit
+    # two's complement, as the generation's seed is taken.
+    negative = parse_infotext({"NegIP model": "m", "NegIP noise seed": "1", "Seed": " -4 "})
+    assert negative["infotext_images"] == f"noise seed: 1 for seed {2**64 - 4}"
+    for seed in ("x", "1.5", "--4", "-", ""):
+        with pytest.raises(ArgumentError, match=r"^Infotext 'Seed' must be a whole number; got"):
+            parse_infotext({"NegIP model": "m", "NegIP noise seed": "1", "Seed": seed})
+    with pytest.raises(
+        ArgumentError, match=r"^Infotext 'NegIP noise seed' must be a whole number of at least 0"
+    ):
+        parse_infotext({"NegIP model": "m", "NegIP noise seed": "-1", "Seed": "1"})
 
 
 def test_the_infotext_names_the_noise_seed_only_with_a_noise_negative() -> None:

@@ -1455,10 +1455,13 @@ def test_stored_images_are_counted_and_budgeted_before_any_is_read(
     nothing_left(world.unet)
 
 
-def test_a_noise_negative_restores_for_every_image_of_a_batch(world: World) -> None:
+@pytest.mark.parametrize("first", [1000, -5])
+def test_a_noise_negative_restores_for_every_image_of_a_batch(world: World, first: int) -> None:
     """The noise is seeded with the generation's first seed, which the infotext names: image 2
     of a batch (its own seed 1001) restored from its infotext gets the batch's noise back, by
-    the API and in the UI; a seed changed after the restore makes new noise, as always."""
+    the API and in the UI; a seed changed after the restore makes new noise, as always. A1111
+    keeps a negative seed other than -1 ("Seed: -4"): its restore was refused ("'Seed' must be
+    a whole number of at least 0")."""
     from lib_negip.args import DEFAULTS, FIELD_ORDER, parse_infotext
 
     negatives: list[torch.Tensor] = []
@@ -1471,14 +1474,15 @@ def test_a_noise_negative_restores_for_every_image_of_a_batch(world: World) -> N
     fields = noise_fields(negative_noise=0.5)
     runs = 1
     p = make_p(fields, world=world, batch=2)
-    p.all_seeds = [1000, 1001]
+    p.all_seeds = [first, first + 1]
     processing.process_images(p)
     batch_noise = negatives[-1]
-    assert p.extra_generation_params["NegIP noise seed"] == 1000
+    bits = 0xFFFF_FFFF_FFFF_FFFF
+    assert p.extra_generation_params["NegIP noise seed"] == first & bits
     # Image 2's infotext: the batch's settings, its own seed.
     params = {key: str(value) for key, value in p.extra_generation_params.items()}
-    hidden = parse_infotext({**params, "Seed": "1001"})["infotext_images"]
-    assert hidden.endswith("noise seed: 1000 for seed 1001")
+    hidden = parse_infotext({**params, "Seed": str(first + 1)})["infotext_images"]
+    assert hidden.endswith(f"noise seed: {first & bits} for seed {(first + 1) & bits}")
     restored = {**fields, "infotext_images": hidden}
 
     def noise_of(seed: int, request: dict | list, *, is_api: bool = True) -> torch.Tensor:
@@ -1490,15 +1494,15 @@ def test_a_noise_negative_restores_for_every_image_of_a_batch(world: World) -> N
         assert len(negatives) == runs
         return negatives[-1]
 
-    assert torch.equal(noise_of(1001, restored), batch_noise)  # the API's infotext field
+    assert torch.equal(noise_of(first + 1, restored), batch_noise)  # the API's infotext field
     values = [DEFAULTS[name] for name in FIELD_ORDER]  # the UI's components after a paste
     for name, value in {"enabled": True, **restored}.items():
         values[FIELD_ORDER.index(name)] = value
-    assert torch.equal(noise_of(1001, values, is_api=False), batch_noise)
+    assert torch.equal(noise_of(first + 1, values, is_api=False), batch_noise)
     # Another seed than the restored image's: the noise of that seed, as without the restore.
-    other = noise_of(1002, restored)
+    other = noise_of(first + 2, restored)
     assert not torch.equal(other, batch_noise)
-    assert torch.equal(other, noise_of(1002, fields))
+    assert torch.equal(other, noise_of(first + 2, fields))
     # Without a noise negative the infotext names no noise seed.
     assert "NegIP noise seed" not in run(world, fields_for(), seed=7).extra_generation_params
 

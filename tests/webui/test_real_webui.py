@@ -1276,6 +1276,19 @@ def test_infotext_of_the_second_image_of_a_batch_restores_its_noise_negative() -
     assert np.abs(pixels(own_seed) - pixels(original, 1)).max() > 8
 
 
+def test_infotext_with_a_negative_seed_restores_its_noise_negative() -> None:
+    """A1111 keeps a negative seed other than -1 and writes it ("Seed: -5"); the noise seed
+    is its 64-bit two's complement. The restore was refused ("'Seed' must be a whole number of
+    at least 0"), in the UI too (the paste switched the extension off)."""
+    noise = fields(negative_images=[], negative_noise=0.5)
+    original = generate(noise, seed=-5)
+    text = infotext(original)
+    assert "Seed: -5," in text
+    assert negip_params(text)["NegIP noise seed"] == str(2**64 - 5)
+    again = infotext_only(text, [])
+    assert_same(pixels(again), pixels(original))
+
+
 def test_infotext_alone_restores_in_img2img() -> None:
     # The first img2img after A1111 loads a checkpoint differs (by up to 32/255, also without
     # extensions): one request first, in case an earlier test left another checkpoint loaded.
