@@ -1303,15 +1303,21 @@ def infotext_hidden_text(params: Mapping[str, Any]) -> str:
     """The ``infotext_images`` value an infotext restores: its stored images' references, and
     its noise seed with the image's own seed ("Seed"); raises :class:`ArgumentError` for a
     malformed value."""
-    noise_seed = None
-    if params.get(INFOTEXT_NOISE_SEED) is not None:
-        noise = _infotext_seed(INFOTEXT_NOISE_SEED, params[INFOTEXT_NOISE_SEED])
-        if params.get("Seed") is not None:
-            noise_seed = (noise, _image_seed(params["Seed"]))
     references = _with_unstored(
         format_references(infotext_references(params)), infotext_image_counts(params)
     )
-    return _with_noise_seed(references, noise_seed)
+    return _with_noise_seed(references, infotext_noise_seed(params))
+
+
+def infotext_noise_seed(params: Mapping[str, Any]) -> NoiseSeed | None:
+    """(the noise seed, the seed of the image it belongs to) of an infotext; None without
+    either. Raises :class:`ArgumentError` for a malformed value."""
+    if params.get(INFOTEXT_NOISE_SEED) is None:
+        return None
+    noise = _infotext_seed(INFOTEXT_NOISE_SEED, params[INFOTEXT_NOISE_SEED])
+    if params.get("Seed") is None:
+        return None
+    return noise, _image_seed(params["Seed"])
 
 
 def _image_seed(value: Any) -> int:

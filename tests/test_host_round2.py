@@ -1507,6 +1507,51 @@ def test_a_noise_negative_restores_for_every_image_of_a_batch(world: World, firs
     assert "NegIP noise seed" not in run(world, fields_for(), seed=7).extra_generation_params
 
 
+def test_upscale_of_a_later_image_of_a_batch_uses_the_batch_noise(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A1111's ✨ runs Hires. fix on a result with that result's seed, and gives scripts
+    nothing else of its infotext: image 2 of a noise-negative batch (seed 1001, made with the
+    noise of seed 1000) was upscaled with the noise of seed 1001, and the upscale's infotext
+    said so. The noise seed now comes from the picture's own infotext."""
+    negatives: list[torch.Tensor] = []
+
+    def negative_tokens(params) -> None:
+        if Generation.current is not None:
+            negatives.append(Generation.current.session.prompt.negative.tokens.clone())
+
+    script_callbacks.on_cfg_denoiser(negative_tokens)
+    fields = noise_fields(negative_noise=0.5)
+    p = make_p(fields, world=world, batch=2)
+    p.all_seeds = [1000, 1001]
+    processing.process_images(p)
+    batch_noise = negatives[-1]
+    line = ", ".join(f"{key}: {value}" for key, value in p.extra_generation_params.items())
+    picture = Image.new("RGB", (8, 8))
+    picture.info["parameters"] = f"a house\nSteps: 4, Seed: 1001, {line}"
+
+    def upscale(image: Image.Image, *, from_upscale: bool = True) -> processing.Processing:
+        p = make_p(fields, world=world, seed=1001, enable_hr=True, firstpass_image=image)
+        if from_upscale:
+            p.txt2img_upscale = True  # what A1111's txt2img_upscale sets
+        processing.process_images(p)
+        return p
+
+    with caplog.at_level("WARNING", logger="negip"):
+        upscaled = upscale(picture)
+    assert torch.equal(negatives[-1], batch_noise)
+    assert upscaled.extra_generation_params["NegIP noise seed"] == 1000
+    assert "noise seed" not in caplog.text
+    # A picture without its infotext (saved without it): its own seed, and a warning.
+    with caplog.at_level("WARNING", logger="negip"):
+        bare = upscale(Image.new("RGB", (8, 8)))
+    assert bare.extra_generation_params["NegIP noise seed"] == 1001
+    assert not torch.equal(negatives[-1], batch_noise)
+    assert "the picture to upscale names no noise seed in its infotext" in caplog.text
+    # Only ✨ reads the picture: another generation given a first pass keeps its own seed.
+    assert upscale(picture, from_upscale=False).extra_generation_params["NegIP noise seed"] == 1001
+
+
 def _timestep_denoiser(function: str, reported: int, *, img2img: bool) -> Any:
     """A denoiser as A1111's timestep samplers have it: ``steps`` as launch_sampling set it,
     the sampler's function, ``init_latent`` set by sample_img2img."""

@@ -411,7 +411,37 @@ def _noise_seed(p: Any, args: Any) -> int:
     :func:`lib_negip.args.split_noise_seed`)."""
     seed = _seed_of(p)
     restored = args.restored_noise_seed
+    if restored is None and args.negative_noise > 0.0:
+        restored = _upscaled_image_noise_seed(p)
     return restored[0] if restored is not None and restored[1] == seed else seed
+
+
+def _upscaled_image_noise_seed(p: Any) -> Any:
+    """The noise seed of the picture A1111's ✨ (txt2img's "upscale" under the results) runs
+    the Hires. fix pass on. A1111 gives the pass that picture's seed but nothing else of its
+    infotext, and the picture of a batch after the first was made with the batch's noise (the
+    first seed's): it is read from the picture's own infotext. None when ✨ did not start this
+    generation; a warning when the picture carries no readable infotext."""
+    if not getattr(p, "txt2img_upscale", False):
+        return None
+    from lib_negip.args import infotext_noise_seed
+
+    image = getattr(p, "firstpass_image", None)
+    try:
+        from modules import images, infotext_utils
+
+        text, _ = images.read_info_from_image(image)
+        found = infotext_noise_seed(infotext_utils.parse_generation_parameters(text or ""))
+    except Exception as error:  # an unreadable text, a malformed value, another host's API
+        logger.warning("could not read the infotext of the picture to upscale: %s", error)
+        found = None
+    if found is None:
+        logger.warning(
+            "Negative Image Prompt: the picture to upscale names no noise seed in its infotext "
+            "(saved without it?), so its noise negative is made with the picture's own seed, "
+            "which differs from the batch's noise for a picture after the first of a batch"
+        )
+    return found
 
 
 def _seed_of(p: Any) -> int:
