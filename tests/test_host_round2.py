@@ -1757,6 +1757,33 @@ def test_windows_that_hold_no_step_say_so_in_the_console(
         assert torch.equal(p.result, plain.result)
 
 
+@pytest.mark.parametrize("pressed", ["interrupted", "skipped"])
+def test_an_interrupt_before_the_first_step_is_not_blamed_on_the_windows(
+    world: World, caplog: pytest.LogCaptureFixture, pressed: str
+) -> None:
+    """Interrupt (or Skip) pressed before the first step: A1111 makes the image without a model
+    call. The console said the step windows held no step, though they were 0 to 1."""
+
+    class Pressed:
+        def before_process_batch(self, p, *args, **kwargs) -> None:
+            setattr(shared.state, pressed, True)
+
+        def __getattr__(self, name: str):
+            return lambda *args, **kwargs: None
+
+    p = make_p(default_fields(), world=world)
+    p.scripts.append((Pressed(), []))
+    try:
+        with caplog.at_level("INFO", logger="negip"):
+            processing.process_images(p)
+    finally:
+        setattr(shared.state, pressed, False)
+    assert not world.calls  # no model call
+    assert "was interrupted (or skipped) before a step had the image prompts" in caplog.text
+    assert "step windows hold none" not in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+
+
 def test_a_torch_older_than_2_1_is_refused_with_what_to_do(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

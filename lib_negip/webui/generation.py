@@ -253,6 +253,15 @@ def stop_if_interrupted() -> None:
         raise Interrupted(INTERRUPTED)
 
 
+def _stopped() -> bool:
+    """Whether the user pressed Interrupt or Skip (A1111 then ends sampling early, without a
+    model call if it comes before the first step)."""
+    from modules import shared
+
+    state = getattr(shared, "state", None)
+    return bool(getattr(state, "interrupted", False) or getattr(state, "skipped", False))
+
+
 def without_ui_references(p: Any, values: Sequence[Any]) -> Sequence[Any]:
     """The UI's values without the references of the hidden ``infotext_images`` field: a
     pasted infotext puts the stored images into the file boxes themselves, which the user may
@@ -798,6 +807,11 @@ def post_sample(p: Any) -> None:
         logger.info(
             "Negative Image Prompt: the image prompts are set for the first pass only, and "
             "this upscale of a result samples only the Hires. fix pass"
+        )
+    elif not session.appended_in_batch and not session.idle_by_choice and _stopped():
+        logger.info(
+            "Negative Image Prompt: the batch was interrupted (or skipped) before a step had "
+            "the image prompts"
         )
     elif not session.appended_in_batch and not session.idle_by_choice:
         logger.warning(
