@@ -797,6 +797,74 @@ def set_number(page: Any, slider: str, value: float) -> None:
     settle(page)
 
 
+def thumbnail_sources(page: Any, tab: str = "txt2img") -> list[str]:
+    """The gallery's pictures in order (gradio draws the thumbnails twice: strip and grid)."""
+    return page.eval_on_selector_all(
+        f"#{tab}_gallery .thumbnail-item img", "images => [...new Set(images.map(i => i.src))]"
+    )
+
+
+def upscale_result(page: Any, index: int) -> dict[str, str]:
+    """Select result ``index`` in txt2img's gallery and press A1111's ✨ (Hires. fix on that
+    picture); the new picture's URL and the infotext."""
+    page.locator("#txt2img_gallery .thumbnail-item").nth(index).click()
+    settle(page)
+    before = thumbnail_sources(page)
+    page.click("#txt2img_upscale")
+    page.wait_for_function(
+        """before => {
+            const now = [...document.querySelectorAll('#txt2img_gallery .thumbnail-item img')]
+                .map(i => i.src);
+            const interrupt = document.getElementById('txt2img_interrupt');
+            return now.length && now.join() !== before.join()
+                && (!interrupt || interrupt.style.display === 'none');
+        }""",
+        arg=before,
+        timeout=GENERATION_TIMEOUT_MS,
+    )
+    settle(page)
+    return {
+        "image": thumbnail_sources(page)[index],
+        "infotext": page.eval_on_selector("#html_info_txt2img", "e => e.innerText"),
+    }
+
+
+def test_upscale_of_a_later_image_of_a_noise_batch_uses_the_batch_noise(
+    page: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
+    """✨ under the results runs Hires. fix on the selected picture with its seed, and A1111
+    passes nothing else of its infotext: image 2 of a noise-negative batch (seed 1235, made
+    with the noise of seed 1234) was upscaled with the noise of seed 1235 (up to 44/255 from
+    the same ✨ after a PNG Info restore of the picture, where the paste brings the noise seed
+    back), and its infotext said 1235."""
+    small_settings(page, seed=1234)
+    page.fill("#txt2img_batch_size input[type=number]", "2")
+    settle(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    set_number(page, "#negip_txt2img_negative_noise", 0.5)
+    batch = generate(page)
+    assert batch["image"], batch["log"]
+    sources = thumbnail_sources(page)
+    assert len(sources) == 3, sources  # the grid, then the two pictures
+    second = tmp_path / "second.png"
+    second.write_bytes(fetch(page, sources[2]))
+    upscaled = upscale_result(page, 2)
+    assert "Seed: 1235," in upscaled["infotext"], upscaled["infotext"]
+    assert negip_value(upscaled["infotext"], "NegIP noise seed") == "1234"
+    # The same ✨ on the picture restored through PNG Info, on a fresh page.
+    send_on_a_fresh_page(page, second)
+    restored = generate(page)
+    assert restored["image"], restored["log"]
+    again = upscale_result(page, 0)
+    assert negip_value(again["infotext"], "NegIP noise seed") == "1234"
+    difference = np.abs(
+        decode(fetch(page, again["image"])).astype(int)
+        - decode(fetch(page, upscaled["image"])).astype(int)
+    )
+    assert difference.max() <= 1, difference.max()  # a batch's rounding, as documented
+
+
 def test_blocks_mask_and_window_from_the_ui_equal_the_api(
     page: Any, files: dict[str, Path], tmp_path: Path
 ) -> None:
