@@ -1249,6 +1249,48 @@ def test_a_malformed_infotext_value_is_refused_where_a1111_reads_it(
     assert well_formed == {"NegIP model": "m", "NegIP negative weight": "0.35", ui.UI_PASTE: "yes"}
 
 
+def test_a_paste_that_restores_a_mask_or_a_window_opens_their_accordion(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The masks, step windows, Hires. fix pass and combine mode sit in the closed "Masks and
+    step windows" accordion: a paste that restored a mask there left it closed, so the user did
+    not see that the next Generate uses one. The API's restore passes over the accordion (it is
+    no script input)."""
+    import gradio
+
+    from lib_negip.webui import ui
+
+    monkeypatch.setattr(gradio, "update", lambda **kwargs: kwargs, raising=False)
+    base = {"NegIP model": "m", "NegIP positive weight": "0.8"}
+    opened = {"open": True}
+    assert ui.open_more({**base, "NegIP negative mask": "00112233445566ff"}) == opened
+    assert ui.open_more({**base, "NegIP positive start": "0.25"}) == opened
+    assert ui.open_more({**base, "NegIP negative end": "0.5"}) == opened
+    assert ui.open_more({**base, "NegIP combine": "concat"}) == opened
+    assert ui.open_more({**base, "NegIP hires pass": "second"}) == opened
+    # img2img has no Hires. fix: its pass is not restored there
+    assert ui.open_more({**base, "NegIP hires pass": "second"}, is_img2img=True) is None
+    # defaults written out, no NegIP values, or a paste refused: left as it is
+    defaults = {
+        **base,
+        "NegIP positive start": "0",
+        "NegIP positive end": "1",
+        "NegIP combine": "average",
+    }
+    assert ui.open_more(defaults) is None
+    assert ui.open_more({"Steps": "4"}) is None
+    assert ui.open_more({ui.RESTORE_ERROR: "bad", "Steps": "4"}) is None
+    assert ui.open_more({**base, "NegIP positive start": "abc"}) is None
+    # the accordion is the last pair of the fields, after the status line
+    accordion = object()
+    from lib_negip.args import FIELD_ORDER
+
+    components = {name: object() for name in ("enabled", *FIELD_ORDER)}
+    fields = ui.infotext_fields(components, False, object(), accordion)
+    assert fields[-1][0] is accordion
+    assert fields[-1][1]({**base, "NegIP positive mask": "00112233445566ff"}) == opened
+
+
 def test_a_paste_of_an_infotext_made_with_storing_off_says_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

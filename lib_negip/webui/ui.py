@@ -213,7 +213,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 elem_id=eid("negative_noise_type"),
             )
 
-        with gr.Accordion("Masks and step windows", open=False, elem_id=eid("more")):
+        with gr.Accordion("Masks and step windows", open=False, elem_id=eid("more")) as more:
             with FormRow():
                 for side in ("positive", "negative"):
                     components[f"{side}_mask"] = _mask_input(
@@ -319,7 +319,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
         else:
             script.on_after_component(wire_input, elem_id=IMG2IMG_EDITORS[0])
 
-    script.infotext_fields = infotext_fields(components, is_img2img, restore_status)
+    script.infotext_fields = infotext_fields(components, is_img2img, restore_status, more)
     script.paste_field_names = list(COPIED_KEYS)
     return [components[field] for field in negip_args.FIELD_ORDER]
 
@@ -617,7 +617,10 @@ COPIED_KEYS: tuple[str, ...] = tuple(
 
 
 def infotext_fields(
-    components: dict[str, Any], is_img2img: bool, restore_status: Any = None
+    components: dict[str, Any],
+    is_img2img: bool,
+    restore_status: Any = None,
+    more: Any = None,
 ) -> list[tuple[Any, Any]]:
     """(component, infotext key or function) pairs for PNG Info / "Send to" / the API's infotext.
 
@@ -640,7 +643,45 @@ def infotext_fields(
     fields.append((components["infotext_images"], _infotext_images))
     if restore_status is not None:
         fields.append((restore_status, restore_message))
+    if more is not None:  # the API's restore passes over it: it is no script input
+        fields.append((more, functools.partial(open_more, is_img2img=is_img2img)))
     return fields
+
+
+#: The fields in the "Masks and step windows" accordion (the masks aside).
+MORE_FIELDS = (
+    "positive_start",
+    "positive_end",
+    "negative_start",
+    "negative_end",
+    "hires_pass",
+    "combine",
+)
+
+
+def open_more(params: dict[str, Any], *, is_img2img: bool = False) -> Any:
+    """Open the closed "Masks and step windows" accordion after a paste that restores a mask
+    or a value other than the default there (a step window, the Hires. fix pass), so that the
+    user sees what the next Generate uses; it stayed closed. None leaves it as it is."""
+    import gradio as gr
+
+    if RESTORE_ERROR in params or not _has_ours(params):
+        return None
+    try:
+        restored = negip_args.parse_infotext(params)
+    except NegIPError:
+        return None
+    masks = {"NegIP positive mask", "NegIP negative mask"}
+    changed = [
+        field
+        for field in MORE_FIELDS
+        if field in restored
+        and restored[field] != negip_args.DEFAULTS[field]
+        and not (is_img2img and field in TXT2IMG_ONLY)
+    ]
+    if changed or any(str(params.get(key) or "").strip() for key in masks):
+        return gr.update(open=True)
+    return None
 
 
 #: Put into a pasted infotext's values in place of ours when one of them is malformed.

@@ -606,6 +606,8 @@ def test_png_info_send_to_txt2img_restores_the_image_prompts(
     assert status.strip() == "", status  # nothing missing
     assert page.input_value("#txt2img_seed input") == "4321"
     assert page.input_value("#negip_txt2img_model input").startswith("negip-tiny-ip-adapter")
+    # no mask and default windows: the "Masks and step windows" accordion stays closed
+    assert not page.is_visible("#negip_txt2img_positive_mask")
 
     again = generate(page)
     assert again["image"], again["log"]
@@ -907,6 +909,16 @@ def test_blocks_mask_and_window_from_the_ui_equal_the_api(
         "negative_end": 0.5,
     }
     assert np.array_equal(ui_pixels, api_twin(text, fields))
+    # PNG Info > Send to txt2img opens the accordion the mask and the window are restored in
+    # (it stayed closed, hiding them), and the restore draws the same picture.
+    png = tmp_path / "result.png"
+    png.write_bytes(fetch(page, result["image"]))
+    send_on_a_fresh_page(page, png)
+    page.wait_for_selector("#negip_txt2img_positive_mask img", state="visible")
+    assert page.input_value("#negip_txt2img_negative_end input[type=number]") == "0.5"
+    again = generate(page)
+    assert again["image"], again["log"]
+    assert np.array_equal(decode(fetch(page, again["image"])), ui_pixels)
 
 
 def test_an_unreadable_mask_upload_is_refused_in_the_page(
