@@ -1042,6 +1042,57 @@ def test_added_pictures_are_read_like_uploads() -> None:
     assert ui.add_image(None, None) == {"__type__": "update"}
 
 
+def test_files_in_a_box_keep_their_names_through_a_plus_and_print_short() -> None:
+    """The file boxes hand over bytes (``type="binary"``), so ➕ gave the files already there
+    back under 16 hex digits of their content, which looked like stored references. They now
+    come as :class:`ui.Upload` with their names, which ➕ keeps (two files of one name stay
+    apart); and their ``repr`` is short: A1111 prints a failed UI request's arguments, 128 KB
+    of escaped image bytes per failure."""
+    from lib_negip.webui import ui
+
+    class Box:  # gradio 3's File: a list of dicts in, a list of bytes out
+        def preprocess(self, payload):
+            return None if payload is None else [entry["data"] for entry in payload]
+
+    box = Box()
+    ui._name_uploads(box)
+    one, two = b"first picture", b"second picture"
+    uploads = box.preprocess(
+        [
+            {"name": "/tmp/gradio/1a/house.png", "orig_name": "house.png", "data": one},
+            {"name": "/tmp/gradio/2b/house.png", "data": two},  # no orig_name: the path's
+        ]
+    )
+    assert uploads == [one, two]
+    assert all(isinstance(upload, ui.Upload) for upload in uploads)
+    assert [upload.file_name for upload in uploads] == ["house.png", "house.png"]
+    assert repr(uploads[0]) == "<upload 'house.png', 13 bytes>"
+    assert box.preprocess(None) is None
+    # gradio 4 (Forge): a ListFiles-like payload whose root holds FileData objects
+    payload = SimpleNamespace(root=[SimpleNamespace(orig_name="lawn.webp", path="/tmp/x/lawn")])
+
+    class Box4:
+        def preprocess(self, payload):
+            return [b"a lawn"]
+
+    box4 = Box4()
+    ui._name_uploads(box4)
+    (lawn,) = box4.preprocess(payload)
+    assert lawn.file_name == "lawn.webp"
+
+    picture = Image.new("RGB", (8, 8), (10, 20, 30))
+    odd = ui._upload(b"third", {"orig_name": "..\\a:b*?.png"})
+    dots = ui._upload(b"fourth", {"orig_name": ".."})
+    paths = [Path(path) for path in ui.add_input_image(picture, [*uploads, odd, dots])]
+    assert [path.name for path in paths[:2]] == ["house.png", "house.png"]
+    assert paths[0] != paths[1]
+    assert [path.read_bytes() for path in paths[:2]] == [one, two]
+    assert paths[2].name == ".._a_b__.png"
+    assert paths[2].parent.parent == paths[0].parent.parent  # inside the ➕ folder
+    assert re.fullmatch(r"[0-9a-f]{16}\.png", paths[3].name)  # no name left: its content's
+    assert paths[4].name == f"{reference_of(picture)}.png"
+
+
 def test_added_pictures_go_to_a_folder_of_this_process_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -92,6 +92,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                         elem_id=eid(field),
                         elem_classes=["negip-files"],
                     )
+                    _name_uploads(components[field])
                     # Filled by javascript/negip.js in the browser: a server round trip
                     # here would break gradio 3.41's upload of the other side (see there).
                     gr.HTML(elem_id=eid(f"{side}_preview"), elem_classes=["negip-preview"])
@@ -481,6 +482,54 @@ def add_input_image(image: Any, files: Any) -> Any:
     return _with_image(files, image if hasattr(image, "convert") else None)
 
 
+class Upload(bytes):
+    """An uploaded file's bytes (the file boxes are ``type="binary"``) with its file name.
+
+    The name lets ➕ give the files already in a box back under their own names (they came
+    back as content hashes); the short ``repr`` keeps the files out of the console, where
+    A1111 prints a failed UI request's arguments (128 KB of escaped image bytes)."""
+
+    file_name: str = ""
+
+    def __repr__(self) -> str:
+        return f"<upload {self.file_name!r}, {len(self)} bytes>"
+
+
+def _name_uploads(component: Any) -> None:
+    """Make ``component`` (a file box) hand over :class:`Upload` values: its ``preprocess``
+    (gradio 3's list of dicts, gradio 4's list of FileData) is wrapped on this instance only."""
+    preprocess = getattr(component, "preprocess", None)
+    if preprocess is None:
+        return
+
+    def named(payload: Any, *args: Any, **kwargs: Any) -> Any:
+        value = preprocess(payload, *args, **kwargs)
+        entries = getattr(payload, "root", payload)
+        try:
+            if isinstance(value, (bytes, bytearray)):  # a box of one file
+                return _upload(value, entries[0] if isinstance(entries, list) else entries)
+            if isinstance(value, list) and isinstance(entries, list) and len(entries) == len(value):
+                return [
+                    _upload(data, entry) if isinstance(data, (bytes, bytearray)) else data
+                    for data, entry in zip(value, entries, strict=True)
+                ]
+        except Exception:  # never fail an upload over a name
+            logger.debug("could not name the uploads", exc_info=True)
+        return value
+
+    component.preprocess = named
+
+
+def _upload(data: bytes | bytearray, entry: Any) -> Upload:
+    if isinstance(entry, dict):
+        name = entry.get("orig_name") or entry.get("name")
+    else:
+        name = getattr(entry, "orig_name", None) or getattr(entry, "path", None)
+    upload = Upload(data)
+    upload.file_name = Path(str(name or "")).name
+    return upload
+
+
 def _with_image(files: Any, image: Any) -> Any:
     """Paths of the side's files (they come as bytes, the component's type), then ``image``
     as a PNG copy in a temporary folder named by its content; with no ``image``, no change to
@@ -497,8 +546,12 @@ def _with_image(files: Any, image: Any) -> Any:
     folder = _private_folder()
     for data in files or []:
         if isinstance(data, (bytes, bytearray)):
-            path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.png"
+            digest = hashlib.sha256(data).hexdigest()[:16]
+            name = _safe_name(getattr(data, "file_name", ""))
+            # under its own name, in a folder named by its content (two files may share a name)
+            path = folder / digest / name if name else folder / f"{digest}.png"
             if not path.exists():
+                path.parent.mkdir(exist_ok=True)
                 path.write_bytes(data)
             paths.append(str(path))
         elif getattr(data, "name", None):
@@ -509,6 +562,13 @@ def _with_image(files: Any, image: Any) -> Any:
         image.save(path)
     paths.append(str(path))
     return paths
+
+
+def _safe_name(name: str) -> str:
+    """A file name to write an upload under: its last part, without characters that are not
+    allowed in names somewhere (empty for none left, or a name that is all dots)."""
+    name = re.sub(r'[\x00-\x1f<>:"/\\|?*]', "_", Path(name).name)[:200].strip()
+    return "" if not name.strip(".") else name
 
 
 _FOLDER: list[Path] = []  # this process's folder for the files of ➕, made at first use

@@ -474,6 +474,27 @@ def test_generate_with_a_positive_image(page: Any, files: dict[str, Path]) -> No
     assert np.array_equal(ui_pixels, api_pixels)
 
 
+def test_a_refused_generation_with_images_prints_them_short(
+    page: Any, files: dict[str, Path], server_log: ServerLog
+) -> None:
+    """A1111 prints a failed UI request's arguments: the file boxes' bytes filled the console
+    with 128 KB of escaped image data per refusal. They print as name and size now."""
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    upload(page, "txt2img", "negative", files["negative"])
+    choose(page, "#negip_txt2img_negative_layers", "16:1")
+    result = generate(page)
+    assert result["image"] == ""
+    assert "block 16 does not exist" in result["log"], result["log"]
+    lines = server_log.new_lines()
+    arguments = [line for line in lines if "Arguments:" in line]
+    assert arguments, lines
+    assert "<upload 'positive.png', " in arguments[0], arguments[0][:300]
+    assert max(len(line) for line in lines) < 20_000, max(len(line) for line in lines)
+    choose(page, "#negip_txt2img_negative_layers", "all")
+
+
 def test_no_image_shows_the_error_in_ui_words(
     page: Any, files: dict[str, Path], server_log: ServerLog
 ) -> None:
@@ -525,8 +546,13 @@ def test_selected_result_goes_to_the_negative_side(page: Any, files: dict[str, P
     assert not np.array_equal(
         decode(fetch(page, second["image"])), decode(fetch(page, first["image"]))
     )
-    # a second click adds the newest result too
-    click_add(page, "txt2img", "negative", "result", 2)
+    # a second click adds the newest result too; the file already there keeps its name
+    assert click_add(page, "txt2img", "negative", "result", 2)[0] == names[0]
+    # a file uploaded to the side keeps its own name through a ➕ (it came back as 16 hex
+    # digits of its content, which looked like a stored reference)
+    added = click_add(page, "txt2img", "positive", "result", 2)
+    assert added[0] == "positive.png", added
+    assert re.fullmatch(r"[0-9a-f]{16}\.png", added[1]), added
 
 
 def test_swap_button_swaps_the_sides(page: Any, files: dict[str, Path]) -> None:
