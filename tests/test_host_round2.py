@@ -1796,10 +1796,10 @@ def test_lowvram_frees_the_gpu_before_the_encoder_takes_it(monkeypatch: pytest.M
     plain.encode(torch.zeros(1), "image_embeds")
     assert moves == [("cuda", before + 1)]  # without the flags A1111's model part stays
     # after encoding: back to the CPU under the flags, whatever the setting says
-    monkeypatch.setattr(host_generation, "opt", lambda key: True)
+    monkeypatch.setattr(host_generation, "setting_bool", lambda key: True)
     assert host_generation.keep_encoder_on_gpu(low_vram=False)
     assert not host_generation.keep_encoder_on_gpu(low_vram=True)
-    monkeypatch.setattr(host_generation, "opt", lambda key: False)
+    monkeypatch.setattr(host_generation, "setting_bool", lambda key: False)
     assert not host_generation.keep_encoder_on_gpu(low_vram=False)
 
 
