@@ -224,6 +224,12 @@ class ImagePromptSession:
         self.context_dim = self.weights[0].shape[1]
         self.mask_region: MaskRegion | None = None
         self.appended = 0  # denoiser calls whose conditioning got the image blocks
+        # Per side: the appended calls where its window was open (the negative side's only
+        # where the uncond rows ran too), and the negative side's calls whose uncond rows the
+        # sampler skipped; with their values when the current batch began.
+        self.side_calls = [0, 0]
+        self.uncond_skipped = 0
+        self._batch_side_calls = (0, 0, 0)
         self._carried = 0  # UNet calls that carried them, of hijacks already removed
         self._batch_start = (0, 0)  # (appended, carried) when the current batch began
         self._unet: nn.Module | None = None
@@ -249,6 +255,25 @@ class ImagePromptSession:
     def begin_batch(self) -> None:
         """A new batch (of A1111's batch count) starts: it must carry the image prompts itself."""
         self._batch_start = (self.appended, self._carried_total())
+        self._batch_side_calls = (*self.side_calls, self.uncond_skipped)
+
+    def idle_sides_in_batch(self) -> dict[str, str]:
+        """The sides with a weight other than 0 that had no call of the current batch, each with
+        why: "window" (its step window held none of the steps sampled) or "uncond skipped" (the
+        negative side's window was open, but the sampler left out the uncond rows that carry it:
+        A1111's Negative Guidance minimum sigma, or Ignore negative prompt during early
+        sampling). Empty while no call got the image blocks (see :attr:`appended_in_batch`)."""
+        if not self.appended_in_batch:
+            return {}
+        idle = {}
+        for index, name in enumerate(("positive", "negative")):
+            if self.prompt.sides[index].weight == 0.0:
+                continue
+            if self.side_calls[index] > self._batch_side_calls[index]:
+                continue
+            skipped = index == 1 and self.uncond_skipped > self._batch_side_calls[2]
+            idle[name] = "uncond skipped" if skipped else "window"
+        return idle
 
     def _carried_total(self) -> int:
         current = self._hijack.carried if self._hijack is not None else 0
@@ -297,11 +322,14 @@ class ImagePromptSession:
         pad: PadMode | None = None,
         empty: torch.Tensor | None = None,
         latent: tuple[int, int] | None = None,
+        uncond_runs: bool = True,
     ) -> Appended | None:
         """The conditioning for this denoiser call, or None to leave it as it is.
 
         latent: the size of the latent this denoiser call denoises (its ``x``), where known;
         with a mask, UNet calls on pieces of it are refused (see ``expect_block``).
+        uncond_runs: whether the UNet call runs the uncond rows (the negative side's): A1111
+        skips them on some steps with Negative Guidance minimum sigma and early CFG skipping.
 
         While nothing is appended (a pass or steps outside the windows) the hijack's hooks are
         off the UNet, so those steps run exactly the unhijacked UNet, at its speed; they come
@@ -322,6 +350,7 @@ class ImagePromptSession:
                 hijack.remove()
             return None
         hijack.install()  # a no-op when installed
+        self._count_sides(progress, uncond_runs and text_uncond is not None)
         if text_uncond is None:
             # Forge leaves out the uncond conditioning where CFG is 1 (its hires pass' own CFG
             # scale): only the cond rows run, with the positive side.
@@ -337,6 +366,16 @@ class ImagePromptSession:
         hijack.expect_block(latent)
         self.appended += 1
         return Appended(cond=cond, uncond=uncond, padded=padded)
+
+    def _count_sides(self, progress: float, uncond_runs: bool) -> None:
+        positive, negative = (side.weight_at(progress) for side in self.prompt.sides)
+        if positive != 0.0:
+            self.side_calls[0] += 1
+        if negative != 0.0:
+            if uncond_runs:
+                self.side_calls[1] += 1
+            else:
+                self.uncond_skipped += 1
 
     def _hijack_for(self, unet: nn.Module, *, hires: bool = False) -> AttentionHijack | None:
         if unet is self._unet:

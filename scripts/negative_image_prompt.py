@@ -27,6 +27,9 @@ class NegativeImagePromptScript(scripts.Script):
     def before_process_batch(self, p, *args, **kwargs):
         generation.before_batch(p)
 
+    def process_batch(self, p, *args, **kwargs):
+        generation.process_batch(p)
+
     def post_sample(self, p, ps, *args):
         generation.post_sample(p)
 

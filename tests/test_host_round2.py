@@ -1850,6 +1850,98 @@ def test_windows_that_hold_no_step_say_so_in_the_console(
         assert torch.equal(p.result, plain.result)
 
 
+def test_params_txt_holds_the_infotext_for_the_paste_button(world: World) -> None:
+    """A1111 writes params.txt (what the ↙ paste button restores with an empty prompt) after
+    the scripts' process_batch, before sampling; the infotext was added at post_sample only, so
+    the paste switched the extension off and Generate made the image without it. A generation
+    whose image prompts never reach the UNet takes its keys out again (see post_sample)."""
+    p = make_p(default_fields(), world=world)
+    processing.process_images(p)
+    written = {key: value for key, value in p.extra_generation_params.items() if "NegIP" in key}
+    assert "NegIP positive images" in written
+    assert {k: v for k, v in p.params_txt.items() if "NegIP" in k} == written
+    plain = make_p(None, world=world)
+    processing.process_images(plain)
+    assert not any("NegIP" in key for key in plain.params_txt)
+
+
+@pytest.mark.parametrize(
+    ("fields", "opts", "p_fields", "warned"),
+    [
+        pytest.param(
+            {"negative_start": 0.5, "negative_end": 0.5},
+            {},
+            {},
+            "the negative image prompts had no step of this batch, so the image is the one "
+            "without them: its step window (negative_start to negative_end) holds none",
+            id="negative-window-empty",
+        ),
+        pytest.param(
+            {"positive_start": 0.8, "positive_end": 1.0},
+            {},
+            {},
+            "the positive image prompts had no step of this batch",
+            id="positive-window-narrower-than-a-step",
+        ),
+        pytest.param(
+            {},
+            {"s_min_uncond_all": True},
+            {"s_min_uncond": 100.0},
+            "the negative image prompts had no step of this batch, so the image is the one "
+            "without them: the sampler skipped the unconditional pass",
+            id="ngms-every-step",
+        ),
+        pytest.param(
+            {}, {"skip_early_cond": 1.0}, {}, "the sampler skipped the unconditional", id="early"
+        ),
+        pytest.param({}, {}, {"s_min_uncond": 100.0}, None, id="ngms-odd-steps-only"),
+        pytest.param(
+            {"negative_weight": 0.0, "negative_start": 0.5, "negative_end": 0.5},
+            {},
+            {},
+            None,
+            id="weight-0",
+        ),
+        pytest.param({"negative_images": []}, {"skip_early_cond": 1.0}, {}, None, id="no-images"),
+        pytest.param({}, {}, {}, None, id="both-act"),
+    ],
+)
+def test_a_side_whose_images_did_nothing_in_a_batch_is_named_in_the_console(
+    world: World,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    fields: dict,
+    opts: dict,
+    p_fields: dict,
+    warned: str | None,
+) -> None:
+    """The README promised a console note for a window that holds no step; it came only when
+    neither side had a step. One side's window alone, or the negative side carried by the
+    uncond rows that A1111 skips at every step (Negative Guidance minimum sigma on all steps,
+    Ignore negative prompt during early sampling), gave the image without that side's images
+    without a word. A side without images of its own follows the other one: no note."""
+    for key, value in opts.items():
+        monkeypatch.setattr(shared.opts, key, value, raising=False)
+    windows = {
+        "positive_start": 0.0,
+        "positive_end": 1.0,
+        "negative_start": 0.0,
+        "negative_end": 1.0,
+    }
+    request = default_fields(**{**windows, **fields})
+    with caplog.at_level("WARNING", logger="negip"):
+        p = generation(world, request, steps=4, **p_fields)
+    notes = [
+        r.getMessage() for r in caplog.records if "had no step of this batch" in r.getMessage()
+    ]
+    if warned is None:
+        assert notes == [], notes
+    else:
+        assert len(notes) == 1, notes
+        assert warned in notes[0], notes[0]
+    assert p.result is not None
+
+
 @pytest.mark.parametrize("pressed", ["interrupted", "skipped"])
 def test_an_interrupt_before_the_first_step_is_not_blamed_on_the_windows(
     world: World, caplog: pytest.LogCaptureFixture, pressed: str

@@ -153,6 +153,12 @@ class Generation:
         # txt2img's "upscale" of a result (✨) samples only the Hires. fix pass, on the result
         # given as its first pass: image prompts set for the first pass have nothing to do.
         self.first_pass_given = False
+        # The sides with images of their own (a noise negative's included): a side without
+        # follows the other one, so its steps are no news (see _warn_idle_sides).
+        self.sides_with_images: tuple[str, ...] = ("positive", "negative")
+        # The infotext went into p before sampling (for params.txt) and no post_sample has
+        # confirmed it yet: a generation that ends now takes it out again.
+        self.infotext_provisional = False
 
     @classmethod
     def end(cls) -> None:
@@ -163,6 +169,11 @@ class Generation:
             sample_trap, cls.sample_trap = cls.sample_trap, None
             cls.failure = None
         if current is not None:
+            if current.infotext_provisional:
+                params = getattr(current.p, "extra_generation_params", None) or {}
+                for key in current.infotext:
+                    params.pop(key, None)
+                current.infotext_provisional = False
             current.session.close()
             if backend.low_vram():  # the adapter's weights leave the GPU with the generation
                 current.session.release_device_copies()
@@ -358,6 +369,11 @@ def start(p: Any, args: Any) -> None:
         noise_seed=noise_seed,
     )
     generation = Generation(p, session, infotext)
+    generation.sides_with_images = tuple(
+        side
+        for side, images in (("positive", args.positive_images), ("negative", negative_images))
+        if images
+    )
     generation.first_pass_given = (
         args.hires_pass == "first"
         and bool(getattr(p, "enable_hr", False))
@@ -764,6 +780,7 @@ def _append(generation: Generation, params: Any, unet: Any) -> None:
         pad=pad,
         empty=empty,
         latent=tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) else None,
+        uncond_runs=not _uncond_skipped(denoiser, params),
     )
     if appended is None:
         return
@@ -773,6 +790,46 @@ def _append(generation: Generation, params: Any, unet: Any) -> None:
         # A1111 resets its own "padded" flag after the callbacks; say it in the infotext for it.
         key = "Pad conds v0" if pad == "repeat_last" else "Pad conds"
         p.extra_generation_params[key] = True
+
+
+def _uncond_skipped(denoiser: Any, params: Any) -> bool:
+    """Whether A1111's denoiser will leave the uncond rows (the negative side's) out of this
+    call's UNet run: it decides right after the callbacks, for Ignore negative prompt during
+    early sampling (``skip_early_cond``) and Negative Guidance minimum sigma (``s_min_uncond``,
+    on odd steps or every step), as A1111 1.10 does (and the hosts built on its denoiser, which
+    also pad as it does). False on Forge, or where it cannot be told: only a console note
+    depends on it."""
+    from modules import shared
+
+    if backend.host_kind() not in backend.PADDING_HOSTS:
+        return False
+    try:
+        opts = shared.opts
+        step, total = int(denoiser.step), int(denoiser.total_steps)
+        early = float(getattr(opts, "skip_early_cond", 0.0) or 0.0)
+        if early != 0.0 and total > 0 and step / total <= early:
+            return True
+        s_min = float(getattr(getattr(denoiser, "p", None), "s_min_uncond", 0.0) or 0.0)
+        if s_min <= 0.0 or not (step % 2 or getattr(opts, "s_min_uncond_all", False)):
+            return False
+        image_cfg = getattr(denoiser, "image_cfg_scale", None)
+        edit = getattr(shared.sd_model, "cond_stage_key", None) == "edit" and image_cfg not in (
+            None,
+            1.0,
+        )
+        return not edit and float(params.sigma[0]) < s_min
+    except Exception:
+        return False
+
+
+def process_batch(p: Any) -> None:
+    """Script.process_batch: A1111 writes ``params.txt`` (what the ↙ paste button restores with
+    an empty prompt) right after it, before sampling; the infotext goes in now too. If the
+    image prompts then do not reach the UNet, :func:`post_sample` takes it out again."""
+    generation = Generation.current
+    if generation is not None and generation.p is p:
+        p.extra_generation_params.update(generation.infotext)
+        generation.infotext_provisional = True
 
 
 def post_sample(p: Any) -> None:
@@ -798,6 +855,7 @@ def post_sample(p: Any) -> None:
     for key in [key for key in params if is_infotext_key(key) and key not in written]:
         del params[key]
     params.update(written)
+    generation.infotext_provisional = False
     if not reached:
         logger.warning(
             "Negative Image Prompt: the image prompts did not reach the UNet in this batch; "
@@ -820,8 +878,35 @@ def post_sample(p: Any) -> None:
             "narrower than one step, or start = end), or the pass they are set for ran no step "
             "(Hires. fix with denoising strength 0, a sampler that made no model call)"
         )
+    else:
+        _warn_idle_sides(generation)
     session.close()
     session.begin_batch()
+
+
+def _warn_idle_sides(generation: Generation) -> None:
+    """One side's images did nothing in this batch while the other's acted: say why."""
+    for side, why in generation.session.idle_sides_in_batch().items():
+        if side not in generation.sides_with_images:
+            continue  # an empty side follows the other one: plain IP-Adapter's "no image" side
+        if why == "window":
+            reason = (
+                f"its step window ({side}_start to {side}_end) holds none of the steps sampled "
+                "(a window narrower than one step, or start = end)"
+            )
+        else:
+            reason = (
+                "the sampler skipped the unconditional pass, which carries the negative side, "
+                "at every step where its window was open (A1111's Negative Guidance minimum "
+                "sigma, or Ignore negative prompt during early sampling, acts on negative "
+                "image prompts as on the negative text prompt)"
+            )
+        logger.warning(
+            "Negative Image Prompt: the %s image prompts had no step of this batch, so the "
+            "image is the one without them: %s",
+            side,
+            reason,
+        )
 
 
 def before_batch(p: Any) -> None:

@@ -641,6 +641,35 @@ def test_png_info_send_to_txt2img_restores_the_image_prompts(
     assert np.array_equal(decode(fetch(page, again["image"])), decode(png.read_bytes()))
 
 
+def test_the_paste_button_with_an_empty_prompt_restores_the_last_generation(
+    page: Any, files: dict[str, Path]
+) -> None:
+    """↙ with an empty prompt reads params.txt, the last generation's infotext, which A1111
+    writes before sampling: it held no NegIP values (they were added after sampling), so the
+    paste switched the extension off and Generate made the image without it."""
+    small_settings(page, seed=4242)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    upload(page, "txt2img", "negative", files["negative"])
+    original = generate(page)
+    assert original["image"], original["log"]
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
+    assert not page.is_checked("#negip_txt2img_enabled-checkbox input")
+    page.fill("#txt2img_prompt textarea", "")
+    page.click("#paste")
+    page.wait_for_function(
+        "() => document.querySelector('#negip_txt2img_enabled-checkbox input').checked"
+        " && document.querySelectorAll('#negip_txt2img_negative_images tr.file').length === 1"
+    )
+    settle(page)
+    again = generate(page)
+    assert again["image"], again["log"]
+    assert np.array_equal(
+        decode(fetch(page, again["image"])), decode(fetch(page, original["image"]))
+    )
+
+
 def test_png_info_image_goes_to_the_negative_side(page: Any, files: dict[str, Path]) -> None:
     """The "➕ PNG Info image" button adds the picture dropped on the PNG Info tab (here a
     plain PNG without parameters) to a side of the txt2img tab; the generation stores it, the

@@ -58,6 +58,7 @@ class Processing:
     n_iter: int = 1  # batch count: the batches sample the same latent again
     init_images: Any = None  # img2img's pictures (A1111's img2img processing has them)
     firstpass_image: Any = None  # txt2img's upscale of a result (✨): the first pass is given
+    params_txt: dict | None = None  # the infotext values A1111 would write to params.txt
 
     def sample(self, x):
         """What A1111's ``p.sample`` does here: the first pass (unless given), then hires
@@ -123,6 +124,9 @@ def process_images(p):
         if shared.state.interrupted or getattr(shared.state, "stopping_generation", False):
             break  # as A1111: no new image once Interrupt was pressed
         run_scripts(p, "before_process_batch", batch_number=batch_number)
+        run_scripts(p, "process_batch", batch_number=batch_number)
+        if batch_number == 0:  # A1111 writes params.txt here, before sampling
+            p.params_txt = dict(p.extra_generation_params)
         x = p.sample(p.latent.clone())  # an exception here reaches the user, as in A1111
         run_scripts(p, "post_sample", None)
         decode = getattr(shared.sd_model, "decode_first_stage", None)

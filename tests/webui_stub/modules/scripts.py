@@ -24,6 +24,9 @@ class Script:
     def before_process_batch(self, p, *args, **kwargs):
         pass
 
+    def process_batch(self, p, *args, **kwargs):
+        pass
+
     def post_sample(self, p, ps, *args):
         pass
 
