@@ -1332,6 +1332,13 @@ def test_a_paste_that_restores_a_mask_or_a_window_opens_their_accordion(
     assert ui.open_more({"Steps": "4"}) is None
     assert ui.open_more({ui.RESTORE_ERROR: "bad", "Steps": "4"}) is None
     assert ui.open_more({**base, "NegIP positive start": "abc"}) is None
+    # a value of the accordion's changed while it was closed (Send to img2img copies them)
+    assert ui._open_if_not_default("positive_start", 0.5) == opened
+    assert ui._open_if_not_default("positive_start", 0) == {}
+    assert ui._open_if_not_default("negative_end", 1.0) == {}
+    assert ui._open_if_not_default("combine", "concat") == opened
+    assert ui._open_if_not_default("combine", "average") == {}
+    assert ui._open_if_not_default("negative_end", "junk") == opened
     # the accordion is the last pair of the fields, after the status line
     accordion = object()
     from lib_negip.args import FIELD_ORDER

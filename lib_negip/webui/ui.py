@@ -320,6 +320,19 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
         else:
             script.on_after_component(wire_input, elem_id=IMG2IMG_EDITORS[0])
 
+    # A value in the closed "Masks and step windows" accordion changed while it was closed:
+    # only a paste or "Send to img2img/inpaint" (which copies the other tab's values) does
+    # that, since the user can change them only with it open: open it, to show what the next
+    # Generate uses (a no-op when it is open).
+    for field in MORE_FIELDS:
+        if is_img2img and field in TXT2IMG_ONLY:
+            continue
+        components[field].change(
+            fn=functools.partial(_open_if_not_default, field),
+            inputs=[components[field]],
+            outputs=[more],
+            show_progress=False,
+        )
     script.infotext_fields = infotext_fields(components, is_img2img, restore_status, more)
     script.paste_field_names = list(COPIED_KEYS)
     return [components[field] for field in negip_args.FIELD_ORDER]
@@ -717,6 +730,18 @@ MORE_FIELDS = (
     "hires_pass",
     "combine",
 )
+
+
+def _open_if_not_default(field: str, value: Any) -> Any:
+    """The accordion's update when ``field`` took ``value``: open unless it is the default."""
+    import gradio as gr
+
+    default = negip_args.DEFAULTS[field]
+    try:
+        same = float(value) == float(default) if isinstance(default, float) else value == default
+    except (TypeError, ValueError):
+        same = False
+    return gr.update() if same else gr.update(open=True)
 
 
 def open_more(params: dict[str, Any], *, is_img2img: bool = False) -> Any:

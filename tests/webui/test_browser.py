@@ -641,6 +641,27 @@ def test_png_info_send_to_txt2img_restores_the_image_prompts(
     assert np.array_equal(decode(fetch(page, again["image"])), decode(png.read_bytes()))
 
 
+def test_send_to_img2img_opens_the_accordion_it_copies_a_window_into(
+    page: Any, files: dict[str, Path]
+) -> None:
+    """Send to img2img copies the step windows and the combine mode into img2img's closed
+    "Masks and step windows" accordion, where the next Generate uses them unseen: it opens."""
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    page.locator("#negip_txt2img_more .label-wrap").first.click()
+    page.wait_for_selector("#negip_txt2img_positive_start", state="visible")
+    set_number(page, "#negip_txt2img_positive_start", 0.5)
+    result = generate(page)
+    assert result["image"], result["log"]
+    page.click("#txt2img_send_to_img2img")
+    page.wait_for_selector("#tab_img2img", state="visible")
+    settle(page)
+    open_accordion(page, "img2img")  # the switch is not copied: the user opens it
+    page.wait_for_selector("#negip_img2img_positive_start", state="visible")
+    assert page.input_value("#negip_img2img_positive_start input[type=number]") == "0.5"
+
+
 def test_the_paste_button_with_an_empty_prompt_restores_the_last_generation(
     page: Any, files: dict[str, Path]
 ) -> None:
