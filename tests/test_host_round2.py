@@ -1332,6 +1332,9 @@ def test_a_paste_that_restores_a_mask_or_a_window_opens_their_accordion(
     assert ui.open_more({"Steps": "4"}) is None
     assert ui.open_more({ui.RESTORE_ERROR: "bad", "Steps": "4"}) is None
     assert ui.open_more({**base, "NegIP positive start": "abc"}) is None
+    # the status line of a paste is cleared once the user switches the extension on again
+    assert ui._clear_status_when_on(True) == {"value": ""}
+    assert ui._clear_status_when_on(False) == {}
     # a value of the accordion's changed while it was closed (Send to img2img copies them)
     assert ui._open_if_not_default("positive_start", 0.5) == opened
     assert ui._open_if_not_default("positive_start", 0) == {}

@@ -333,6 +333,14 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
             outputs=[more],
             show_progress=False,
         )
+    # The status line tells what a paste could not restore and that the extension was switched
+    # off for it: switched on again (the user added the images), it has been read.
+    components["enabled"].change(
+        fn=_clear_status_when_on,
+        inputs=[components["enabled"]],
+        outputs=[restore_status],
+        show_progress=False,
+    )
     script.infotext_fields = infotext_fields(components, is_img2img, restore_status, more)
     script.paste_field_names = list(COPIED_KEYS)
     return [components[field] for field in negip_args.FIELD_ORDER]
@@ -730,6 +738,12 @@ MORE_FIELDS = (
     "hires_pass",
     "combine",
 )
+
+
+def _clear_status_when_on(enabled: Any) -> Any:
+    import gradio as gr
+
+    return gr.update(value="") if enabled is True else gr.update()
 
 
 def _open_if_not_default(field: str, value: Any) -> Any:

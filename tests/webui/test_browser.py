@@ -762,6 +762,12 @@ def test_send_to_txt2img_names_a_deleted_stored_image(
     # Switched off by the paste: Generate makes no image without the missing image prompt.
     assert "switch Negative Image Prompt on again" in status, status
     assert not page.is_checked("#negip_txt2img_enabled-checkbox input")
+    # Switched on again (here without adding the image back): the status has been read and
+    # goes (it stayed until the next paste, after the image was added and drawn).
+    open_accordion(page)
+    page.wait_for_function(
+        "() => document.querySelector('#negip_txt2img_restore_status').innerText.trim() === ''"
+    )
 
 
 def test_send_to_txt2img_names_a_changed_stored_image(
