@@ -1333,8 +1333,16 @@ def test_a_paste_that_restores_a_mask_or_a_window_opens_their_accordion(
     assert ui.open_more({ui.RESTORE_ERROR: "bad", "Steps": "4"}) is None
     assert ui.open_more({**base, "NegIP positive start": "abc"}) is None
     # the status line of a paste is cleared once the user switches the extension on again
-    assert ui._clear_status_when_on(True) == {"value": ""}
-    assert ui._clear_status_when_on(False) == {}
+    off = (
+        "... are not in outputs/negip-image-prompts ..., and switch Negative Image Prompt on again."
+    )
+    error = "... were not restored, and Negative Image Prompt was switched off: ..."
+    unstored = "... were not stored when it was made ...: add them to the sides again ..."
+    assert ui._clear_status_when_on(True, off) == {"value": ""}
+    assert ui._clear_status_when_on(True, error) == {"value": ""}
+    assert ui._clear_status_when_on(False, off) == {}  # the paste itself switching it off
+    assert ui._clear_status_when_on(True, unstored) == {}  # that paste leaves it on: it stays
+    assert ui._clear_status_when_on(True, None) == {}
     # a value of the accordion's changed while it was closed (Send to img2img copies them)
     assert ui._open_if_not_default("positive_start", 0.5) == opened
     assert ui._open_if_not_default("positive_start", 0) == {}

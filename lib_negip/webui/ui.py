@@ -337,7 +337,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
     # off for it: switched on again (the user added the images), it has been read.
     components["enabled"].change(
         fn=_clear_status_when_on,
-        inputs=[components["enabled"]],
+        inputs=[components["enabled"], restore_status],
         outputs=[restore_status],
         show_progress=False,
     )
@@ -740,10 +740,18 @@ MORE_FIELDS = (
 )
 
 
-def _clear_status_when_on(enabled: Any) -> Any:
+#: The words of the status lines whose paste switched the extension off (see restore_message):
+#: switched on afterwards, it is the user's doing. A paste of an infotext made with storing off
+#: leaves it on, and its line stays until images are added (Generate refuses without them).
+SWITCHED_OFF_WORDS = ("was switched off", "switch Negative Image Prompt on again")
+
+
+def _clear_status_when_on(enabled: Any, status: Any) -> Any:
     import gradio as gr
 
-    return gr.update(value="") if enabled is True else gr.update()
+    if enabled is True and any(words in str(status or "") for words in SWITCHED_OFF_WORDS):
+        return gr.update(value="")
+    return gr.update()
 
 
 def _open_if_not_default(field: str, value: Any) -> Any:

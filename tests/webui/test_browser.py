@@ -700,7 +700,9 @@ def test_png_info_image_goes_to_the_negative_side(page: Any, files: dict[str, Pa
     page.set_input_files("#pnginfo_image input[type=file]", str(files["negative"]))
     page.wait_for_selector("#pnginfo_image img", state="attached")
     settle(page)
-    page.click("#txt2img_tab")
+    # the tab itself: "#txt2img_tab" is PNG Info's "Send to txt2img", which for a picture
+    # without parameters pastes the last generation's (params.txt)
+    page.locator("#tabs > .tab-nav button", has_text="txt2img").first.click()
     page.wait_for_selector("#tab_txt2img", state="visible")
     small_settings(page)
     open_accordion(page)
