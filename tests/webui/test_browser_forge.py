@@ -94,6 +94,10 @@ def test_a_generation_from_the_ui_changes_the_pixels(page: Any, files: dict[str,
     plain_pixels = decode(fetch(page, plain["image"])).astype(np.int16)
     assert ours_pixels.shape == plain_pixels.shape
     assert float(np.abs(ours_pixels - plain_pixels).mean()) >= 0.5
+    # gradio 4's file boxes: a file keeps its name through a ➕ (it came back as a hash)
+    open_accordion(page)
+    added = click_add(page, "txt2img", "positive", "result", 2)
+    assert added[0].replace(" ", "") == "positive.png", added  # gradio 4 shows "positive .png"
 
 
 def test_png_info_send_to_txt2img_makes_the_image_again(
