@@ -663,17 +663,12 @@ def test_send_to_img2img_opens_the_accordion_it_copies_a_window_into(
 
 
 def test_the_paste_button_with_an_empty_prompt_restores_the_last_generation(
-    page: Any, files: dict[str, Path]
+    page: Any, files: dict[str, Path], tmp_path: Path
 ) -> None:
     """↙ with an empty prompt reads params.txt, the last generation's infotext, which A1111
     writes before sampling: it held no NegIP values (they were added after sampling), so the
     paste switched the extension off and Generate made the image without it."""
-    small_settings(page, seed=4242)
-    open_accordion(page)
-    upload(page, "txt2img", "positive", files["positive"])
-    upload(page, "txt2img", "negative", files["negative"])
-    original = generate(page)
-    assert original["image"], original["log"]
+    png, _, _ = result_with_both_sides(page, files, tmp_path)
     page.reload(wait_until="domcontentloaded")
     page.wait_for_selector("#negip_txt2img_enabled-visible-checkbox", state="attached")
     assert not page.is_checked("#negip_txt2img_enabled-checkbox input")
@@ -686,9 +681,7 @@ def test_the_paste_button_with_an_empty_prompt_restores_the_last_generation(
     settle(page)
     again = generate(page)
     assert again["image"], again["log"]
-    assert np.array_equal(
-        decode(fetch(page, again["image"])), decode(fetch(page, original["image"]))
-    )
+    assert np.array_equal(decode(fetch(page, again["image"])), decode(png.read_bytes()))
 
 
 def test_png_info_image_goes_to_the_negative_side(page: Any, files: dict[str, Path]) -> None:
