@@ -96,9 +96,11 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                     # Filled by javascript/negip.js in the browser: a server round trip
                     # here would break gradio 3.41's upload of the other side (see there).
                     gr.HTML(elem_id=eid(f"{side}_preview"), elem_classes=["negip-preview"])
+                    # The buttons' "➕" comes from style.css: A1111's localization leaves any
+                    # text with an emoji untranslated, so it must not share the label's text.
                     with gr.Row(elem_classes=["negip-add-row"]):
                         add_buttons[side] = gr.Button(
-                            f"{ADD_SYMBOL} Selected result",
+                            "Selected result",
                             size="sm",
                             tooltip=f"Add the image selected in the results to the {side} side",
                             elem_id=eid(f"add_result_{side}"),
@@ -106,7 +108,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                         )
                         if is_img2img:  # the picture being edited, as an image prompt
                             add_input_buttons[side] = gr.Button(
-                                f"{ADD_SYMBOL} img2img input",
+                                "img2img input",
                                 size="sm",
                                 tooltip=f"Add the picture being edited (the img2img sub-tab in "
                                 f"view) to the {side} side",
@@ -115,7 +117,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                             )
                         # the picture in the PNG Info tab (a result read back from disk)
                         add_png_info_buttons[side] = gr.Button(
-                            f"{ADD_SYMBOL} PNG Info image",
+                            "PNG Info image",
                             size="sm",
                             tooltip=f"Add the picture on the PNG Info tab to the {side} side",
                             elem_id=eid(f"add_png_info_{side}"),
@@ -345,8 +347,6 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
     script.paste_field_names = list(COPIED_KEYS)
     return [components[field] for field in negip_args.FIELD_ORDER]
 
-
-ADD_SYMBOL = "\u2795"
 
 #: The PNG Info tab's picture (A1111's and Forge's element id).
 PNG_INFO_IMAGE = "pnginfo_image"

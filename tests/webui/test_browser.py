@@ -429,6 +429,36 @@ def test_dropdowns_show_auto_and_the_presets(page: Any) -> None:
     assert page.is_visible("#negip_txt2img_negative_mask")
 
 
+def test_every_label_can_be_translated(page: Any) -> None:
+    """A1111's localization (``localization.js``) translates a text node only where its own
+    ``canBeTranslated`` says so, which refuses any text holding an emoji: the ➕ buttons kept
+    their English words under a localization while "➕" was part of their label. The symbol is
+    drawn by style.css now; every text of ours with words in it must pass A1111's check."""
+    for tab in ("txt2img", "img2img"):
+        if tab == "img2img":
+            page.locator("#tabs > .tab-nav button", has_text="img2img").first.click()
+        open_accordion(page, tab)
+        page.locator(f"#negip_{tab}_more .label-wrap").first.click()
+        refused = page.evaluate(
+            """(tab) => textNodesUnder(document.querySelector(`#negip_${tab}_enabled`))
+                .map((node) => [node, node.textContent.trim()])
+                .filter(([node, text]) => /[A-Za-z]/.test(text) && !canBeTranslated(node, text))
+                .map(([node, text]) => text)""",
+            tab,
+        )
+        assert refused == [], (tab, refused)
+        buttons = ["add_result_positive", "add_png_info_negative"]
+        buttons += ["add_input_positive"] if tab == "img2img" else []
+        for button in buttons:
+            selector = f"#negip_{tab}_{button}"
+            text = page.inner_text(selector).strip()
+            assert text in ("Selected result", "PNG Info image", "img2img input"), text
+            drawn = page.evaluate(
+                "(s) => getComputedStyle(document.querySelector(s), '::before').content", selector
+            )
+            assert "\u2795" in drawn, (selector, drawn)
+
+
 def test_generate_with_a_positive_image(page: Any, files: dict[str, Path]) -> None:
     small_settings(page)
     open_accordion(page)
