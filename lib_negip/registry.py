@@ -7,8 +7,8 @@ extra folders from the settings); nothing here imports A1111.
 Decisions (see ``docs/architecture.md``):
 
 - Folders are scanned recursively (symlinks followed, loops cut), except hidden folders
-  (``.x``). Files skipped, so that a download in progress is never listed: hidden ones, names
-  starting with ``tmp``, partial downloads (``*.tmp``, ``*.part``, ``*.partial``,
+  (``.x``). Files skipped, so that a download in progress is never listed: hidden ones, the
+  names Python's ``tempfile`` gives (``tmp`` and 8 letters, digits or ``_``), partial downloads (``*.tmp``, ``*.part``, ``*.partial``,
   ``*.crdownload``, ``*.incomplete``), and a model file beside such a twin or an ``.aria2``
   control file (downloaders that write into the final name).
 - Adapter folders list ``.safetensors``/``.bin``/``.pth``/``.pt``; in folders shared with other
@@ -26,10 +26,16 @@ Decisions (see ``docs/architecture.md``):
   reached twice (a symlinked folder) is listed once. "None" and "auto" are reserved.
 - Specs are read from the files WITHOUT loading the weights (the safetensors header; a zip
   ``torch.save`` file through ``mmap``) and cached by (path, size, mtime), so refreshing is a
-  directory walk plus ``stat`` calls. A file that cannot be read or detected is listed with an
+  directory walk plus ``stat`` calls. (size, mtime) alone would miss a file replaced by one of
+  the same size with its modification time kept (``cp -p``, ``rsync -a``, an unpacked archive):
+  every key also holds the inode number and the status-change time, which any write, rename or
+  replacement sets and no user tool sets back (where the file system keeps them). A file that cannot be read or detected is listed with an
   ``error`` and never chosen by "auto"; choosing it by name raises that error.
 - Hashes (A1111's short hash: the first 10 hex digits of the file's sha256) are computed only
-  when asked, and cached by (path, size, mtime).
+  when asked, and cached by the same key. An infotext's "name [hash]" picks, among files of that
+  name, the one with that hash, for adapters and encoders alike, also when the name's folder
+  qualifier changed since (its twin removed: "x (sub)" is listed as "x" now).
+- A link whose target is missing (a drive that is not mounted) is listed with that error.
 - Names are never paths: anything path-like is refused before any lookup.
 """
 
@@ -106,6 +112,8 @@ _PARTIAL_SUFFIXES = (
 )
 # A downloader writing straight into the final name leaves one of these beside it meanwhile.
 _IN_PROGRESS_TWINS = (*_PARTIAL_SUFFIXES, ".aria2")
+#: A name from Python's ``tempfile`` (what some downloaders write to before renaming).
+_TEMPFILE_NAME = re.compile(r"^tmp[a-z0-9_]{8}(\.|$)")
 _SUFFIX_RANK = {".safetensors": 0, ".bin": 1, ".pth": 2, ".pt": 3}
 _HASH_IN_NAME = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9A-Fa-f]{8,64})\]$")
 _HASH_CHUNK = 1024 * 1024
@@ -131,9 +139,14 @@ HashFunction = Callable[[Path], "str | None"]
 
 
 def is_skipped_name(name: str) -> bool:
-    """Whether a file or folder name is hidden, temporary or a partial download (never listed)."""
+    """Whether a file or folder name is hidden, temporary or a partial download (never listed).
+    A name that only starts with "tmp" ("tmp-style.safetensors") is a model like any other."""
     lower = name.lower()
-    return lower.startswith((".", "tmp")) or lower.endswith(_PARTIAL_SUFFIXES)
+    return (
+        lower.startswith(".")
+        or _TEMPFILE_NAME.match(lower) is not None
+        or lower.endswith(_PARTIAL_SUFFIXES)
+    )
 
 
 @dataclass(frozen=True)
@@ -177,16 +190,25 @@ def _is_controlnet_folder(path: Path) -> bool:
     )
 
 
+def change_stamp(stat: os.stat_result) -> tuple[int, int]:
+    """(status-change time, inode) of a file: they change when the file is written, renamed or
+    replaced, also by one of the same size and modification time."""
+    return stat.st_ctime_ns, stat.st_ino
+
+
 class _HashCache:
-    """sha256 of files, cached by (real path, size, mtime); computed outside the lock."""
+    """sha256 of files, cached by (real path, size, mtime, change stamp); computed outside the
+    lock."""
 
     def __init__(self, hash_file: HashFunction | None) -> None:
         self._hash_file = hash_file or _sha256_of_file
-        self._values: dict[tuple[str, int, int], str | None] = {}
+        self._values: dict[tuple[Any, ...], str | None] = {}
         self._lock = threading.Lock()
 
-    def sha256(self, path: Path, size: int, mtime_ns: int) -> str | None:
-        key = (os.path.realpath(path), size, mtime_ns)
+    def sha256(
+        self, path: Path, size: int, mtime_ns: int, change: tuple[int, int] | None = None
+    ) -> str | None:
+        key = (os.path.realpath(path), size, mtime_ns, change)
         with self._lock:
             if key in self._values:
                 return self._values[key]
@@ -218,6 +240,10 @@ class ModelEntry:
     _hashes: _HashCache | None = field(default=None, repr=False, compare=False)
     #: (size, mtime) of the config.json read with an encoder's weights; None for adapters
     config_stamp: tuple[int, int] | None = field(default=None, repr=False)
+    #: :func:`change_stamp` of the weights file when it was listed
+    change: tuple[int, int] | None = field(default=None, repr=False)
+    #: Set on the entry a "name [hash]" lookup returns when the hash given is not this file's.
+    hash_mismatch: bool = False
 
     @property
     def file_name(self) -> str:
@@ -232,7 +258,7 @@ class ModelEntry:
         """
         if self._hashes is None:
             return _sha256_of_file(self.path)
-        return self._hashes.sha256(self.path, self.size, self.mtime_ns)
+        return self._hashes.sha256(self.path, self.size, self.mtime_ns, self.change)
 
     @property
     def short_hash(self) -> str | None:
@@ -247,13 +273,14 @@ class ModelEntry:
         return f"{self.name} [{short}]" if short else self.name
 
     def changed_on_disk(self) -> bool:
-        """Whether the file is gone or is not the one listed (another size or mtime): its name,
-        hash and spec are then stale until the registry is refreshed."""
+        """Whether the file is gone or is not the one listed (another size, mtime or change
+        stamp): its name, hash and spec are then stale until the registry is refreshed."""
         try:
             stat = self.path.stat()
         except OSError:
             return True
-        return (stat.st_size, stat.st_mtime_ns) != (self.size, self.mtime_ns)
+        now = (stat.st_size, stat.st_mtime_ns, change_stamp(stat))
+        return now != (self.size, self.mtime_ns, self.change or change_stamp(stat))
 
     def raise_error(self) -> None:
         """Raise the recorded error, if any, as its original exception type."""
@@ -266,9 +293,6 @@ class AdapterEntry(ModelEntry):
     """An IP-Adapter file and its detected :class:`AdapterSpec` (None when ``error``)."""
 
     spec: AdapterSpec | None = None
-    #: Set on the entry :meth:`ModelRegistry.resolve_adapter` returns when the hash given with
-    #: the name ("name [hash]") is not this file's hash.
-    hash_mismatch: bool = False
 
     def usable_spec(self) -> AdapterSpec:
         """The spec; raises the recorded error for a file that cannot be used."""
@@ -417,8 +441,9 @@ class _Found:
     relative: tuple[str, ...]  # path parts below the scanned folder, for ordering
     base_name: str
     parent_label: str  # the folder that qualifies a duplicate name
-    stat: os.stat_result
+    stat: os.stat_result  # the link's own (``lstat``) for a link whose target is missing
     config: os.stat_result | None  # config.json beside an encoder's weights
+    dangling: bool = False  # a symbolic link whose target is missing
 
 
 def _walk(root: Path) -> Iterator[tuple[Path, list[str]]]:
@@ -479,7 +504,10 @@ def _scan(
                 if is_folder_model and name != weights:
                     continue  # pytorch_model.bin beside model.safetensors: one model
                 stat = _stat_file(path)
-                if stat is None:
+                dangling = stat is None and _is_dangling_link(path)
+                if dangling:
+                    stat = path.lstat()
+                elif stat is None:
                     continue
                 real = os.path.realpath(path)
                 if real in seen_real:
@@ -499,6 +527,7 @@ def _scan(
                         parent_label=qualifier,
                         stat=stat,
                         config=config,
+                        dangling=dangling,
                     )
                 )
     found.sort(key=_order)
@@ -506,11 +535,21 @@ def _scan(
 
 
 def _folder_weights(current: Path, names: list[str]) -> str | None:
+    """The weights file of a model folder: the first of :data:`FOLDER_WEIGHT_NAMES` that is a
+    file, else the first that is a link to a missing file (listed with that error)."""
     by_lower = {n.lower(): n for n in names}
-    for wanted in FOLDER_WEIGHT_NAMES:
-        if wanted in by_lower and _stat_file(current / by_lower[wanted]) is not None:
-            return by_lower[wanted]
-    return None
+    present = [by_lower[wanted] for wanted in FOLDER_WEIGHT_NAMES if wanted in by_lower]
+    for name in present:
+        if _stat_file(current / name) is not None:
+            return name
+    return next((name for name in present if _is_dangling_link(current / name)), None)
+
+
+def _is_dangling_link(path: Path) -> bool:
+    try:
+        return path.is_symlink() and not path.exists()
+    except OSError:
+        return False
 
 
 def _folder_model_name(current: Path, root: Path, folder: ModelFolder) -> tuple[str, str]:
@@ -702,7 +741,9 @@ class ModelRegistry:
     def contents(self) -> tuple[tuple[Any, ...], ...]:
         """What the last scan found: each file's path, size and modification time."""
         self._ensure_scanned()
-        return tuple((e.path, e.size, e.mtime_ns) for e in (*self._adapters, *self._encoders))
+        return tuple(
+            (e.path, e.size, e.mtime_ns, e.change) for e in (*self._adapters, *self._encoders)
+        )
 
     def adapter_names(self) -> list[str]:
         """Choices for the UI: "auto" first, then every adapter (broken ones too: choosing one
@@ -767,7 +808,7 @@ class ModelRegistry:
         if entry is None:
             raise ArgumentError(self._unknown_message(name, "IP-Adapter", self.adapters()))
         if wanted_hash:
-            entry = self._check_hash(entry, wanted_hash)
+            entry = self._check_hash(entry, wanted_hash, self.adapters(), "IP-Adapter")
         entry.raise_error()
         return entry
 
@@ -784,9 +825,11 @@ class ModelRegistry:
         wanted = check_model_name(name, "image encoder")
         if not wanted or wanted.casefold() == AUTO_ENCODER:
             return self._auto_encoder(spec, adapter_label)
-        entry, _ = self._find(wanted, self.encoders)
+        entry, wanted_hash = self._find(wanted, self.encoders)
         if entry is None:
             raise ArgumentError(self._unknown_message(name, "image encoder", self.encoders()))
+        if wanted_hash:
+            entry = self._check_hash(entry, wanted_hash, self.encoders(), "image encoder")
         spec.check_encoder(entry.usable_spec(), adapter_name=adapter_label, encoder_name=entry.name)
         return entry
 
@@ -805,11 +848,14 @@ class ModelRegistry:
             os.path.realpath(item.path),
             item.stat.st_size,
             item.stat.st_mtime_ns,
+            change_stamp(item.stat),
             (config.st_size, config.st_mtime_ns) if config else None,
         )
         live.add(key)
         cached = self._specs.get(key)
-        if cached is None:
+        if item.dangling:  # read again at each refresh: the drive may be mounted meanwhile
+            cached = (None, _dangling_message(item.path, kind), ModelFileError)
+        elif cached is None:
             cached, transient = self._read(item.path, kind)
             if not transient:  # a file that could not be opened is read again at the next refresh
                 self._specs[key] = cached
@@ -819,6 +865,7 @@ class ModelRegistry:
             "path": item.path,
             "size": item.stat.st_size,
             "mtime_ns": item.stat.st_mtime_ns,
+            "change": change_stamp(item.stat),
             "config_stamp": (config.st_size, config.st_mtime_ns) if config else None,
             "error": error,
             "error_type": error_type,
@@ -854,7 +901,12 @@ class ModelRegistry:
         return (None, error, error_type), transient
 
     def _find(self, wanted: str, listing: Callable[[], list[_E]]) -> tuple[_E | None, str | None]:
-        """Look a name up (once more after a refresh, for files added since); with its hash."""
+        """Look a name up (once more after a refresh, for files added since); with its hash.
+
+        "name (folder) [hash]" whose qualified name is no longer listed (its twin was removed,
+        or another folder now comes first) is the file of that name and hash, if one is there.
+        """
+        match = _HASH_IN_NAME.match(wanted)
         for attempt in range(2):
             if attempt:
                 self.refresh()
@@ -862,33 +914,41 @@ class ModelRegistry:
             entry = _lookup(entries, wanted)
             if entry is not None:
                 return entry, None
-            match = _HASH_IN_NAME.match(wanted)
             if match and match.group("name"):
                 entry = _lookup(entries, match.group("name"))
                 if entry is not None:
                     return entry, match.group("hash").lower()
+        if match:
+            label = match.group("name")
+            stems = {label.casefold(), _QUALIFIER.sub("", label).casefold()}
+            wanted_hash = match.group("hash").lower()
+            for entry in listing():
+                if _stem(entry) in stems and (entry.sha256 or "").startswith(wanted_hash):
+                    logger.info("%s is the file listed as %s now", wanted, entry.name)
+                    return entry, wanted_hash
         return None, None
 
-    def _check_hash(self, entry: AdapterEntry, wanted_hash: str) -> AdapterEntry:
+    def _check_hash(self, entry: _E, wanted_hash: str, entries: Sequence[_E], kind: str) -> _E:
         current = entry.sha256
         if current is None or current.startswith(wanted_hash):
             return entry
         # The same model may sit in several folders; the hash says which one was meant.
-        stem = entry.path.stem.casefold()
-        for other in self.adapters():
-            if other is entry or other.path.stem.casefold() != stem:
+        stem = _stem(entry)
+        for other in entries:
+            if other is entry or _stem(other) != stem:
                 continue
             other_hash = other.sha256
             if other_hash and other_hash.startswith(wanted_hash):
                 logger.info("%s [%s] is the file %s", entry.name, wanted_hash, other.name)
                 return other
         logger.warning(
-            "IP-Adapter %s has the hash %s, not %s as requested (the infotext was made with "
-            "another file of that name); using %s",
+            "%s %s has the hash %s, not %s as requested (the infotext was made with another "
+            "file of that name); using %s",
+            kind,
             entry.name,
             current[:10],
             wanted_hash,
-            entry.file_name,
+            _shown(entry.path),
         )
         return dataclasses.replace(entry, hash_mismatch=True)
 
@@ -977,6 +1037,27 @@ class ModelRegistry:
                 if is_folder:
                     return f"{folder.display_label}/{candidate}"
         return None
+
+
+#: The folder qualifier of a listed name: "x (sub)", "x (bin)", "x (2)".
+_QUALIFIER = re.compile(r"\s*\([^()]*\)$")
+
+
+def _stem(entry: ModelEntry) -> str:
+    """The name a model has before qualifiers: its file stem, or its folder's name for a model
+    folder (``image_encoder/model.safetensors``), case-folded."""
+    if entry.file_name.lower() in FOLDER_WEIGHT_NAMES:
+        return entry.path.parent.name.casefold()
+    return entry.path.stem.casefold()
+
+
+def _dangling_message(path: Path, kind: str) -> str:
+    folder = ADAPTER_FOLDER_HINT if kind == "adapter" else ENCODER_FOLDER_HINT
+    return (
+        f"{_shown(path)} is a link to a file that is not there (a drive that is not mounted, or "
+        f"a file moved away): mount the drive or mend the link, or put the file itself into "
+        f"{folder}"
+    )
 
 
 def _adapter_and_label(

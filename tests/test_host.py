@@ -572,6 +572,57 @@ def test_adapter_replaced_by_an_older_file_is_named_as_the_new_file(
     assert any("has the hash" in record.getMessage() for record in caplog.records), caplog.text
 
 
+def test_adapter_replaced_by_one_of_the_same_size_and_mtime_is_used_and_named(
+    world: World,
+) -> None:
+    """``cp -p``/``rsync -a`` of a file of the same size keeps the mtime: the old weights were
+    used on, the infotext named the old hash, and after a restart A1111's hash cache (which
+    checks the mtime only) still gave the old hash, so the infotext named a file not used."""
+    import os
+
+    folder = Path(shared_models_path()) / "ipadapter"
+    target = folder / "tiny-base_sd15.safetensors"
+    before = generation(world, default_fields())
+    from safetensors.torch import load_file, save_file
+
+    tensors = {key: value * 1.5 for key, value in load_file(str(target)).items()}
+    stat = target.stat()
+    copy = folder.parent / "copy.safetensors"
+    save_file(tensors, str(copy))  # the same layout: the same size
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(copy, target)
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    after = generation(world, default_fields())
+    label = f"tiny-base_sd15 [{_short_sha256(target)}]"
+    assert after.extra_generation_params["NegIP model"] == label
+    assert label != before.extra_generation_params["NegIP model"]
+    assert not torch.equal(after.result, before.result)
+    models.MODELS.clear()  # a restart: A1111's hash cache is kept, ours is not
+    models.MODELS._registry = None
+    restarted = generation(world, default_fields())
+    assert restarted.extra_generation_params["NegIP model"] == label
+    assert torch.equal(restarted.result, after.result)
+
+
+def test_auto_takes_the_adapter_it_prefers_once_it_is_back(world: World) -> None:
+    """ "auto" rescans: with the preferred adapter moved away it took another, and with the
+    file back it kept the other until someone pressed the refresh button."""
+    folder = Path(shared_models_path()) / "ipadapter"
+    base = folder / "tiny-base_sd15.safetensors"
+    aside = folder.parent / "aside.safetensors"
+    first = generation(world, default_fields(model="auto"))
+    assert first.extra_generation_params["NegIP model"].startswith("tiny-base_sd15 [")
+    base.rename(aside)
+    other = generation(world, default_fields(model="auto"))
+    assert not other.extra_generation_params["NegIP model"].startswith("tiny-base_sd15 [")
+    aside.rename(base)
+    again = generation(world, default_fields(model="auto"))
+    assert (
+        again.extra_generation_params["NegIP model"] == first.extra_generation_params["NegIP model"]
+    )
+    assert torch.equal(again.result, first.result)
+
+
 def test_an_edited_encoder_config_makes_the_next_generation_load_it_again(world: World) -> None:
     """The config.json beside an encoder's weights decides its head and activation: edited
     with the weights untouched, the running server kept the encoder (and the features) it had

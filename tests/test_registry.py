@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -175,8 +176,8 @@ def test_skips_hidden_temporary_and_partial_files(tmp_path: Path) -> None:
     save_adapter(root / "good.safetensors")
     for name in (
         ".hidden.safetensors",
-        "tmpx7f3.safetensors",
-        "TMP_copy.bin",
+        "tmpx7f3_a9q.safetensors",  # Python's tempfile names: "tmp" and 8 characters
+        "TMPAB12CD34.bin",
         "x.safetensors.part",
         "x.safetensors.tmp",
         "y.safetensors.partial",
@@ -189,8 +190,11 @@ def test_skips_hidden_temporary_and_partial_files(tmp_path: Path) -> None:
     (root / "downloading.safetensors.aria2").write_bytes(b"\x00")
     save_adapter(root / "firefox.safetensors")
     (root / "firefox.safetensors.part").write_bytes(b"\x00")
+    # Names that only start with "tmp" are models like any others (they were never listed).
+    save_adapter(root / "tmp-style-adapter.safetensors")
+    save_adapter(root / "tmpl.safetensors")
     reg = ModelRegistry([root], [])
-    assert names(reg.adapters()) == ["good"]
+    assert names(reg.adapters()) == ["good", "tmp-style-adapter", "tmpl"]
     assert is_skipped_name(".negip-x.part")
     assert not is_skipped_name("good.safetensors")
 
@@ -267,7 +271,39 @@ def test_the_same_file_through_two_folders_is_listed_once(tmp_path: Path) -> Non
     (own / "loop").symlink_to(own, target_is_directory=True)  # a symlink loop ends the walk
     (own / "broken.safetensors").symlink_to(tmp_path / "missing.safetensors")
     reg = ModelRegistry([own, link], [])
-    assert names(reg.adapters()) == ["a"]
+    assert names(reg.adapters()) == ["a", "broken"]  # the broken link once, with its error
+    assert "not there" in reg.adapters()[1].error
+
+
+def test_a_link_to_a_missing_file_is_listed_with_why(tmp_path: Path) -> None:
+    """A model linked from a drive that is not mounted was neither listed nor explained, and
+    naming it answered "put the file into models/ipadapter", where the user sees it."""
+    own = tmp_path / "ipadapter"
+    save_adapter(own / "a.safetensors")
+    drive = tmp_path / "unmounted"
+    (own / "on-external-disk.safetensors").symlink_to(drive / "x.safetensors")
+    (tmp_path / "cv" / "ext-vit").mkdir(parents=True)
+    (tmp_path / "cv" / "ext-vit" / "model.safetensors").symlink_to(drive / "vit.safetensors")
+    (tmp_path / "cv" / "ext-vit" / "config.json").write_text(json.dumps(hf_vision_config(**TINY_H)))
+    reg = ModelRegistry([own], [tmp_path / "cv"])
+    broken = by_name(reg.adapters(), "on-external-disk")
+    assert broken.spec is None
+    assert "on-external-disk.safetensors is a link to a file that is not there" in broken.error
+    assert str(tmp_path) not in broken.error  # no server paths in API answers
+    assert "auto" not in [e.name for e in reg.adapters() if e.spec]
+    with pytest.raises(ModelFileError, match="mount the drive or mend the link"):
+        reg.resolve_adapter("on-external-disk")
+    assert names(reg.encoders()) == ["ext-vit"]
+    assert "ext-vit/model.safetensors is a link" in reg.encoders()[0].error
+    assert reg.describe()["adapters"][1]["error"] == broken.error
+    # The drive is mounted: the next scan reads the file.
+    save_adapter(drive / "x.safetensors")
+    save_encoder(drive / "vit.safetensors")
+    reg.refresh()
+    assert by_name(reg.adapters(), "on-external-disk").error is None
+    assert reg.resolve_adapter("on-external-disk").spec.variant == "base"
+    assert reg.encoders()[0].error is None
+    assert reg.encoders()[0].spec.width == TINY_H["width"]
 
 
 def test_missing_folders_are_fine(tmp_path: Path) -> None:
@@ -469,6 +505,36 @@ def test_listing_is_cached_by_path_size_and_mtime(tmp_path: Path, monkeypatch) -
     assert len(reads) == 4
 
 
+def test_a_file_replaced_with_the_same_size_and_mtime_is_read_again(tmp_path: Path) -> None:
+    """``cp -p``/``rsync -a`` of another file of the same size keeps the modification time: the
+    old spec and hash were used on, and the infotext named a file no longer there."""
+    hashed: list[str] = []
+
+    def hash_file(path: Path) -> str:
+        hashed.append(path.name)
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    root = tmp_path / "ipadapter"
+    path = save_adapter(root / "a.safetensors", variant="base")
+    other = save_adapter(tmp_path / "elsewhere" / "a.safetensors", variant="base", weight_std=0.03)
+    assert other.stat().st_size == path.stat().st_size
+    assert other.read_bytes() != path.read_bytes()
+    reg = ModelRegistry([root], [], hash_file=hash_file)
+    (before,) = reg.adapters()
+    old_hash = before.sha256
+    stat = path.stat()
+    tmp = root / ".copy.part"
+    tmp.write_bytes(other.read_bytes())
+    os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(tmp, path)  # as cp -p or rsync -a leave it: same size, same mtime
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.size, before.mtime_ns)
+    assert before.changed_on_disk()
+    reg.refresh()
+    (after,) = reg.adapters()
+    assert after.sha256 == hashlib.sha256(other.read_bytes()).hexdigest() != old_hash
+    assert hashed == ["a.safetensors", "a.safetensors"]
+
+
 def test_encoder_cache_follows_config_json(tmp_path: Path, monkeypatch) -> None:
     reads: list[str] = []
     real_read = registry_module.read_encoder_spec
@@ -569,6 +635,60 @@ def test_resolve_flags_a_hash_mismatch(two_folders: ModelRegistry, caplog) -> No
     assert entry.hash_mismatch
     assert "deadbeef00" in caplog.text
     assert "other" in caplog.text
+
+
+def test_an_infotext_hash_picks_the_encoder_among_files_of_that_name(
+    tmp_path: Path, caplog
+) -> None:
+    """The encoder's "name [hash]" was read as the name alone: a restore used the first encoder
+    of that name although the one with the hash was installed (another picture, no warning)."""
+    cv = tmp_path / "clip_vision"
+    first = save_encoder(cv / "vit" / "model.safetensors", config=True)
+    second = save_encoder(
+        cv / "z" / "vit" / "model.safetensors", {**TINY_H, "seed": 3}, config=True
+    )
+    assert first.read_bytes() != second.read_bytes()
+    reg = ModelRegistry([], [cv])
+    assert names(reg.encoders()) == ["vit", "vit (z)"]
+    spec = adapter_sd_spec()
+    wanted = reg.resolve_encoder("vit (z)", spec)
+    assert reg.resolve_encoder(f"vit [{wanted.short_hash}]", spec) == wanted
+    assert not reg.resolve_encoder(reg.encoders()[0].infotext_name, spec).hash_mismatch
+    with caplog.at_level(logging.WARNING, logger="negip"):
+        mismatch = reg.resolve_encoder("vit [0123456789]", spec)
+    assert mismatch.path == first
+    assert mismatch.hash_mismatch
+    assert "image encoder vit has the hash" in caplog.text
+    assert "vit/model.safetensors" in caplog.text
+
+
+def test_a_qualified_name_whose_twin_is_gone_is_found_by_its_hash(tmp_path: Path) -> None:
+    """ "x (sub) [hash]" from an infotext, after the first "x" was removed (its file is listed as
+    "x" now): refused before, although the file with that hash was there."""
+    root = tmp_path / "ipadapter"
+    save_adapter(root / "x.safetensors", variant="base")
+    save_adapter(root / "sub" / "x.safetensors", variant="plus")
+    cv = tmp_path / "cv"
+    save_encoder(cv / "vit" / "model.safetensors", config=True)
+    save_encoder(cv / "zz" / "vit" / "model.safetensors", {**TINY_H, "seed": 3}, config=True)
+    reg = ModelRegistry([root], [cv])
+    adapter_label = reg.resolve_adapter("x (sub)").infotext_name
+    encoder_label = reg.resolve_encoder("vit (zz)", adapter_sd_spec()).infotext_name
+    (root / "x.safetensors").unlink()
+    shutil.rmtree(cv / "vit")
+    reg.refresh()
+    assert names(reg.adapters()) == ["x"]
+    entry = reg.resolve_adapter(adapter_label)
+    assert entry.name == "x"
+    assert entry.spec.variant == "plus"
+    assert not entry.hash_mismatch
+    encoder = reg.resolve_encoder(encoder_label, adapter_sd_spec())
+    assert encoder.name == "vit"
+    assert not encoder.hash_mismatch
+    # Without the hash, or with another one, the qualified name stays unknown.
+    for label in ("x (sub)", "x (sub) [0123456789]"):
+        with pytest.raises(ArgumentError, match="there is no IP-Adapter named"):
+            reg.resolve_adapter(label)
 
 
 @pytest.mark.parametrize(

@@ -394,6 +394,11 @@ def _resolve_models(args: Any, unet: Any) -> tuple[Any, Any]:
     from lib_negip.args import AUTO_MODEL
 
     registry = MODELS.registry()
+    if AUTO_MODEL in (args.model, str(args.image_encoder).casefold()):
+        # "auto" chooses among the files there now: without a scan it kept a lesser adapter
+        # after the one it prefers was put back, until someone pressed the refresh button. A
+        # scan reads only files it has not seen: a listing of the folders and a stat per file.
+        registry.refresh()
 
     def resolve() -> tuple[Any, Any]:
         if args.model == AUTO_MODEL:

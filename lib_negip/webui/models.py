@@ -55,7 +55,11 @@ def _load_adapter(path: Path) -> LoadedAdapter:
     return LoadedAdapter(adapter=adapter, weights=weights)
 
 
-def _file_key(path: Path) -> tuple[str, int, int]:
+def _file_key(path: Path) -> tuple[Any, ...]:
+    """What tells a loaded file from the one there now: its path, size, mtime and change stamp
+    (a file replaced by one of the same size and mtime, as ``cp -p`` leaves it, has another)."""
+    from lib_negip.registry import change_stamp
+
     try:
         stat = path.stat()
     except OSError as error:
@@ -64,7 +68,7 @@ def _file_key(path: Path) -> tuple[str, int, int]:
             "moved, deleted or is not readable; press the refresh button beside the model list"
         )
         raise ModelFileError(msg) from error
-    return str(path), stat.st_size, stat.st_mtime_ns
+    return str(path), stat.st_size, stat.st_mtime_ns, change_stamp(stat)
 
 
 @contextlib.contextmanager
@@ -181,10 +185,16 @@ def _evict_older_versions(cache: LRUCache, key: tuple[Any, ...]) -> None:
 def _a1111_hash(path: Path) -> str | None:
     """sha256 through A1111's hash cache (cache/hashes, cache.json before 1.8): each file is
     hashed once; None with --no-hashing. A1111 keys that cache by title alone, so the title is
-    the file's real path: encoders in folders are all called model.safetensors."""
+    the file's real path (encoders in folders are all called model.safetensors) with its size
+    and change stamp: A1111 checks only the mtime, so a file replaced by one of the same size and
+    mtime (``cp -p``) kept the old hash across restarts, and the infotext named the old file."""
     from modules import hashes
 
-    title = f"negip/{os.path.realpath(path)}"
+    from lib_negip.registry import change_stamp
+
+    stat = path.stat()
+    ctime, inode = change_stamp(stat)
+    title = f"negip/{os.path.realpath(path)}@{stat.st_size}:{ctime}:{inode}"
     _forget_if_replaced(hashes, path, title)
     return hashes.sha256(str(path), title)
 
