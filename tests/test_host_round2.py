@@ -959,6 +959,38 @@ def test_auto_order_prefers_official_then_general_adapters() -> None:
     assert sdxl == ["ip-adapter_sdxl"]
 
 
+@pytest.mark.parametrize(
+    ("width", "download_on", "offered"),
+    [(768, False, True), (768, True, False), (64, False, False), (64, True, False)],
+)
+def test_auto_refusal_offers_a_download_only_where_one_can_help(
+    monkeypatch: pytest.MonkeyPatch, width: int, download_on: bool, offered: bool
+) -> None:
+    """ "No installed IP-Adapter fits" told the user to switch the download setting on when it
+    was on already, and for a family with no official adapter, where no download can help."""
+    from lib_negip import unet_layers
+    from lib_negip.errors import IncompatibleModelError
+    from lib_negip.webui import models as webui_models
+
+    layers = [SimpleNamespace(context_dim=width)] * 16
+    monkeypatch.setattr(unet_layers, "cross_attention_layers", lambda unet: layers)
+    monkeypatch.setattr(webui_models, "setting_bool", lambda key: download_on)
+    monkeypatch.setattr(webui_models, "_download_official", lambda name: False)
+    spec = SimpleNamespace(family="SDXL", cross_attention_dim=2048, num_layers=70, variant="base")
+    registry = SimpleNamespace(
+        adapters=lambda: [SimpleNamespace(name="ip-adapter_sdxl", spec=spec)],
+        refresh=lambda: None,
+    )
+    with pytest.raises(IncompatibleModelError, match="no installed IP-Adapter fits") as raised:
+        webui_models.resolve_auto_adapter(registry, object(), "auto")
+    api, ui = str(raised.value), raised.value.ui
+    assert "ip-adapter_sdxl (SDXL)" in api
+    assert ("switch 'Download missing official" in api) is (offered and not download_on)
+    assert ("'Download official models'" in ui) is (width == 768)
+    assert "put" in ui.lower()
+    assert "refresh button" in ui
+
+
 def test_another_extensions_own_unet_pass_before_the_samplers_is_tolerated(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -323,16 +323,27 @@ def resolve_auto_adapter(registry: Any, unet: Any, encoder_name: str) -> Any:
     found = f"installed for other families: {', '.join(others)}" if others else "none installed"
     official = ", ".join(OFFICIAL_BASE.get(width, ()))
     wanted = f"an IP-Adapter for it ({official})" if official else "an IP-Adapter made for it"
+    # A download is offered only where one can help: for a family with an official adapter,
+    # and (API) while the setting that would fetch it is off.
+    switch_on = (
+        ", or switch 'Download missing official IP-Adapter and image encoder files' on in "
+        "Settings > Negative Image Prompt"
+        if official and not setting_bool(OPT_AUTO_DOWNLOAD)
+        else ""
+    )
     msg = (
         f"model is 'auto', but no installed IP-Adapter fits the loaded checkpoint, which is "
-        f"{family_of(width)} ({found}). Put {wanted} into models/ipadapter, or switch "
-        "'Download missing official IP-Adapter and image encoder files' on in Settings > "
-        "Negative Image Prompt."
+        f"{family_of(width)} ({found}). Put {wanted} into models/ipadapter{switch_on}."
+    )
+    get = (
+        f"Get {wanted} with 'Download official models' in the Negative Image Prompt accordion, "
+        "or put a file into models/ipadapter and press the refresh button."
+        if official
+        else f"Put {wanted} into models/ipadapter and press the refresh button."
     )
     ui = (
         f"No installed IP-Adapter fits the loaded checkpoint, which is {family_of(width)} "
-        f"({found}). Get {wanted} with 'Download official models' in the Negative Image Prompt "
-        "accordion, or put a file into models/ipadapter and press the refresh button."
+        f"({found}). {get}"
     )
     raise IncompatibleModelError(msg, ui=ui)
 
