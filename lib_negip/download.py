@@ -14,6 +14,7 @@ A1111's downloader (:func:`a1111_fetch`, which shows A1111's progress bar); the 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import json
@@ -233,6 +234,8 @@ def download_file(
     """
     destination = Path(destination)
     shown = shown_as or destination.name
+    # A folder made here (an encoder's) goes again after a failure, if nothing else is in it.
+    created = None if destination.parent.exists() else destination.parent
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -247,11 +250,11 @@ def download_file(
         verify_download(temporary, destination.name)
         os.replace(temporary, destination)
     except NegIPError as exc:
-        _remove_partial(temporary)
+        _remove_partial(temporary, created)
         msg = f"Downloading {shown} from {url} failed: {exc}. Nothing was saved; try again"
         raise DownloadError(msg) from exc
     except Exception as exc:
-        _remove_partial(temporary)
+        _remove_partial(temporary, created)
         # OSError texts carry absolute paths; messages may reach API clients.
         reason = _reason(exc).replace(str(temporary), shown).replace(str(destination.parent), ".")
         msg = (
@@ -260,7 +263,7 @@ def download_file(
         )
         raise DownloadError(msg) from exc
     except BaseException:  # an interrupt: still never leave a partial file behind
-        _remove_partial(temporary)
+        _remove_partial(temporary, created)
         raise
     logger.info("downloaded %s (%d bytes)", shown, destination.stat().st_size)
     return destination
@@ -381,9 +384,10 @@ def _remove(path: Path) -> None:
         logger.warning("could not remove the partial download %s: %s", path.name, exc)
 
 
-def _remove_partial(temporary: Path) -> None:
+def _remove_partial(temporary: Path, created: Path | None = None) -> None:
     """The temporary file and whatever the downloader left beside it under that unique name
-    (its own partial file, which not every downloader removes after a failure)."""
+    (its own partial file, which not every downloader removes after a failure), and the
+    folder ``created`` for it when nothing else is in it."""
     _remove(temporary)
     try:
         leftovers = [p for p in temporary.parent.iterdir() if p.name.startswith(temporary.name)]
@@ -391,6 +395,9 @@ def _remove_partial(temporary: Path) -> None:
         return
     for path in leftovers:
         _remove(path)
+    if created is not None:
+        with contextlib.suppress(OSError):  # not empty: a file of the same model is there
+            created.rmdir()
 
 
 def _reason(exc: BaseException) -> str:

@@ -409,6 +409,24 @@ def test_unreachable_server(tmp_path: Path) -> None:
     assert all_files(tmp_path) == []
 
 
+def test_a_failed_encoder_download_leaves_no_empty_folder(tmp_path: Path) -> None:
+    """The encoder's folder was made before the first file was fetched and stayed, empty,
+    after the download failed ("Nothing was saved")."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clip_vision = tmp_path / "clip_vision"
+    (clip_vision / "other").mkdir(parents=True)
+    with pytest.raises(DownloadError, match="could not connect"):
+        download_official(VIT_H_ENCODER, tmp_path, base_url=f"http://127.0.0.1:{port}")
+    assert sorted(p.name for p in clip_vision.iterdir()) == ["other"]
+    # A folder that was there before stays, even when it is empty.
+    (clip_vision / VIT_H_ENCODER).mkdir()
+    with pytest.raises(DownloadError, match="could not connect"):
+        download_official(VIT_H_ENCODER, tmp_path, base_url=f"http://127.0.0.1:{port}")
+    assert (clip_vision / VIT_H_ENCODER).is_dir()
+
+
 def test_existing_file_is_kept(tmp_path: Path) -> None:
     target = tmp_path / "models" / "ipadapter"
     target.mkdir(parents=True)
