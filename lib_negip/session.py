@@ -340,7 +340,7 @@ class ImagePromptSession:
             # nothing another extension does to it (its own UNet calls, tiles) concerns us.
             self._unhook()
             return None
-        hijack = self._hijack_for(unet, hires=hires)
+        hijack = self._hijack_for(unet, hires=hires, progress=progress)
         if hijack is None:
             return None
         crossattn = text_cond["crossattn"] if isinstance(text_cond, dict) else text_cond
@@ -377,7 +377,9 @@ class ImagePromptSession:
             else:
                 self.uncond_skipped += 1
 
-    def _hijack_for(self, unet: nn.Module, *, hires: bool = False) -> AttentionHijack | None:
+    def _hijack_for(
+        self, unet: nn.Module, *, hires: bool = False, progress: float = 0.0
+    ) -> AttentionHijack | None:
         if unet is self._unet:
             return self._hijack
         # A different UNet mid-generation: the refiner, a Hires. fix checkpoint, a model reload.
@@ -403,16 +405,28 @@ class ImagePromptSession:
                 raise_as=self.raise_as,
             )
         except (IncompatibleModelError, ArgumentError) as error:
-            if not self.acted_in_batch and self._can_act():
-                # No step so far had the image prompts and none of this model's will: the
-                # image would come without them (a Hires. fix checkpoint with hires_pass
-                # "second", a refiner taking over before a window opens).
+            left_out = self._sides_left_out(progress)
+            if self._can_act() and (not self.acted_in_batch or left_out):
+                # No step so far had the image prompts (or those of one side) and none of this
+                # model's will: the image would come without them (a Hires. fix checkpoint with
+                # hires_pass "second", a refiner taking over before a window opens).
                 self._unet = None
+                if self.acted_in_batch and isinstance(error, IncompatibleModelError):
+                    raise IncompatibleModelError(
+                        self._misfit_message(layers, hires=hires, sides=left_out)
+                    ) from error
                 raise
+            reason = (
+                f"{self._model_words(hires)} is {_family_of_layers(layers)}"
+                if isinstance(error, IncompatibleModelError)
+                else str(error)
+            )
             logger.info(
-                "Negative Image Prompt: the model now sampling does not fit the IP-Adapter, so "
-                "its steps run without image prompts (earlier steps had them): %s",
-                error,
+                "Negative Image Prompt: the IP-Adapter is for %s and does not fit the model now "
+                "sampling (%s), so that model's steps run without image prompts; they acted in "
+                "the steps before it.",
+                family_of(self.context_dim),
+                reason,
             )
             return None
         hijack.install()
@@ -429,20 +443,60 @@ class ImagePromptSession:
         which depend on the steps sampled)."""
         return not self._can_act() or self._zero_blocks
 
-    def _misfit_message(self, layers: list, *, hires: bool) -> str:
-        model = (
+    def _sides_left_out(self, progress: float) -> list[str]:
+        """The sides (weight other than 0) that had no step of this batch although their step
+        window reaches ``progress``, where a model they do not fit takes over: all of their
+        steps go to that model. A window that ended before holds no step by itself, and a
+        negative side whose rows A1111 skipped is not the new model's doing (both are warned
+        about at the batch's end)."""
+        left_out = []
+        for index, name in enumerate(("positive", "negative")):
+            side = self.prompt.sides[index]
+            if side.weight == 0.0 or self.side_calls[index] > self._batch_side_calls[index]:
+                continue
+            if index == 1 and self.uncond_skipped > self._batch_side_calls[2]:
+                continue
+            if side.window.end > progress:
+                left_out.append(name)
+        return left_out
+
+    @staticmethod
+    def _model_words(hires: bool) -> str:
+        return (
             "the model sampling the Hires. fix pass (a Hires. fix checkpoint or the refiner)"
             if hires
             else "the model that took over sampling (the refiner, or a reloaded checkpoint)"
         )
-        width = layers[0].context_dim if layers else None
-        family = family_of(width) if width is not None else "a model without cross-attention"
+
+    def _misfit_message(self, layers: list, *, hires: bool, sides: Sequence[str] = ()) -> str:
+        model = self._model_words(hires)
+        family = _family_of_layers(layers)
+        if sides:
+            which = " and ".join(f"the {side}" for side in sides)
+            plural = "s" if len(sides) > 1 else ""
+            lost = (
+                f"{which} image prompts' step window{plural} hold{'' if plural else 's'} no step "
+                "before it, so they would do nothing"
+            )
+        else:
+            lost = (
+                "no step before it had the image prompts, so the image would be made without them"
+            )
+        if hires:
+            advice = (
+                "Choose a Hires. fix checkpoint or refiner of the adapter's family (or none), or "
+                "let the image prompts act before it takes over: set hires_pass to 'both' or "
+                "'first', or start the step windows earlier."
+            )
+        else:
+            advice = (
+                "Choose a refiner of the adapter's family (or none), or let the image prompts act "
+                "before it takes over: switch to the refiner later, or start the step windows "
+                "earlier."
+            )
         return (
             f"The IP-Adapter is for {family_of(self.context_dim)}, but {model} is {family}, and "
-            "no step before it had the image prompts, so the image would be made without them. "
-            "Choose a Hires. fix checkpoint or refiner of the adapter's family (or none), or let "
-            "the image prompts act before it takes over: set hires_pass to 'both' or 'first', or "
-            "start the step windows earlier."
+            f"{lost}. {advice}"
         )
 
     def _unhook(self) -> None:
@@ -465,3 +519,8 @@ class ImagePromptSession:
         cached adapter moves to the GPU once): for a host that keeps the GPU nearly empty."""
         for weights in self.weights:
             weights.release_device_copies()
+
+
+def _family_of_layers(layers: list) -> str:
+    width = layers[0].context_dim if layers else None
+    return family_of(width) if width is not None else "a model without cross-attention"

@@ -1838,6 +1838,21 @@ def _(lab: Lab) -> None:
     lab.refused(reference_fields(**late), r"no step before it had the image prompts", steps=4)
 
 
+@case(
+    FAULTS,
+    "refiner of another context width takes over before one side's window opens",
+    families=("sd15", "sdxl"),
+)
+def _(lab: Lab) -> None:
+    refiner_at_step(lab, 2, lab.world.sdxl, SDXL)
+    # The positive side acts before the switch; the negative one's steps are all the refiner's.
+    lab.refused(
+        reference_fields(negative_start=0.5),
+        r"the negative image prompts' step window holds no step before it",
+        steps=4,
+    )
+
+
 @case(FAULTS, "refiner of the same family takes over mid-pass")
 def _(lab: Lab) -> None:
     refiner = lab.extra_unet(SD15, seed=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import pytest
 import torch
@@ -206,6 +207,7 @@ def test_session_hijacks_lazily_follows_model_swaps_and_closes_clean() -> None:
     assert hook_state(sd15) != clean_sd15
     sample(sd15, appended)
     assert session.acted
+    sample(sd15, session.conditioning(sd15, text, text, progress=0.25))  # the negative window
     # The refiner: another context width. Left alone (the image prompts acted before it); the
     # first UNet is unhooked.
     wide = text_context(1, SDXL.context_dim)
@@ -249,6 +251,50 @@ def test_a_model_the_adapter_does_not_fit_is_refused_when_nothing_acted_before_i
     # Asked again (a caller that kept going), the model is still refused, never left alone.
     with pytest.raises(IncompatibleModelError):
         session.conditioning(sdxl, wide, wide, progress=0.5, hires=hires)
+    session.close()
+
+
+@pytest.mark.parametrize("late", ["positive", "negative"])
+def test_a_side_whose_window_opens_after_a_misfit_model_takes_over_is_refused(
+    late: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refiner of another family took over before one side's window opened: that side did
+    nothing, with only a console warning that blamed its window. The other side acted, so the
+    rule "no step before it had the image prompts" did not see it."""
+    prompt = build("base", [picture(1)], [picture(2)])
+    side = getattr(prompt, late)
+    late_side = dataclasses.replace(side, window=StepWindow(0.75, 1.0))
+    prompt = dataclasses.replace(prompt, **{late: late_side})
+    session = session_for(prompt)
+    sd15, sdxl = unet("sd15"), unet("sdxl")
+    text, wide = text_context(1, SD15.context_dim), text_context(1, SDXL.context_dim)
+    session.begin_batch()
+    for progress in (0.25, 0.375):
+        sample(sd15, session.conditioning(sd15, text, text, progress=progress))
+    assert session.acted_in_batch
+    with pytest.raises(IncompatibleModelError) as raised:
+        session.conditioning(sdxl, wide, wide, progress=0.5)
+    message = str(raised.value)
+    assert f"the {late} image prompts' step window holds no step before it" in message
+    assert "switch to the refiner later" in message
+    assert "hires_pass" not in message  # no Hires. fix here: its advice would not help
+    assert hook_state(sd15) == hook_state(unet("sd15"))
+    session.close()
+    # A window that ended before the switch without a step (narrower than one: warned about
+    # at the batch's end) and the other side acting: left alone, with a console line that does
+    # not read like the refusal.
+    early = dataclasses.replace(side, window=StepWindow(0.3, 0.35))
+    session = session_for(
+        dataclasses.replace(build("base", [picture(1)], [picture(2)]), **{late: early})
+    )
+    session.begin_batch()
+    for progress in (0.25, 0.375):
+        sample(sd15, session.conditioning(sd15, text, text, progress=progress))
+    with caplog.at_level(logging.INFO, logger="negip"):
+        assert session.conditioning(sdxl, wide, wide, progress=0.5) is None
+    assert "they acted in the steps before it" in caplog.text
+    assert "no step before it had" not in caplog.text
+    assert "Choose a" not in caplog.text
     session.close()
 
 

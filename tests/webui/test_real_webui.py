@@ -832,8 +832,13 @@ HIRES = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising
             {"refiner_checkpoint": SDXL, "refiner_switch_at": 0.5},
             ["took over sampling", "no step before it had the image prompts"],
         ),
+        (
+            {"negative_start": 0.75},
+            {"refiner_checkpoint": SDXL, "refiner_switch_at": 0.5},
+            ["took over sampling", "the negative image prompts' step window holds no step"],
+        ),
     ],
-    ids=["second pass on the refiner", "windows after the switch"],
+    ids=["second pass on the refiner", "windows after the switch", "one window after the switch"],
 )
 def test_refiner_of_another_family_before_the_image_prompts_acted_is_refused(
     server_log: ServerLog, values: dict, request_values: dict, names: list[str]
