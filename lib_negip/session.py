@@ -416,17 +416,23 @@ class ImagePromptSession:
                         self._misfit_message(layers, hires=hires, sides=left_out)
                     ) from error
                 raise
-            reason = (
-                f"{self._model_words(hires)} is {_family_of_layers(layers)}"
-                if isinstance(error, IncompatibleModelError)
-                else str(error)
-            )
+            acted = [
+                name
+                for index, name in enumerate(("positive", "negative"))
+                if self.side_calls[index] > self._batch_side_calls[index]
+            ]
+            if isinstance(error, IncompatibleModelError):
+                reason = (
+                    f"{self._model_words(hires)} is {_family_of_layers(layers)}, which the "
+                    f"IP-Adapter for {family_of(self.context_dim)} does not fit"
+                )
+            else:
+                reason = str(error).rstrip(".")
             logger.info(
-                "Negative Image Prompt: the IP-Adapter is for %s and does not fit the model now "
-                "sampling (%s), so that model's steps run without image prompts; they acted in "
-                "the steps before it.",
-                family_of(self.context_dim),
+                "Negative Image Prompt: %s, so that model's steps run without image prompts; "
+                "the %simage prompts acted in the steps before it.",
                 reason,
+                f"{acted[0]} " if len(acted) == 1 else "",  # one side: say which
             )
             return None
         hijack.install()

@@ -292,7 +292,9 @@ def test_a_side_whose_window_opens_after_a_misfit_model_takes_over_is_refused(
         sample(sd15, session.conditioning(sd15, text, text, progress=progress))
     with caplog.at_level(logging.INFO, logger="negip"):
         assert session.conditioning(sdxl, wide, wide, progress=0.5) is None
-    assert "they acted in the steps before it" in caplog.text
+    other = "negative" if late == "positive" else "positive"
+    assert f"the {other} image prompts acted in the steps before it" in caplog.text
+    assert "does not fit, so that model's steps run without image prompts" in caplog.text
     assert "no step before it had" not in caplog.text
     assert "Choose a" not in caplog.text
     session.close()
