@@ -759,6 +759,38 @@ def reference_result(world: World) -> torch.Tensor:
     return run(world, fields_for()).result
 
 
+def test_a_unet_call_of_another_job_after_a_generation_failed_before_sampling_passes(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A1111 ended a generation with an error after our process (a Hires. fix upscaler that
+    does not exist) and called no postprocess: the watch stayed on the UNet and refused the
+    next UNet call of another job (training an embedding runs the UNet outside a generation)."""
+    reference = reference_result(world)
+    real_sample = processing.Processing.sample
+
+    def upscaler_missing(p: Any, x: torch.Tensor) -> torch.Tensor:
+        msg = "could not find upscaler named NoSuchUpscaler"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(shared.state, "time_start", 1.0, raising=False)
+    monkeypatch.setattr(shared.state, "job_timestamp", "20261207220000", raising=False)
+    monkeypatch.setattr(processing.Processing, "sample", upscaler_missing)
+    with pytest.raises(RuntimeError, match="NoSuchUpscaler"):
+        run(world, fields_for())
+    assert Generation.current is not None  # no postprocess: left until the next generation
+    monkeypatch.setattr(shared.state, "time_start", 2.0)  # the training job begins
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    context = conditioning(1, SD15, seed=2)
+    with torch.no_grad():
+        out = world.sd15(x, torch.full((1,), 500.0), context=context)
+        plain = make_ldm_unet(SD15)(x, torch.full((1,), 500.0), context=context)
+    assert torch.equal(out, plain)  # let through, and nothing of ours acted on it
+    monkeypatch.setattr(processing.Processing, "sample", real_sample)
+    monkeypatch.setattr(shared.state, "time_start", 3.0)  # the next generation ends it
+    assert torch.equal(reference_result(world), reference)
+    nothing_left(world.sd15)
+
+
 def test_forge_shaped_model_is_driven(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     reference = reference_result(world)
     plain = plain_result(world)

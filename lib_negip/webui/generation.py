@@ -97,7 +97,14 @@ class SampleTrap:
 class CallbackWatch:
     """Checks, at the UNet's first call of a generation, that our denoiser callback ran before
     it: a web UI that samples without calling ``on_cfg_denoiser`` would make the image without
-    the image prompts. Removes itself after the first call."""
+    the image prompts. Removes itself after the first call.
+
+    A generation that A1111 ended with an error after our ``process`` and before sampling (a
+    Hires. fix upscaler that does not exist) gets no ``postprocess``: the watch stays on the UNet
+    until the next generation's ``process`` ends it. A UNet call of another job meanwhile
+    (training an embedding) is not that generation's, and the watch lets it through. (It does
+    not end the generation there: were the job begun afresh within a generation, its sampling
+    would still get the image prompts through the denoiser callback.)"""
 
     def __init__(self, unet: nn.Module, generation: Generation, raise_as: Callable) -> None:
         self.generation = generation
@@ -111,6 +118,9 @@ class CallbackWatch:
 
     def _check(self, module: nn.Module, args: tuple) -> None:
         self.remove()
+        if self.generation.job != _job():
+            logger.debug("Negative Image Prompt: a UNet call of another job; not checked")
+            return
         if self.generation.callback_calls == 0 and Generation.current is self.generation:
             Generation.end()
             host = backend.host_kind()
@@ -135,6 +145,17 @@ class CallbackWatch:
             raise self.raise_as(error)
 
 
+def _job() -> tuple[Any, ...] | None:
+    """The web UI's current job: ``shared.state`` is begun afresh for each request and button
+    press (its start time); None where the host keeps no such state (then every call counts as
+    the same job)."""
+    from modules import shared
+
+    state = getattr(shared, "state", None)
+    started = getattr(state, "time_start", None)
+    return None if started is None else (getattr(state, "job_timestamp", None), started)
+
+
 class Generation:
     """The state between ``process`` and ``postprocess``; at most one exists at a time."""
 
@@ -146,6 +167,7 @@ class Generation:
 
     def __init__(self, p: Any, session: ImagePromptSession, infotext: dict[str, Any]) -> None:
         self.p = p
+        self.job = _job()  # the web UI's job (a request, a button press) it belongs to
         self.session = session
         self.infotext = infotext  # written at post_sample, when the image prompts acted
         self.callback_calls = 0
