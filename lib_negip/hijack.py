@@ -186,6 +186,7 @@ class _Entry:
     values: torch.Tensor
     bias: torch.Tensor | None
     mask: torch.Tensor | None
+    tokens: int  # the query count Tq the views and the mask were made for
     block_diagonal: bool = False
     q_view: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     contiguous_heads: bool = False  # the query's heads copied out first (MPS)
@@ -315,9 +316,7 @@ class _LayerHooks:
     def _add_image_term(self, q: torch.Tensor, args: tuple) -> Any:
         plan = self.hijack.plan
         hidden = args[0]  # [B, Tq, inner], heads merged
-        entry = plan.entries[self.index]
-        if entry is None:
-            entry = plan.entries[self.index] = self.hijack.entry(self, plan, q, hidden)
+        entry = self._entry_for(plan, q, hidden)
         self.added_serial = self.hijack.serial
         self.hijack.added += 1
         if entry is _SKIP:
@@ -327,6 +326,16 @@ class _LayerHooks:
         else:
             added = hidden + self.image_term(entry, q)
         return (added, *args[1:])
+
+    def _entry_for(self, plan: Any, q: torch.Tensor, hidden: torch.Tensor | None) -> Any:
+        """The layer's entry for ``plan``: built at the layer's first call, and again where its
+        number of queries changed. An extension that resizes the hidden states inside the UNet
+        for some steps (Kohya's Deep Shrink, Forge's "Kohya HRFix Integrated") gives a layer
+        fewer queries in those steps, and the views and the mask are made per query count."""
+        entry = plan.entries[self.index]
+        if entry is None or (entry is not _SKIP and entry.tokens != q.shape[1]):
+            entry = plan.entries[self.index] = self.hijack.entry(self, plan, q, hidden)
+        return entry
 
     def probabilities(self, entry: _Entry, q: torch.Tensor) -> torch.Tensor:
         """Block-diagonal form: every head's attention probabilities [B, Tq, H*N] (masked).
@@ -391,9 +400,7 @@ class _LayerHooks:
         return output + projected.to(output.dtype)
 
     def _term_after_attention(self, plan: Any, q: torch.Tensor) -> torch.Tensor | None:
-        entry = plan.entries[self.index]
-        if entry is None:
-            entry = plan.entries[self.index] = self.hijack.entry(self, plan, q, None)
+        entry = self._entry_for(plan, q, None)
         self.added_serial = self.hijack.serial
         self.hijack.added += 1
         if entry is _SKIP:
@@ -875,6 +882,7 @@ class AttentionHijack:
             values=values,
             bias=bias,
             mask=mask,
+            tokens=tokens,
             block_diagonal=block_diagonal,
             q_view=q_view,
             contiguous_heads=contiguous_heads,

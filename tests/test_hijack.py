@@ -864,3 +864,56 @@ def test_autocast_state_is_read_on_torch_before_and_after_2_4(
     older = hijack_module._autocast_state_reader()
     assert older("cpu") is True
     assert older("cuda") is False
+
+
+def _shrunk(transformer: nn.Module) -> list:
+    """Deep Shrink on one transformer (as Kohya's HRFix does for some steps): its hidden states
+    at half the size, brought back to the full size after it."""
+    size: dict[str, torch.Size] = {}
+
+    def before(module: nn.Module, args: tuple) -> tuple:
+        size["hw"] = args[0].shape[-2:]
+        return (F.interpolate(args[0], scale_factor=0.5, mode="bilinear"), *args[1:])
+
+    def after(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(output, size=size["hw"], mode="bilinear")
+
+    return [transformer.register_forward_pre_hook(before), transformer.register_forward_hook(after)]
+
+
+def test_a_layer_whose_query_count_changes_from_call_to_call(term_form: str) -> None:
+    """Forge's "Kohya HRFix Integrated" (Deep Shrink) shrinks a block's hidden states for the
+    first steps only: the layer's term, made at its first call for that many queries, met
+    another count later, and every generation failed in torch.baddbmm (probe Q, real Forge).
+    Each call must give what a hijack seeing only that call gives."""
+    unet = make_ldm_unet(SD15)  # its own: hooks are put on it
+    transformer = unet.input_blocks[1][1]
+    width = SD15.context_dim
+    layers = adapter_layers(unet, seed=40)
+    layout = TokenLayout.for_tokens(4)
+    positive, negative = tokens(4, width, 41), tokens(4, width, 42)
+    context = sided_context(text_context(2, width, seed=43), positive, negative, (0.7, 0.9), layout)
+    x = latents(2, seed=44)
+
+    def run(shrink: bool) -> torch.Tensor:
+        handles = _shrunk(transformer) if shrink else []
+        try:
+            return unet(x, TIMESTEPS, context=context)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def hijacked(*shrinks: bool) -> list[torch.Tensor]:
+        hijack = AttentionHijack(unet, layers, layout, side_tokens=[positive, negative])
+        hijack.install()
+        try:
+            return [run(shrink) for shrink in shrinks]
+        finally:
+            hijack.remove()
+
+    steps = (True, False, True)
+    got = hijacked(*steps)
+    for shrink, out in zip(steps, got, strict=True):
+        assert torch.equal(out, hijacked(shrink)[0])
+    assert not torch.equal(got[0], got[1])
+    assert not torch.equal(got[0], run(True))  # the image term acted in the shrunk calls
