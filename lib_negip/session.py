@@ -225,11 +225,13 @@ class ImagePromptSession:
         self.mask_region: MaskRegion | None = None
         self.appended = 0  # denoiser calls whose conditioning got the image blocks
         # Per side: the appended calls where its window was open (the negative side's only
-        # where the uncond rows ran too), and the negative side's calls whose uncond rows the
-        # sampler skipped; with their values when the current batch began.
+        # where the uncond rows ran too); the negative side's calls whose uncond rows the
+        # sampler skipped, and those that had no uncond conditioning at all (Forge at CFG 1);
+        # with their values when the current batch began.
         self.side_calls = [0, 0]
         self.uncond_skipped = 0
-        self._batch_side_calls = (0, 0, 0)
+        self.uncond_absent = 0
+        self._batch_side_calls = (0, 0, 0, 0)
         self._carried = 0  # UNet calls that carried them, of hijacks already removed
         self._batch_start = (0, 0)  # (appended, carried) when the current batch began
         self._unet: nn.Module | None = None
@@ -255,14 +257,15 @@ class ImagePromptSession:
     def begin_batch(self) -> None:
         """A new batch (of A1111's batch count) starts: it must carry the image prompts itself."""
         self._batch_start = (self.appended, self._carried_total())
-        self._batch_side_calls = (*self.side_calls, self.uncond_skipped)
+        self._batch_side_calls = (*self.side_calls, self.uncond_skipped, self.uncond_absent)
 
     def idle_sides_in_batch(self) -> dict[str, str]:
         """The sides with a weight other than 0 that had no call of the current batch, each with
-        why: "window" (its step window held none of the steps sampled) or "uncond skipped" (the
+        why: "window" (its step window held none of the steps sampled), "uncond skipped" (the
         negative side's window was open, but the sampler left out the uncond rows that carry it:
         A1111's Negative Guidance minimum sigma, or Ignore negative prompt during early
-        sampling). Empty while no call got the image blocks (see :attr:`appended_in_batch`)."""
+        sampling) or "no uncond" (there was no uncond conditioning at all: Forge at CFG 1).
+        Empty while no call got the image blocks (see :attr:`appended_in_batch`)."""
         if not self.appended_in_batch:
             return {}
         idle = {}
@@ -271,8 +274,12 @@ class ImagePromptSession:
                 continue
             if self.side_calls[index] > self._batch_side_calls[index]:
                 continue
-            skipped = index == 1 and self.uncond_skipped > self._batch_side_calls[2]
-            idle[name] = "uncond skipped" if skipped else "window"
+            if index == 1 and self.uncond_absent > self._batch_side_calls[3]:
+                idle[name] = "no uncond"
+            elif index == 1 and self.uncond_skipped > self._batch_side_calls[2]:
+                idle[name] = "uncond skipped"
+            else:
+                idle[name] = "window"
         return idle
 
     def _carried_total(self) -> int:
@@ -350,7 +357,7 @@ class ImagePromptSession:
                 hijack.remove()
             return None
         hijack.install()  # a no-op when installed
-        self._count_sides(progress, uncond_runs and text_uncond is not None)
+        self._count_sides(progress, uncond_runs, absent=text_uncond is None)
         if text_uncond is None:
             # Forge leaves out the uncond conditioning where CFG is 1 (its hires pass' own CFG
             # scale): only the cond rows run, with the positive side.
@@ -367,12 +374,14 @@ class ImagePromptSession:
         self.appended += 1
         return Appended(cond=cond, uncond=uncond, padded=padded)
 
-    def _count_sides(self, progress: float, uncond_runs: bool) -> None:
+    def _count_sides(self, progress: float, uncond_runs: bool, *, absent: bool = False) -> None:
         positive, negative = (side.weight_at(progress) for side in self.prompt.sides)
         if positive != 0.0:
             self.side_calls[0] += 1
         if negative != 0.0:
-            if uncond_runs:
+            if absent:
+                self.uncond_absent += 1
+            elif uncond_runs:
                 self.side_calls[1] += 1
             else:
                 self.uncond_skipped += 1
@@ -460,7 +469,8 @@ class ImagePromptSession:
             side = self.prompt.sides[index]
             if side.weight == 0.0 or self.side_calls[index] > self._batch_side_calls[index]:
                 continue
-            if index == 1 and self.uncond_skipped > self._batch_side_calls[2]:
+            skipped = self.uncond_skipped > self._batch_side_calls[2]
+            if index == 1 and (skipped or self.uncond_absent > self._batch_side_calls[3]):
                 continue
             if side.window.end > progress:
                 left_out.append(name)

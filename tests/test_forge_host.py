@@ -139,6 +139,27 @@ def test_no_uncond_conditioning_under_forge(world: World) -> None:
     assert torch.equal(none, cfg1)
 
 
+def test_a_negative_side_left_out_at_cfg_1_is_explained_in_forge_words(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forge leaves the uncond pass out at CFG 1 (its Hires. fix pass' own CFG scale is 1 by
+    default): the console note blamed A1111's Negative Guidance minimum sigma and early CFG
+    skipping, which the user had not set (probe Q, real Forge)."""
+    cond = ([[(0, 1.0)]], conditioning(1, SD15, seed=3))
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    shared.sd_model = forge_model(world.sd15)
+    p = ForgeProcessing(cond=cond, uncond=None, latent=latent, steps=4, cfg_scale=1.0)
+    p.scripts = [(world.script, [fields()])]
+    with caplog.at_level("WARNING", logger="negip"):
+        processing.process_images(p)
+    world.use("sd15")
+    (note,) = [r.getMessage() for r in caplog.records if "had no step" in r.getMessage()]
+    assert "the negative image prompts had no step of this batch" in note
+    assert "Forge leaves that pass out where the CFG scale is 1" in note
+    assert "raise the CFG scale" in note
+    assert "A1111's Negative Guidance" not in note
+
+
 def forge_ip_adapter(unet: torch.nn.Module) -> callable:
     """A stand-in of Forge's built-in IP-Adapter: an attn2 "replace" patch, which Forge's
     transformer block calls instead of attn2's forward, between attn2.to_q/to_k/to_v and

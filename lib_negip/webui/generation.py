@@ -921,12 +921,19 @@ def _warn_idle_sides(generation: Generation) -> None:
                 f"its step window ({side}_start to {side}_end) holds none of the steps sampled "
                 "(a window narrower than one step, or start = end)"
             )
-        else:
+        elif why == "uncond skipped":
             reason = (
                 "the sampler skipped the unconditional pass, which carries the negative side, "
                 "at every step where its window was open (A1111's Negative Guidance minimum "
                 "sigma, or Ignore negative prompt during early sampling, acts on negative "
                 "image prompts as on the negative text prompt)"
+            )
+        else:
+            reason = (
+                "the sampler ran no unconditional pass, which carries the negative side, at "
+                "any step where its window was open: Forge leaves that pass out where the CFG "
+                "scale is 1 (also in the Hires. fix pass, whose own CFG scale is 1 by default); "
+                "raise the CFG scale to use negative image prompts"
             )
         logger.warning(
             "Negative Image Prompt: the %s image prompts had no step of this batch, so the "
