@@ -202,13 +202,15 @@ def test_infotext_restores_the_image_prompts() -> None:
         ("PerturbedAttentionGuidance Integrated", [True, 3.0]),
         ("SelfAttentionGuidance Integrated (SD 1.x, SD 2.x, SDXL)", [True, 0.5]),
         ("RescaleCFG", [0.7]),
+        ("Kohya HRFix Integrated", [True, 3, 2.0, 0.0, 0.5, True, "bicubic", "bicubic"]),
     ],
-    ids=["pag", "sag", "rescale-cfg"],
+    ids=["pag", "sag", "rescale-cfg", "kohya-hrfix"],
 )
 def test_coexists_with_forges_guidance_extensions(script: tuple[str, list]) -> None:
     """PAG and SAG (Forge) run extra UNet passes of their own, RescaleCFG (Forge Classic)
-    replaces the CFG combination of the two passes: with ours at weight 0 the image is theirs
-    alone, bit for bit, and with ours it differs."""
+    replaces the CFG combination of the two passes, Kohya HRFix (Deep Shrink) gives some layers
+    fewer queries in the first steps: with ours at weight 0 the image is theirs alone, bit for
+    bit, and with ours it differs (with Kohya HRFix every such generation crashed, 8098e71)."""
     name, args = script
     status, listing = call("/sdapi/v1/scripts")
     if status != 200 or name.lower() not in listing.get("txt2img", []):
