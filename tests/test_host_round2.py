@@ -577,6 +577,32 @@ def test_interrupt_while_preparing_stops_between_images(
     assert torch.equal(run(world, request).result, run(world, request).result)
 
 
+def test_an_interrupt_earlier_in_the_job_is_noted_once_per_job(
+    world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SD upscale calls process_images once per tile and goes on through its tiles after an
+    Interrupt: the console said "Interrupted while the image prompts were being prepared:
+    nothing was drawn" once per remaining tile, although the interrupt came while a tile was
+    sampled and a picture was returned (probe R, real A1111 1.10.1)."""
+    request = stored_request()
+    monkeypatch.setattr(shared.state, "time_start", 1.0, raising=False)
+    monkeypatch.setattr(shared.state, "job_timestamp", "20261207230000", raising=False)
+    shared.state.interrupted = True
+    try:
+        with caplog.at_level("INFO", logger="negip"):
+            tiles = [run(world, request) for _ in range(3)]
+            monkeypatch.setattr(shared.state, "time_start", 2.0)  # the next request
+            run(world, request)
+    finally:
+        shared.state.interrupted = False
+    assert all(p.result is None for p in tiles)
+    notes = [r.getMessage() for r in caplog.records if "Interrupted" in r.getMessage()]
+    assert len(notes) == 2, notes  # once per job
+    assert "not prepared for the rest of this job" in notes[0]
+    assert "nothing was drawn" not in notes[0]
+    nothing_left(world.unet)
+
+
 def test_with_storing_off_nothing_is_written(world: World) -> None:
     setattr(shared.opts, OPT_STORE_IMAGES, False)
     p = run(world, stored_request())

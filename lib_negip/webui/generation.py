@@ -254,12 +254,18 @@ def process(p: Any, values: Sequence[Any]) -> None:
             args = parse_api_dict({"enabled": True, **overrides}, base=args)
         if not args.enabled:
             return
-        stop_if_interrupted()
+        if _interrupted():
+            raise InterruptedEarlier(INTERRUPTED_EARLIER)
         start(p, args)
     except Interrupted as error:
         # A1111 makes no image after an Interrupt (its loop stops before sampling); should a
         # host sample anyway, the trap refuses it rather than drawing without the image prompts.
-        logger.info("Negative Image Prompt: %s", error)
+        # A script that calls process_images once per piece (SD upscale's tiles, Loopback's
+        # loops) goes on through its pieces after an Interrupt: said once per job.
+        job = _job()
+        if not isinstance(error, InterruptedEarlier) or job is None or _NOTED[0] != job:
+            _NOTED[0] = job
+            logger.info("Negative Image Prompt: %s", error)
         Generation.fail(error, p, log=False)
     except Exception as error:  # every failure must reach the user: see Generation.fail
         Generation.fail(explain_out_of_memory(error), p)
@@ -269,20 +275,35 @@ class Interrupted(NegIPError):
     """The user pressed Interrupt while the image prompts were being prepared."""
 
 
+class InterruptedEarlier(Interrupted):
+    """The user had pressed Interrupt before this generation's image prompts were prepared."""
+
+
 INTERRUPTED = (
     "Interrupted while the image prompts were being prepared: nothing was drawn. Generate "
     "again to make the image."
 )
+INTERRUPTED_EARLIER = (
+    "Interrupted: the image prompts are not prepared for the rest of this job, which the web "
+    "UI does not sample (a script's remaining pieces, such as SD upscale's tiles)."
+)
+_NOTED: list[Any] = [None]  # the job whose InterruptedEarlier was last logged
+
+
+def _interrupted() -> bool:
+    from modules import shared
+
+    state = getattr(shared, "state", None)
+    return bool(
+        getattr(state, "interrupted", False) or getattr(state, "stopping_generation", False)
+    )
 
 
 def stop_if_interrupted() -> None:
     """Raise :class:`Interrupted` once the user has pressed Interrupt (or Stop after this
     image): checked between images, so that many large image prompts do not hold the
     interrupt back until all of them are stored and encoded."""
-    from modules import shared
-
-    state = getattr(shared, "state", None)
-    if getattr(state, "interrupted", False) or getattr(state, "stopping_generation", False):
+    if _interrupted():
         raise Interrupted(INTERRUPTED)
 
 
