@@ -8,9 +8,9 @@ Decisions (see ``docs/architecture.md``):
 
 - Folders are scanned recursively (symlinks followed, loops cut), except hidden folders
   (``.x``). Files skipped, so that a download in progress is never listed: hidden ones, the
-  names Python's ``tempfile`` gives (``tmp`` and 8 letters, digits or ``_``), partial downloads (``*.tmp``, ``*.part``, ``*.partial``,
-  ``*.crdownload``, ``*.incomplete``), and a model file beside such a twin or an ``.aria2``
-  control file (downloaders that write into the final name).
+  names Python's ``tempfile`` gives (``tmp`` and 8 letters, digits or ``_``), partial downloads
+  (``*.tmp``, ``*.part``, ``*.partial``, ``*.crdownload``, ``*.incomplete``), and a model file
+  beside such a twin or an ``.aria2`` control file (downloaders that write into the final name).
 - Adapter folders list ``.safetensors``/``.bin``/``.pth``/``.pt``; in folders shared with other
   models (the ControlNet extension's ``models/ControlNet`` and ``extensions/*controlnet*/models``
   unless the host says otherwise with :class:`ModelFolder`) only names containing "ip-adapter"/"ip_adapter"/
@@ -29,8 +29,9 @@ Decisions (see ``docs/architecture.md``):
   directory walk plus ``stat`` calls. (size, mtime) alone would miss a file replaced by one of
   the same size with its modification time kept (``cp -p``, ``rsync -a``, an unpacked archive):
   every key also holds the inode number and the status-change time, which any write, rename or
-  replacement sets and no user tool sets back (where the file system keeps them). A file that cannot be read or detected is listed with an
-  ``error`` and never chosen by "auto"; choosing it by name raises that error.
+  replacement sets and no user tool sets back (where the file system keeps them). A file that
+  cannot be read or detected is listed with an ``error`` and never chosen by "auto"; choosing
+  it by name raises that error.
 - Hashes (A1111's short hash: the first 10 hex digits of the file's sha256) are computed only
   when asked, and cached by the same key. An infotext's "name [hash]" picks, among files of that
   name, the one with that hash, for adapters and encoders alike, also when the name's folder

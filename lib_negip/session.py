@@ -268,19 +268,22 @@ class ImagePromptSession:
         Empty while no call got the image blocks (see :attr:`appended_in_batch`)."""
         if not self.appended_in_batch:
             return {}
-        idle = {}
-        for index, name in enumerate(("positive", "negative")):
-            if self.prompt.sides[index].weight == 0.0:
-                continue
-            if self.side_calls[index] > self._batch_side_calls[index]:
-                continue
-            if index == 1 and self.uncond_absent > self._batch_side_calls[3]:
-                idle[name] = "no uncond"
-            elif index == 1 and self.uncond_skipped > self._batch_side_calls[2]:
-                idle[name] = "uncond skipped"
-            else:
-                idle[name] = "window"
-        return idle
+        reasons = {name: self._idle_reason(index) for index, name in enumerate(_SIDE_NAMES)}
+        return {name: why for name, why in reasons.items() if why is not None}
+
+    def _side_acted_in_batch(self, index: int) -> bool:
+        return self.side_calls[index] > self._batch_side_calls[index]
+
+    def _idle_reason(self, index: int) -> str | None:
+        """Why side ``index`` had no call of the current batch (see
+        :meth:`idle_sides_in_batch`); None when it had one, or its weight is 0."""
+        if self.prompt.sides[index].weight == 0.0 or self._side_acted_in_batch(index):
+            return None
+        if index == 1 and self.uncond_absent > self._batch_side_calls[3]:
+            return "no uncond"
+        if index == 1 and self.uncond_skipped > self._batch_side_calls[2]:
+            return "uncond skipped"
+        return "window"
 
     def _carried_total(self) -> int:
         current = self._hijack.carried if self._hijack is not None else 0
@@ -426,9 +429,7 @@ class ImagePromptSession:
                     ) from error
                 raise
             acted = [
-                name
-                for index, name in enumerate(("positive", "negative"))
-                if self.side_calls[index] > self._batch_side_calls[index]
+                name for index, name in enumerate(_SIDE_NAMES) if self._side_acted_in_batch(index)
             ]
             if isinstance(error, IncompatibleModelError):
                 reason = (
@@ -464,17 +465,12 @@ class ImagePromptSession:
         steps go to that model. A window that ended before holds no step by itself, and a
         negative side whose rows A1111 skipped is not the new model's doing (both are warned
         about at the batch's end)."""
-        left_out = []
-        for index, name in enumerate(("positive", "negative")):
-            side = self.prompt.sides[index]
-            if side.weight == 0.0 or self.side_calls[index] > self._batch_side_calls[index]:
-                continue
-            skipped = self.uncond_skipped > self._batch_side_calls[2]
-            if index == 1 and (skipped or self.uncond_absent > self._batch_side_calls[3]):
-                continue
-            if side.window.end > progress:
-                left_out.append(name)
-        return left_out
+        return [
+            name
+            for index, name in enumerate(_SIDE_NAMES)
+            if self._idle_reason(index) == "window"
+            and self.prompt.sides[index].window.end > progress
+        ]
 
     @staticmethod
     def _model_words(hires: bool) -> str:
@@ -535,6 +531,9 @@ class ImagePromptSession:
         cached adapter moves to the GPU once): for a host that keeps the GPU nearly empty."""
         for weights in self.weights:
             weights.release_device_copies()
+
+
+_SIDE_NAMES = ("positive", "negative")  # the order of ImagePrompt.sides
 
 
 def _family_of_layers(layers: list) -> str:

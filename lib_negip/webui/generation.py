@@ -437,7 +437,8 @@ def _resolve_models(args: Any, unet: Any) -> tuple[Any, Any]:
     from lib_negip.args import AUTO_MODEL
 
     registry = MODELS.registry()
-    if AUTO_MODEL in (args.model, str(args.image_encoder).casefold()):
+    scanned = AUTO_MODEL in (args.model, str(args.image_encoder).casefold())
+    if scanned:
         # "auto" chooses among the files there now: without a scan it kept a lesser adapter
         # after the one it prefers was put back, until someone pressed the refresh button. A
         # scan reads only files it has not seen: a listing of the folders and a stat per file.
@@ -459,6 +460,8 @@ def _resolve_models(args: Any, unet: Any) -> tuple[Any, Any]:
     try:
         adapter_entry, encoder_entry = resolve()
     except NegIPError:
+        if scanned:
+            raise  # the folders were listed just now
         # The answer tells an API caller to put a file into models/ipadapter (or the encoders'
         # folder); one put there since the last scan must be found without a call that rescans
         # (the UI's refresh button, GET /negip/v1/models). A scan reads only files it has not
