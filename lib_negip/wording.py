@@ -103,7 +103,9 @@ def for_ui(message: str) -> str:
     text = _BARE_CLASS_NAME.sub(lambda m: _BARE_CLASS.get(m[0], "an internal error"), text)
     text = _FIELDS.sub(lambda m: f"'{FIELD_LABELS[m[1]]}'", text)
     text = _WORD_FIELDS.sub(lambda m: f"'{FIELD_LABELS[m[1]]}'", text)
-    text = re.sub(r"\s+([.,;:])", r"\1", text)
+    # A space the rewriting left before a stop or a comma goes; one before a word such as
+    # ".safetensors" or an ellipsis stays.
+    text = re.sub(r"\s+([.,;:])(?=\s|$)", r"\1", text)
     return re.sub(r"\s{2,}", " ", text).strip()
 
 

@@ -183,6 +183,16 @@ def test_for_ui_no_space_before_full_stop() -> None:
     assert " ." not in ui
 
 
+def test_for_ui_keeps_the_space_before_a_file_suffix_and_an_ellipsis() -> None:
+    ui = for_ui(
+        "Use the .safetensors release of this model, or a .bin from a source you trust; "
+        "layers 1, 3, ..., 41."
+    )
+    assert "the .safetensors release" in ui
+    assert "a .bin from" in ui
+    assert "1, 3, ..., 41." in ui
+
+
 @pytest.mark.parametrize(
     "api",
     [
