@@ -42,6 +42,25 @@ DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 # strip (1 x 60,000) would become a 224 x 13 million intermediate: refuse those instead.
 _MAX_RESIZED_PIXELS = 64 * 1024 * 1024
 
+#: The image formats read here, by Pillow's format names. Only formats whose opening reads a
+#: header and nothing more: Pillow's EPS plugin hands the file to Ghostscript (a client's
+#: PostScript run on the server), and its ICO, CUR and ICNS plugins decode an embedded image
+#: before its size can be checked. AVIF counts where a plugin registered it (A1111 does).
+ACCEPTED_FORMATS: tuple[str, ...] = (
+    "PNG",
+    "JPEG",
+    "MPO",
+    "WEBP",
+    "GIF",
+    "BMP",
+    "DIB",
+    "TIFF",
+    "PPM",
+    "TGA",
+    "AVIF",
+)
+ACCEPTED_FORMAT_WORDS = "PNG, JPEG, WebP, GIF, BMP, TIFF, PPM, TGA or AVIF"
+
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -134,11 +153,19 @@ def _too_large(error: Exception, max_pixels: int) -> str:
     )
 
 
+def accepted_formats() -> list[str]:
+    """:data:`ACCEPTED_FORMATS` that this Pillow can open (``Image.open`` fails on a name it
+    has no plugin for)."""
+    Image.init()
+    return [name for name in ACCEPTED_FORMATS if name in Image.OPEN]
+
+
 def decode_image(data: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode raw bytes, a base64 string or a data URL into a loaded PIL image.
 
-    The pixel count is checked against ``max_pixels`` from the header, before any pixel is
-    decoded; then the image is loaded so that a truncated file fails here, not later.
+    Only :data:`ACCEPTED_FORMATS` are opened. The pixel count is checked against
+    ``max_pixels`` from the header, before any pixel is decoded; then the image is loaded so
+    that a truncated file fails here, not later.
     """
     if isinstance(data, str):
         raw = _decode_base64(data)
@@ -152,13 +179,13 @@ def decode_image(data: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         raise ImageError(msg)
 
     try:
-        image = Image.open(io.BytesIO(raw))
+        image = Image.open(io.BytesIO(raw), formats=accepted_formats())
     except Image.DecompressionBombError as error:
         raise ImageError(_too_large(error, max_pixels)) from error
     except UnidentifiedImageError as error:
         msg = (
-            f"The data is not an image file Pillow can read: {len(raw)} bytes starting "
-            f"{raw[:12]!r}. Send a PNG, JPEG, WebP or another common image file."
+            f"The data is not an image file of a kind read here: {len(raw)} bytes starting "
+            f"{raw[:12]!r}. Send a {ACCEPTED_FORMAT_WORDS} file."
         )
         raise ImageError(msg) from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:

@@ -164,7 +164,7 @@ class ImageStore:
         """The stored image's pixel count, from its header (nothing decoded); 0 when it cannot
         be read (:meth:`load` then says why)."""
         try:
-            with Image.open(self.path_of(reference)) as opened:
+            with Image.open(self.path_of(reference), formats=["PNG"]) as opened:
                 return opened.width * opened.height
         except Image.DecompressionBombError as error:  # more than Pillow opens at all
             return bomb_pixels(error)
@@ -198,7 +198,7 @@ class ImageStore:
         path = self.path_of(reference)
         mode = "L" if mask else "RGB"
         try:
-            with Image.open(path) as opened:
+            with Image.open(path, formats=["PNG"]) as opened:
                 image = opened.convert(mode) if opened.mode != mode else opened.copy()
         except Image.DecompressionBombError as error:
             msg = (

@@ -15,6 +15,7 @@ import io
 import os
 import struct
 import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -131,8 +132,41 @@ def test_decode_non_image_bytes() -> None:
     with pytest.raises(ImageError, match=r"not an image file.*11 bytes starting b'hello world'"):
         decode_image(b"hello world")
     text = base64.b64encode(b"%PDF-1.4 not an image").decode()
-    with pytest.raises(ImageError, match=r"can read: 21 bytes starting b'%PDF-1.4 not'"):
+    with pytest.raises(ImageError, match=r"read here: 21 bytes starting b'%PDF-1.4 not'"):
         decode_image(text)
+
+
+def test_decode_never_hands_postscript_to_ghostscript(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Pillow's EPS plugin runs Ghostscript on the file; a client's PostScript must never reach
+    # it. A "gs" on PATH that would leave a mark if it were run.
+    mark = tmp_path / "gs-ran"
+    gs = tmp_path / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto showpage\n"
+    with pytest.raises(ImageError, match=r"not an image file of a kind read here.*PNG, JPEG"):
+        decode_image(eps)
+    assert not mark.exists()
+
+
+def test_decode_refuses_an_icon_before_decoding_the_picture_inside() -> None:
+    # An ICO entry may hold a whole PNG, which Pillow's ICO plugin decodes while opening, before
+    # any size can be checked: icons are not read at all.
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(buffer, format="ICO", sizes=[(64, 64)])
+    with pytest.raises(ImageError, match="not an image file of a kind read here"):
+        decode_image(buffer.getvalue())
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "TGA"])
+def test_decode_reads_the_common_formats(fmt: str) -> None:
+    image = pattern(16, 8).convert("RGB")
+    decoded = decode_image(encode(image, fmt))
+    assert decoded.size == (16, 8)
+    assert decoded.format == fmt
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])

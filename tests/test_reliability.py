@@ -971,8 +971,21 @@ def _(lab: Lab) -> None:
 def _(lab: Lab) -> None:
     lab.refused(
         with_positive(b64(b"hello, this is text")),
-        r"not an image file Pillow can read: 19 bytes starting b'hello, this '",
+        r"not an image file of a kind read here: 19 bytes starting b'hello, this '",
     )
+
+
+@case(IMAGES, "PostScript (EPS): never handed to Ghostscript")
+def _(lab: Lab) -> None:
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    lab.refused(with_positive(b64(eps)), r"not an image file of a kind read here")
+
+
+@case(IMAGES, "an icon (ICO) holding a picture: refused before decoding")
+def _(lab: Lab) -> None:
+    buffer = io.BytesIO()
+    picture(49, (32, 32)).save(buffer, format="ICO", sizes=[(32, 32)])
+    lab.refused(with_positive(b64(buffer.getvalue())), r"not an image file of a kind read here")
 
 
 @case(IMAGES, "PNG with a corrupt data chunk")

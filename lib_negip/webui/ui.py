@@ -938,7 +938,7 @@ def restore_images(field: str, params: dict[str, Any]) -> Any:
         from PIL import Image
 
         try:  # checked above; changed since, it must not fail A1111's whole paste
-            with Image.open(found[0]) as mask:
+            with Image.open(found[0], formats=["PNG"]) as mask:
                 return gr.update(value=mask.convert("RGBA"))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             logger.exception("Negative Image Prompt: cannot restore the stored %s", field)
