@@ -1361,7 +1361,17 @@ def infotext_enabled(params: Mapping[str, Any]) -> bool:
 
 
 def infotext_image_counts(params: Mapping[str, Any]) -> tuple[int, int] | None:
-    """(positive, negative) image counts from the infotext, or None when absent or unreadable."""
+    """(positive, negative) image counts from the infotext, or None when absent. A malformed
+    value raises :class:`ArgumentError`: read as absent, the sides it counts would be left out
+    of the restored request without a word."""
     value = params.get(INFOTEXT_IMAGES)
+    if value is None:
+        return None
     match = _IMAGE_COUNTS.match(value) if isinstance(value, str) else None
-    return None if match is None else (int(match[1]), int(match[2]))
+    if match is None:
+        msg = (
+            f"Infotext {INFOTEXT_IMAGES!r} must read '<n> positive / <m> negative'; got "
+            f"{_show(value)}."
+        )
+        raise ArgumentError(msg)
+    return int(match[1]), int(match[2])

@@ -1367,8 +1367,19 @@ def test_parse_infotext_errors_name_the_key(params: dict[str, str], patterns: li
 
 def test_image_counts_from_infotext() -> None:
     assert infotext_image_counts({INFOTEXT_IMAGES: "2 positive / 0 negative"}) == (2, 0)
-    assert infotext_image_counts({INFOTEXT_IMAGES: "two"}) is None
     assert infotext_image_counts({}) is None
+
+
+@pytest.mark.parametrize(
+    "value", ["two", "1 positive, 1 negative", "one positive / one negative", "1 positive / 1"]
+)
+def test_a_malformed_image_count_is_refused_not_read_as_absent(value: str) -> None:
+    # Read as absent, a restore of an infotext made with storing off would drop the sides it
+    # counts without a word.
+    with pytest.raises(ArgumentError, match=r"'NegIP images' must read '<n> positive / <m> "):
+        infotext_image_counts({INFOTEXT_IMAGES: value})
+    with pytest.raises(ArgumentError, match="'NegIP images'"):
+        parse_infotext({"NegIP positive weight": "0.5", INFOTEXT_IMAGES: value})
 
 
 @pytest.mark.parametrize(
