@@ -603,6 +603,20 @@ def test_an_interrupt_earlier_in_the_job_is_noted_once_per_job(
     nothing_left(world.unet)
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [stored_request(positive_layers="3:1, 16:1"), stored_request(negative_layers="99:1")],
+    ids=["positive block out of range", "negative block out of range"],
+)
+def test_a_request_refused_for_its_blocks_stores_nothing(world: World, fields: dict) -> None:
+    # The blocks are checked against the UNet once the images are encoded; the images were
+    # stored before that, so every refused request left files behind.
+    refused(world, fields, r"_layers")
+    assert not store_folder().exists() or not any(store_folder().iterdir())
+    run(world, stored_request())  # the same images in a request that is honoured
+    assert len(list(store_folder().iterdir())) == 4
+
+
 def test_with_storing_off_nothing_is_written(world: World) -> None:
     setattr(shared.opts, OPT_STORE_IMAGES, False)
     p = run(world, stored_request())

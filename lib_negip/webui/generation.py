@@ -382,7 +382,6 @@ def start(p: Any, args: Any) -> None:
         negative_images = noise_images(
             args.positive_images, args.negative_noise, args.negative_noise_type, noise_seed
         )
-    references = _store(args) if setting_bool(OPT_STORE_IMAGES) else None
     prompt = _encode(
         args,
         negative_images,
@@ -404,6 +403,8 @@ def start(p: Any, args: Any) -> None:
     )
     if unet is not None:  # block weights for blocks this UNet lacks fail now too
         session.check_fits(unet)
+    # Stored once the request is known to be honoured: a refused one leaves no file behind.
+    references = _store(args) if setting_bool(OPT_STORE_IMAGES) else None
     infotext = to_infotext(
         args,
         entry_label(adapter_entry),
