@@ -516,7 +516,23 @@ def _check_noise(
 ) -> None:
     if noise <= 0.0:
         return
-    if negative or references.get("negative_images"):
+    if not negative and references.get("negative_images"):
+        stored = ", ".join(references["negative_images"])
+        kept = references.get("positive_images")
+        keep = f" ('positive images: {', '.join(kept)}')" if kept else ""
+        msg = (
+            f"negative_noise is given, but the request's infotext names stored negative "
+            f"image(s) ({stored}), and the noise is the negative side only when it has no "
+            f"images. To use the noise, send infotext_images without them{keep} or take "
+            "'NegIP negative images' out of the infotext; or set negative_noise to 0."
+        )
+        raise ArgumentError(
+            msg,
+            ui="Negative noise makes the negative side when it has no images, but the restored "
+            "infotext names stored negative images: remove them from the negative side or set "
+            "Negative noise to 0.",
+        )
+    if negative:
         msg = (
             "negative_noise and negative_images were both given: the noise is the negative side "
             "when it has no images. Remove the negative images or set negative_noise to 0."

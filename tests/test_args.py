@@ -1662,7 +1662,7 @@ def test_noise_and_negative_images_conflict(fields: dict[str, Any]) -> None:
         _enabled(negative_noise=0.4, **fields)
     message = str(caught.value)
     assert "negative_noise" in message
-    assert "negative_images" in message
+    assert re.search(r"negative.image", message), message
     # Without noise the same request is valid.
     _enabled(negative_noise=0.0, **fields)
 
@@ -1712,6 +1712,27 @@ def test_noise_with_positive_images_is_valid(fields: dict[str, Any]) -> None:
     args = _enabled(negative_noise=0.7, negative_noise_type="dissolve", **fields)
     assert (args.negative_noise, args.negative_noise_type) == (0.7, "dissolve")
     assert args.negative_images == ()
+
+
+@pytest.mark.parametrize("negative", [[], None, OMIT], ids=["empty", "null", "left-out"])
+def test_noise_over_an_infotexts_stored_negative_images_says_where_they_come_from(
+    negative: Any,
+) -> None:
+    """The client gave no negative image: the message blamed the negative images it 'gave'."""
+    stored = f"positive images: {REF_A}; negative images: {REF_N}"
+    fields = {"model": "m", "infotext_images": stored, "negative_noise": 0.5}
+    if negative is not OMIT:
+        fields["negative_images"] = negative
+    with pytest.raises(ArgumentError) as raised:
+        parse_api_dict(fields)
+    assert str(raised.value) == (
+        f"negative_noise is given, but the request's infotext names stored negative image(s) "
+        f"({REF_N}), and the noise is the negative side only when it has no images. To use the "
+        f"noise, send infotext_images without them ('positive images: {REF_A}') or take "
+        "'NegIP negative images' out of the infotext; or set negative_noise to 0."
+    )
+    fields["infotext_images"] = f"positive images: {REF_A}"  # what the message says to send
+    assert parse_api_dict(fields).negative_noise == 0.5
 
 
 @pytest.mark.parametrize(
@@ -2485,7 +2506,7 @@ def test_infotext_round_trip_with_references(
     overrides: dict[str, Any] = {} if references else {"positive_images": [b64()]}
     if "negative_images" in by_field:
         # ROUND2's noise and stored negative images exclude each other.
-        with pytest.raises(ArgumentError, match=r"negative_noise.*negative_images"):
+        with pytest.raises(ArgumentError, match=r"negative_noise.*negative.image"):
             parse_api_dict({**fields, **overrides})
         overrides["negative_noise"] = 0.0
     again = parse_api_dict({**fields, **overrides})
@@ -2554,7 +2575,7 @@ def test_request_over_infotext_with_references() -> None:
 
 def test_noise_over_infotext_with_negative_references_conflicts() -> None:
     infotext = round2_infotext({"positive_images": [REF_A], "negative_images": [REF_B]})
-    with pytest.raises(ArgumentError, match=r"negative_noise.*negative_images"):
+    with pytest.raises(ArgumentError, match=r"negative_noise.*negative.image"):
         parse_script_args(a1111_script_args([{}], infotext))
     args = parse_script_args(a1111_script_args([{"negative_noise": 0}], infotext))
     assert args.references["negative_images"] == (REF_B,)
