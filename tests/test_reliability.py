@@ -1141,7 +1141,7 @@ def _(lab: Lab) -> None:
     )
 
 
-@case(API, "too many positional args")
+@case(API, "too many positional args (a caller other than the HTTP API; A1111 cuts the list to 20)")
 def _(lab: Lab) -> None:
     lab.refused(None, r"The script's args have 30 values; at most 20", args=[True] + [None] * 29)
 
