@@ -826,16 +826,7 @@ class AttentionHijack:
         if q.shape[0] != len(plan.rows):
             # Checked once per layer and row layout: an extension that splits the batch does it
             # in every call (the term's tensors are per row of the whole batch).
-            raise self._refused(
-                f"Another extension runs the UNet's cross-attention on {q.shape[0]} of the "
-                f"{len(plan.rows)} rows of the batch (each image's prompt and negative prompt) "
-                "at a time, so the image prompts cannot tell which rows it holds. Regional "
-                "Prompter's Attention mode does this when the prompt and the negative prompt "
-                "have different numbers of regions and are sampled in one UNet call (the same "
-                "number of 75-token chunks, or the setting 'Pad prompt/negative prompt' on). "
-                "Use Regional Prompter's Latent mode, or switch Negative Image Prompt off for "
-                "this generation."
-            )
+            raise self._refused(_split_batch_message(layer.module, q.shape[0], len(plan.rows)))
         dtype = torch.float32 if self.upcast else q.dtype
         out_dtype = q.dtype if hidden is None else hidden.dtype
         dtype = torch.promote_types(dtype, torch.promote_types(q.dtype, out_dtype))
@@ -996,3 +987,50 @@ class FailureTrap:
         if self._cleanup is not None:
             self._cleanup()
         raise self.error
+
+
+def _split_batch_message(module: nn.Module, rows_seen: int, rows: int) -> str:
+    """The refusal for another extension that runs ``module`` on part of the batch at a time,
+    naming the extension where its forward's source file tells which it is."""
+    said = (
+        f"runs the UNet's cross-attention on {rows_seen} of the {rows} rows of the batch (each "
+        "image's prompt and negative prompt) at a time, so the image prompts cannot tell which "
+        "rows it holds."
+    )
+    one_call = (
+        "sampled in one UNet call (the same number of 75-token chunks, or the setting 'Pad "
+        "prompt/negative prompt' on)"
+    )
+    source = _forward_source(module)
+    if "negpip" in source:
+        return (
+            f"NegPiP {said} It does so while the prompt and the negative prompt are "
+            f"{one_call}. Make one of them longer than the other by a 75-token chunk (with "
+            "'Pad prompt/negative prompt' off), switch NegPiP off, or switch Negative Image "
+            "Prompt off for this generation. NegPiP's hooks stay on the UNet after a "
+            "generation that fails, also once NegPiP is switched off, until a generation "
+            "finishes: if this message comes back with NegPiP off, generate once without image "
+            "prompts."
+        )
+    rp = (
+        "Regional Prompter's Attention mode does this when the prompt and the negative prompt "
+        f"have different numbers of regions and are {one_call}. Use Regional Prompter's Latent "
+        "mode, or switch Negative Image Prompt off for this generation."
+    )
+    if "regional" in source:
+        return f"Regional Prompter {said} {rp}"
+    return (
+        f"Another extension {said} {rp} NegPiP does it whenever the prompt and the negative "
+        "prompt share a UNet call."
+    )
+
+
+def _forward_source(module: nn.Module) -> str:
+    """The source file of the ``forward`` another extension set on ``module`` (lower case; ""
+    when there is none or it cannot be told)."""
+    forward = vars(module).get("forward")
+    function = getattr(forward, "__func__", forward)
+    while isinstance(function, functools.partial):
+        function = function.func
+    code = getattr(function, "__code__", None)
+    return str(getattr(code, "co_filename", "")).replace("\\", "/").lower()

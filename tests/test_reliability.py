@@ -2113,6 +2113,64 @@ def _(lab: Lab) -> None:
         splitter.remove()
 
 
+class NamedBatchSplitter(BatchSplitter):
+    """:class:`BatchSplitter` whose forward comes from a file of another extension's, as the
+    real NegPiP's and Regional Prompter's do."""
+
+    def __init__(self, source_file: str) -> None:
+        super().__init__(0.0)
+        self.source_file = source_file
+
+    def install(self, unet: torch.nn.Module) -> None:
+        code = compile(
+            "def make(previous, torch):\n"
+            "    def forward(x, context=None, mask=None):\n"
+            "        halves = zip(x.chunk(2), context.chunk(2))\n"
+            "        return torch.cat([previous(part, context=text) for part, text in halves])\n"
+            "    return forward\n",
+            self.source_file,
+            "exec",
+        )
+        namespace: dict[str, Any] = {}
+        exec(code, namespace)  # the function's code then names that file, as an extension's
+        for module in attn2_modules(unet):
+            self.saved.append((module, vars(module).get("forward")))
+            module.forward = namespace["make"](module.forward, torch)
+
+
+@pytest.mark.parametrize(
+    ("source_file", "expected"),
+    [
+        (
+            "/webui/extensions/sd-webui-negpip/scripts/negpip.py",
+            r"^NegPiP runs the UNet's cross-attention on 1 of the 2 rows .* Make one of them "
+            r"longer than the other by a 75-token chunk .* NegPiP's hooks stay on the UNet after "
+            r"a generation that fails",
+        ),
+        (
+            "C:\\webui\\extensions\\sd-webui-regional-prompter\\scripts\\attention.py",
+            r"^Regional Prompter runs the UNet's cross-attention on 1 of the 2 rows .* Use "
+            r"Regional Prompter's Latent mode",
+        ),
+    ],
+    ids=["NegPiP", "Regional Prompter"],
+)
+def test_the_refusal_of_a_batch_splitter_names_the_extension(
+    process: Process, monkeypatch: pytest.MonkeyPatch, source_file: str, expected: str
+) -> None:
+    """NegPiP (any prompt weight below 0) splits the batch whenever the prompt and the negative
+    prompt share a UNet call; the refusal blamed Regional Prompter's Attention mode."""
+    reset(process)
+    lab = Lab(process.world, process.references, monkeypatch)
+    splitter = NamedBatchSplitter(source_file)
+    try:
+        message = lab.refused(reference_fields(), expected, before=(WrapperScript(lab, splitter),))
+    finally:
+        splitter.remove()
+    other = "Regional Prompter" if "negpip" in source_file else "NegPiP"
+    assert other not in message  # the advice for the other extension does not apply
+
+
 class UNetCalls:
     """Another extension between the sampler and the UNet (as Tiled Diffusion wraps the
     model): ``tiles`` samples the latent in two halves, ``own_prompt`` also runs the UNet with
