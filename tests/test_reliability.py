@@ -419,6 +419,7 @@ IMAGES = "Images"
 API = "API"
 FAULTS = "Faults"
 COEXIST = "Coexistence"
+CATEGORY_ORDER = (MODEL, IMAGES, API, FAULTS, COEXIST)  # as docs/reliability.md counts them
 
 
 # --------------------------------------------------------------------------------------------
@@ -2386,6 +2387,16 @@ def test_catalogue_size_and_docs() -> None:
     table = DOCS.read_text(encoding="utf-8")
     missing = [c.id for c in CATALOGUE if f"| {c.category} | {c.name} |" not in table]
     assert missing == [], "cases missing from docs/reliability.md"
+    rows = re.findall(r"^\| ([^|]+?) \| ([^|]+?) \| .*\|$", table, flags=re.MULTILINE)
+    documented = {f"{category}: {name}" for category, name in rows if category != "category"}
+    documented -= {row for row in documented if row.split(": ")[0] not in CATEGORY_ORDER}
+    assert sorted(documented - set(ids)) == [], "rows of cases that no longer exist"
+    counts = ", ".join(
+        f"{category} {sum(c.category == category for c in CATALOGUE)}"
+        for category in CATEGORY_ORDER
+    )
+    summary = f"{len(CATALOGUE)} cases: {counts}."
+    assert summary in table, f"docs/reliability.md's summary line should read: {summary}"
 
 
 # --------------------------------------------------------------------------------------------
