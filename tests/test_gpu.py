@@ -1,6 +1,6 @@
 """GPU checks (CUDA or MPS): half precision, bit-exact weight 0, no synchronisation per layer.
 
-Skipped where no GPU is present (CI); run through the device tool when a session has one.
+Skipped where no GPU is present (CI); on a machine with CUDA or MPS run `pytest -m gpu tests`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 Only the modules of this package import the host's ``modules.*`` (lazily, inside functions),
 so the engine in ``lib_negip`` runs and is tested without a web UI. One job per module:
 
+``backend``     which web UI runs us (A1111, Forge, reForge, Classic) and where its UNet is
 ``settings``    the Settings-tab options and their reading
 ``failures``    errors turned into what reaches the user (HTTP 422 in the API, the UI's message)
 ``models``      the model folders, the registry and the caches of loaded models

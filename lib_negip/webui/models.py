@@ -262,7 +262,7 @@ def entry_label(entry: Any) -> str:
 
 
 #: The official base adapter(s) of each model family (by UNet context width), which "auto"
-#: prefers; then the other fitting adapters by name.
+#: prefers; then the other fitting adapters (see :func:`auto_adapter_order`).
 OFFICIAL_BASE: dict[int, tuple[str, ...]] = {
     768: ("ip-adapter_sd15",),
     2048: ("ip-adapter_sdxl", "ip-adapter_sdxl_vit-h"),
@@ -275,8 +275,8 @@ _VARIANT_ORDER = {"base": 0, "plus": 1, "full_face": 2}
 def auto_adapter_order(entries: list[Any], width: int, layers: int) -> list[Any]:
     """The adapters "auto" may choose for a UNet of context width ``width`` with ``layers``
     cross-attention layers, best first: the family's official base adapter(s), then the others:
-    base before plus before full-face, face adapters last, then by name. Unreadable files are
-    left out."""
+    by variant (base, plus, full-face), within a variant the general adapters before those made
+    for faces, then by name. Unreadable files are left out."""
     base = OFFICIAL_BASE.get(width, ())
     fitting = [
         entry
