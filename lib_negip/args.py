@@ -1272,6 +1272,15 @@ def parse_infotext(params: Mapping[str, Any]) -> dict[str, Any]:
     if not any(names_our_key(key) for key in params):
         return {}
     unknown = [key for key in params if names_our_key(key) and key not in _KNOWN_INFOTEXT_KEYS]
+    split = [str(key)[:-2] for key in unknown if re.fullmatch(r".+-[12]", str(key))]
+    split = [key for key in split if key in _KNOWN_INFOTEXT_KEYS]
+    if split:
+        # A1111 reads a value of the form "<int>x<int>" as two keys, "<key>-1" and "<key>-2".
+        msg = (
+            f"Infotext {split[0]!r} holds a value of the form '<number>x<number>', which is not "
+            "one of its values (A1111 reads it as two). Correct the value in the infotext."
+        )
+        raise ArgumentError(msg)
     if unknown:
         # A newer version's setting (or a typo): restored without it, the image would differ.
         names = ", ".join(repr(str(key)[:60]) for key in unknown[:3])

@@ -1365,6 +1365,18 @@ def test_parse_infotext_errors_name_the_key(params: dict[str, str], patterns: li
         assert pattern in str(caught.value), (pattern, str(caught.value))
 
 
+def test_a_value_a1111_split_in_two_is_named_by_its_own_key() -> None:
+    # "NegIP positive weight: 0x1" reaches us as "NegIP positive weight-1" and "-2"; the
+    # message said the keys were a newer version's and told the user to update.
+    params = {"NegIP positive weight-1": "0", "NegIP positive weight-2": "1"}
+    with pytest.raises(ArgumentError) as raised:
+        parse_infotext({"NegIP model": "auto", **params})
+    assert str(raised.value).startswith(
+        "Infotext 'NegIP positive weight' holds a value of the form '<number>x<number>'"
+    )
+    assert "Update" not in str(raised.value)
+
+
 def test_image_counts_from_infotext() -> None:
     assert infotext_image_counts({INFOTEXT_IMAGES: "2 positive / 0 negative"}) == (2, 0)
     assert infotext_image_counts({}) is None
