@@ -71,7 +71,7 @@ def _preview(text: str, limit: int = 24) -> str:
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
-def _decode_base64(text: str) -> bytes:
+def decode_base64(text: str) -> bytes:
     """Bytes of a base64 string or a ``data:`` URL; line breaks and missing padding allowed."""
     payload = text.strip()
     if payload[:8].lower().startswith(("http://", "https://")):
@@ -168,7 +168,7 @@ def decode_image(data: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     that a truncated file fails here, not later.
     """
     if isinstance(data, str):
-        raw = _decode_base64(data)
+        raw = decode_base64(data)
     elif isinstance(data, (bytes, bytearray, memoryview)):
         raw = bytes(data)
     else:

@@ -10,6 +10,7 @@ uncond row with the NEGATIVE ones, through an :class:`AttentionHijack` given the
 
 from __future__ import annotations
 
+import base64
 import re
 import tempfile
 import traceback
@@ -1629,6 +1630,51 @@ def test_a_mask_box_hands_over_what_its_decoding_could_not_read(
         processing.process_images(p)
     assert "'Positive mask': The uploaded file is not an image file" in raised.value.ui_message
     nothing_left(world.unet)
+
+
+def test_a_mask_upload_of_a_format_not_read_here_never_reaches_gradios_decoding(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """gradio decodes a mask upload with Pillow before our code runs, and Pillow hands an EPS
+    to Ghostscript: the box refuses it from its header first, in gradio 3's forms (a data URL,
+    the sketch tool's dict of them) and gradio 4's (a file with a path)."""
+    import gradio
+
+    from lib_negip.images import UnreadableUpload
+    from lib_negip.webui import ui
+
+    decoded: list[Any] = []
+
+    class Box:
+        def preprocess(self, value):
+            decoded.append(value)
+            return value
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    eps_url = "data:application/postscript;base64," + base64.b64encode(eps).decode()
+    eps_file = tmp_path / "mask.eps"
+    eps_file.write_bytes(eps)
+    png_url = "data:image/png;base64," + b64(mask_image("a"))
+    png_file = tmp_path / "mask.png"
+    mask_image("a").save(png_file)
+    monkeypatch.setattr(gradio, "Image", lambda **kwargs: Box(), raising=False)
+    for version in ("3.41.2", "4.40.0"):
+        monkeypatch.setattr(gradio, "__version__", version, raising=False)
+        box = ui._mask_input(gradio, "Positive mask", "negip_txt2img_positive_mask")
+        for refused in (
+            eps_url,
+            {"image": eps_url, "mask": png_url},
+            {"path": str(eps_file)},
+            SimpleNamespace(path=str(eps_file)),
+        ):
+            handed = box.preprocess(refused)
+            assert isinstance(handed, UnreadableUpload), refused
+            assert "not an image file that can be read" in handed.reason
+        assert decoded == []
+        for accepted in (png_url, {"image": png_url, "mask": png_url}, {"path": str(png_file)}):
+            assert box.preprocess(accepted) == accepted
+        assert box.preprocess(None) is None  # an empty box
+        decoded.clear()
 
 
 def test_stored_images_are_counted_and_budgeted_before_any_is_read(

@@ -435,6 +435,9 @@ def _tolerant(component: Any) -> Any:
         return component
 
     def preprocess(value: Any) -> Any:
+        refused = _unaccepted_upload(value)
+        if refused is not None:  # never handed to gradio's decoding (an EPS runs Ghostscript)
+            return refused
         try:
             return decode(value)
         except Exception as error:  # gradio's decoding, before any of ours
@@ -443,6 +446,45 @@ def _tolerant(component: Any) -> Any:
 
     component.preprocess = preprocess
     return component
+
+
+def _unaccepted_upload(value: Any) -> Any:
+    """An :class:`UnreadableUpload` for an upload whose header is not of a format the
+    extension reads (:data:`lib_negip.images.ACCEPTED_FORMATS`); None for anything else, which
+    gradio then decodes. gradio 3 hands a data URL (or a dict of them, the sketch tool's), gradio
+    4 a file (a dict or object with a ``path``)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    for source in _upload_sources(value):
+        try:
+            if isinstance(source, bytes):
+                source = io.BytesIO(source)
+            with Image.open(source, formats=negip_images.accepted_formats()):
+                pass  # the header was enough
+        except UnidentifiedImageError as error:
+            logger.info("Negative Image Prompt: an uploaded mask is not of a format read here")
+            return negip_images.UnreadableUpload.from_error(error)
+        except Exception:  # anything else is for gradio's decoding to report
+            continue
+    return None
+
+
+def _upload_sources(value: Any) -> list[Any]:
+    """The files in what gradio hands a mask box: bytes of data URLs, paths of uploaded
+    files."""
+    path = value.get("path") if isinstance(value, dict) else getattr(value, "path", None)
+    if isinstance(path, str):
+        return [path]
+    if isinstance(value, str) and value.startswith("data:"):
+        try:
+            return [negip_images.decode_base64(value)]
+        except Exception:  # gradio's decoding reports it
+            return []
+    if isinstance(value, dict):
+        return [source for part in value.values() for source in _upload_sources(part)]
+    return []
 
 
 def _gradio_major(gr: Any) -> int:
