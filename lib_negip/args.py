@@ -518,13 +518,15 @@ def _check_noise(
         return
     if not negative and references.get("negative_images"):
         stored = ", ".join(references["negative_images"])
-        kept = references.get("positive_images")
-        keep = f" ('positive images: {', '.join(kept)}')" if kept else ""
+        kept = format_references(
+            {field: refs for field, refs in references.items() if field != "negative_images"}
+        )
         msg = (
             f"negative_noise is given, but the request's infotext names stored negative "
             f"image(s) ({stored}), and the noise is the negative side only when it has no "
-            f"images. To use the noise, send infotext_images without them{keep} or take "
-            "'NegIP negative images' out of the infotext; or set negative_noise to 0."
+            f"images. To use the noise, send infotext_images with the infotext's other stored "
+            f"images and masks ({kept!r}) or take 'NegIP negative images' out of the infotext; "
+            "or set negative_noise to 0."
         )
         raise ArgumentError(
             msg,

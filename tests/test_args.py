@@ -1731,20 +1731,24 @@ def test_noise_over_an_infotexts_stored_negative_images_says_where_they_come_fro
     negative: Any,
 ) -> None:
     """The client gave no negative image: the message blamed the negative images it 'gave'."""
-    stored = f"positive images: {REF_A}; negative images: {REF_N}"
+    stored = f"positive images: {REF_A} {REF_B}; negative images: {REF_N}; negative mask: {REF_M}"
     fields = {"model": "m", "infotext_images": stored, "negative_noise": 0.5}
     if negative is not OMIT:
         fields["negative_images"] = negative
     with pytest.raises(ArgumentError) as raised:
         parse_api_dict(fields)
+    kept = f"positive images: {REF_A} {REF_B}; negative mask: {REF_M}"
     assert str(raised.value) == (
         f"negative_noise is given, but the request's infotext names stored negative image(s) "
         f"({REF_N}), and the noise is the negative side only when it has no images. To use the "
-        f"noise, send infotext_images without them ('positive images: {REF_A}') or take "
-        "'NegIP negative images' out of the infotext; or set negative_noise to 0."
+        f"noise, send infotext_images with the infotext's other stored images and masks "
+        f"({kept!r}) or take 'NegIP negative images' out of the infotext; or set "
+        "negative_noise to 0."
     )
-    fields["infotext_images"] = f"positive images: {REF_A}"  # what the message says to send
-    assert parse_api_dict(fields).negative_noise == 0.5
+    fields["infotext_images"] = kept  # what the message says to send: the masks stay
+    args = parse_api_dict(fields)
+    assert args.negative_noise == 0.5
+    assert args.references == {"positive_images": (REF_A, REF_B), "negative_mask": (REF_M,)}
 
 
 @pytest.mark.parametrize(
