@@ -230,8 +230,10 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
     """The image as a viewer shows it: EXIF orientation applied, always a new image."""
     try:
         return ImageOps.exif_transpose(image)
-    except (OSError, ValueError, SyntaxError, KeyError, TypeError) as error:
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError, AttributeError) as error:
         # A broken EXIF block should not lose the prompt; the pixels themselves are fine.
+        # Pillow 9.5 (A1111's) cannot read the EXIF of a loaded multi-page TIFF at all (its
+        # file is gone: AttributeError), where later Pillows can.
         logger.warning("Ignoring the unreadable EXIF orientation of an image prompt: %s", error)
         return image.copy()
 

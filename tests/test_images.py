@@ -389,6 +389,20 @@ def test_animated_png_takes_the_first_frame() -> None:
     assert pixel(to_rgb(image), (0, 0)) == (0, 255, 0)
 
 
+def test_a_multi_page_tiff_takes_the_first_page() -> None:
+    # Under A1111's Pillow 9.5 reading its EXIF failed with an AttributeError, which reached
+    # the user as an internal error.
+    pages = [
+        Image.fromarray(np.full((4, 6, 3), colour, dtype=np.uint8))
+        for colour in ((0, 255, 0), (0, 0, 255))
+    ]
+    data = encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    rgb = to_rgb(decode_image(data))  # (asking for n_frames first hid the failure)
+    assert rgb.size == (6, 4)
+    assert pixel(rgb, (0, 0)) == (0, 255, 0)
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+
+
 # --- clip_preprocess ----------------------------------------------------------------------------
 
 
