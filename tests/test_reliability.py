@@ -924,6 +924,13 @@ def _(lab: Lab) -> None:
     same_as_rgb(lab, data, first)
 
 
+@case(IMAGES, "multi-page TIFF: the first page")
+def _(lab: Lab) -> None:
+    pages = [picture(43, (32, 32)), picture(44, (32, 32))]
+    data = encoded(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    same_as_rgb(lab, data, pages[0].convert("RGB"))
+
+
 @case(IMAGES, "16-bit grey PNG")
 def _(lab: Lab) -> None:
     values = torch.randint(0, 65536, (24, 32), generator=torch.Generator().manual_seed(42))
