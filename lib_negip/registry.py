@@ -923,8 +923,14 @@ class ModelRegistry:
             label = match.group("name")
             stems = {label.casefold(), _QUALIFIER.sub("", label).casefold()}
             wanted_hash = match.group("hash").lower()
-            for entry in listing():
-                if _stem(entry) in stems and (entry.sha256 or "").startswith(wanted_hash):
+            entries = listing()
+            # A file of that name first, then any file: a renamed file (or folder) keeps its
+            # hash, as A1111 finds a renamed checkpoint by its hash. Files not hashed yet are
+            # hashed now, once (they are cached), on this failing path only.
+            named = [entry for entry in entries if _stem(entry) in stems]
+            others = [entry for entry in entries if entry.error is None and entry not in named]
+            for entry in (*named, *others):
+                if (entry.sha256 or "").startswith(wanted_hash):
                     logger.info("%s is the file listed as %s now", wanted, entry.name)
                     return entry, wanted_hash
         return None, None

@@ -691,6 +691,30 @@ def test_a_qualified_name_whose_twin_is_gone_is_found_by_its_hash(tmp_path: Path
             reg.resolve_adapter(label)
 
 
+def test_a_renamed_file_or_folder_is_found_by_its_hash(tmp_path: Path) -> None:
+    """An infotext made before the adapter file or the encoder folder was renamed (h94's
+    "image_encoder" folder given its own name, as README says) was refused, and the advice
+    ("put the file into models/clip_vision") could not help: the file was there."""
+    root, cv = tmp_path / "ipadapter", tmp_path / "clip_vision"
+    save_adapter(root / "ip-adapter_sd15.safetensors", variant="base")
+    save_adapter(root / "plus.safetensors", variant="plus")
+    save_encoder(cv / "image_encoder" / "model.safetensors", config=True)
+    reg = ModelRegistry([root], [cv])
+    adapter_label = reg.resolve_adapter("ip-adapter_sd15").infotext_name
+    encoder_label = reg.resolve_encoder("image_encoder", adapter_sd_spec()).infotext_name
+    (root / "ip-adapter_sd15.safetensors").rename(root / "my_base.safetensors")
+    (cv / "image_encoder").rename(cv / "CLIP-ViT-H-14-laion2B-s32B-b79K")
+    reg.refresh()
+    entry = reg.resolve_adapter(adapter_label)
+    assert (entry.name, entry.spec.variant, entry.hash_mismatch) == ("my_base", "base", False)
+    encoder = reg.resolve_encoder(encoder_label, adapter_sd_spec())
+    assert encoder.name == "CLIP-ViT-H-14-laion2B-s32B-b79K"
+    assert not encoder.hash_mismatch
+    # A hash that no installed file has still names nothing.
+    with pytest.raises(ArgumentError, match="there is no IP-Adapter named"):
+        reg.resolve_adapter("ip-adapter_sd15 [0123456789]")
+
+
 @pytest.mark.parametrize(
     "name",
     [
