@@ -176,6 +176,11 @@ def detect_adapter(
             else f" (it holds {files.describe_state_dict(state_dict)})"
         )
         msg += ": choose an IP-Adapter model file (ip-adapter*.safetensors or .bin)"
+        if kind and kind.startswith("an image encoder"):
+            msg += (
+                ", and move this one into models/clip_vision (a folder of its own, with its "
+                "config.json), where image encoders belong"
+            )
         raise ModelFileError(msg)
     _reject_faceid(image_proj, layers, name)
     if not image_proj or not layers:

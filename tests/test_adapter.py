@@ -220,6 +220,9 @@ def test_not_an_adapter_says_what_it_looks_like(keys: list[str], looks_like: str
     )
     assert f"looks like {looks_like}" in message
     assert "choose an IP-Adapter model file" in message
+    # An encoder in the adapters' folder (h94's whole repository put there) is told where it goes.
+    encoder = looks_like.startswith("an image encoder")
+    assert ("move this one into models/clip_vision" in message) == encoder
 
 
 def test_not_an_adapter_unrecognised_lists_keys() -> None:
