@@ -809,6 +809,7 @@ class ModelRegistry:
         if entry is None:
             raise ArgumentError(self._unknown_message(name, "IP-Adapter", self.adapters()))
         if wanted_hash:
+            entry = self._fresh(entry, self.adapters)
             entry = self._check_hash(entry, wanted_hash, self.adapters(), "IP-Adapter")
         entry.raise_error()
         return entry
@@ -830,6 +831,7 @@ class ModelRegistry:
         if entry is None:
             raise ArgumentError(self._unknown_message(name, "image encoder", self.encoders()))
         if wanted_hash:
+            entry = self._fresh(entry, self.encoders)
             entry = self._check_hash(entry, wanted_hash, self.encoders(), "image encoder")
         spec.check_encoder(entry.usable_spec(), adapter_name=adapter_label, encoder_name=entry.name)
         return entry
@@ -934,6 +936,23 @@ class ModelRegistry:
                     logger.info("%s is the file listed as %s now", wanted, entry.name)
                     return entry, wanted_hash
         return None, None
+
+    def _fresh(self, entry: _E, listing: Callable[[], list[_E]]) -> _E:
+        """``entry`` as its file is now: the folders are scanned again when the file changed
+        since they were (a hash compared with the old file's would warn of a mismatch that is
+        not there, or miss one that is)."""
+        try:
+            stat = entry.path.stat()
+        except OSError:
+            return entry  # gone: loading it says so
+        if (stat.st_size, stat.st_mtime_ns, change_stamp(stat)) == (
+            entry.size,
+            entry.mtime_ns,
+            entry.change,
+        ):
+            return entry
+        self.refresh()
+        return next((other for other in listing() if other.name == entry.name), entry)
 
     def _check_hash(self, entry: _E, wanted_hash: str, entries: Sequence[_E], kind: str) -> _E:
         current = entry.sha256

@@ -628,6 +628,29 @@ def test_resolve_by_name_file_name_and_infotext_form(two_folders: ModelRegistry)
     assert reg.resolve_adapter(f"ip-adapter_sd15 [{second.short_hash}]") == second
 
 
+def test_a_file_put_back_since_the_last_scan_is_compared_as_it_is_now(
+    tmp_path: Path, caplog
+) -> None:
+    """An infotext restored after the file it names was replaced and then put back: its hash
+    was compared with the replacement's (the registry's last scan), and the console warned of
+    a mismatch although the file now was the one named."""
+    root = tmp_path / "ipadapter"
+    path = root / "ip-adapter_sd15.safetensors"
+    save_adapter(path, variant="base")
+    original = path.read_bytes()
+    save_adapter(tmp_path / "plus.safetensors", variant="plus")
+    reg = ModelRegistry([root], [])
+    label = reg.resolve_adapter("ip-adapter_sd15").infotext_name
+    shutil.copyfile(tmp_path / "plus.safetensors", path)
+    reg.refresh()
+    assert reg.resolve_adapter("ip-adapter_sd15").spec.variant == "plus"
+    path.write_bytes(original)  # put back; no scan since
+    with caplog.at_level(logging.WARNING, logger="negip"):
+        entry = reg.resolve_adapter(label)
+    assert (entry.spec.variant, entry.hash_mismatch) == ("base", False)
+    assert "has the hash" not in caplog.text
+
+
 def test_resolve_flags_a_hash_mismatch(two_folders: ModelRegistry, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="negip"):
         entry = two_folders.resolve_adapter("other [deadbeef00]")
