@@ -1028,14 +1028,28 @@ def test_blocks_mask_and_window_from_the_ui_equal_the_api(
     assert np.array_equal(decode(fetch(page, again["image"])), ui_pixels)
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("broken.png", b"garbage, not a png"),
+        # Pillow would hand it to Ghostscript inside gradio's decoding: refused from its header.
+        ("mask.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"),
+    ],
+    ids=["garbage", "postscript"],
+)
 def test_an_unreadable_mask_upload_is_refused_in_the_page(
-    page: Any, files: dict[str, Path], tmp_path: Path, server_log: ServerLog
+    page: Any,
+    files: dict[str, Path],
+    tmp_path: Path,
+    server_log: ServerLog,
+    name: str,
+    content: bytes,
 ) -> None:
     """A file gradio cannot decode dropped on a mask box: Generate shows the reason in the page
     (gradio's own decoding failed the request before: the page stayed at "Waiting..." with no
     reason, and every later Generate of the page hung); a good mask then generates."""
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"garbage, not a png")
+    broken = tmp_path / name
+    broken.write_bytes(content)
     mask = tmp_path / "mask.png"
     Image.new("L", (64, 64), 255).save(mask)
     small_settings(page)

@@ -526,6 +526,39 @@ def test_adapter_replaced_by_an_older_file_is_named_as_the_new_file(with_images:
         older.unlink(missing_ok=True)
 
 
+def with_metadata(data: bytes, note: str) -> bytes:
+    """A safetensors file's bytes with ``note`` in its metadata: the same tensors, another hash."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"] = {**header.get("__metadata__", {}), "negip-test": note}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
+
+
+def test_an_infotext_restores_an_adapter_renamed_since_by_its_hash() -> None:
+    """A1111 finds a renamed checkpoint by its hash; an adapter renamed after the picture was
+    made was refused ("there is no IP-Adapter named ..."), with advice that could not help."""
+    import hashlib
+
+    folder = server_models_folder("ipadapter")
+    before = folder / "negip-probe-renamed-a.safetensors"
+    after = folder / "negip-probe-renamed-b.safetensors"
+    try:
+        before.write_bytes(with_metadata((folder / f"{BASE}.safetensors").read_bytes(), "a"))
+        made = generate(fields(model="negip-probe-renamed-a"))
+        text = infotext(made)
+        short = hashlib.sha256(before.read_bytes()).hexdigest()[:10]
+        assert negip_params(text)["NegIP model"] == f"negip-probe-renamed-a [{short}]"
+        before.rename(after)
+        restored = generate([], infotext=text)
+        assert negip_params(infotext(restored))["NegIP model"] == f"negip-probe-renamed-b [{short}]"
+        assert_same(pixels(restored), pixels(made))
+    finally:
+        before.unlink(missing_ok=True)
+        after.unlink(missing_ok=True)
+
+
 def write_tiny_lora(path: Path, projections: tuple[str, ...], seed: int = 11) -> None:
     """A LoRA for the harness's tiny SD1.5 on the given projections of every attn2 layer, in
     kohya's key names (``lora_unet_<compvis module path>``), which A1111's Lora loads."""
@@ -781,6 +814,15 @@ def test_bad_base64_is_refused(server_log: ServerLog) -> None:
 
 def test_path_as_image_is_refused_and_never_read(server_log: ServerLog) -> None:
     expect_refused(server_log, fields(positive_images=["/etc/hostname"]), "positive_images[0]")
+
+
+def test_postscript_is_refused_without_being_opened(server_log: ServerLog) -> None:
+    """Pillow hands an EPS to Ghostscript: the extension refuses it from its header, in its own
+    words (where Pillow read it, the answer named Ghostscript's missing "gs")."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    encoded = base64.b64encode(eps).decode()
+    detail = expect_refused(server_log, fields(positive_images=[encoded]), "positive_images[0]")
+    assert "not an image file of a kind read here" in detail, detail
 
 
 def test_weight_out_of_range_is_refused(server_log: ServerLog) -> None:
@@ -1411,6 +1453,8 @@ def test_infotext_naming_a_malformed_reference_is_refused(server_log: ServerLog)
         ("NegIP enabled: maybe", "NegIP enabled"),
         ("NegIP positive weight: abc", "NegIP positive weight"),
         ("NegIP negative noise: x", "NegIP negative noise"),
+        ("NegIP images: one positive / one negative", "NegIP images"),
+        ("NegIP positive weight: 0x1", "NegIP positive weight"),
     ],
 )
 def test_infotext_with_a_malformed_value_is_refused(
