@@ -122,14 +122,15 @@ def parse_layers(field: str, value: object) -> LayerSpec:
     if text in PRESETS:
         return LayerSpec(preset=text)
     pairs: dict[int, float] = {}
-    for part in text.split(","):
+    # Matched in lower case, quoted back as written.
+    for part in " ".join(value.strip().split()).split(","):
         if not part.strip():
             msg = (
                 f"{field}: an empty entry between commas; write 'index:weight' pairs such as "
                 f"{EXAMPLE}."
             )
             raise ArgumentError(msg)
-        match = _PAIR.match(part)
+        match = _PAIR.match(part.lower())
         if match is None:
             msg = (
                 f"{field}: {part.strip()!r} is neither a preset ({', '.join(repr(p) for p in PRESETS)}) "

@@ -207,6 +207,14 @@ def test_non_finite_weights_and_empty_entries(value: str, expected: str) -> None
     assert EXAMPLE in message
 
 
+def test_a_syntax_error_quotes_the_entry_as_written() -> None:
+    """The entry was quoted back lower-cased ('appendchild(...)' for 'appendChild(...)')."""
+    with pytest.raises(ArgumentError, match=r"^negative_layers: 'Style Plus' is neither"):
+        parse_layers("negative_layers", "3:1,  Style   Plus")
+    assert parse_layers("negative_layers", " STRONG  Style ").text() == "strong style"
+    assert parse_layers("negative_layers", "3:1E-1").text() == "3:0.1"
+
+
 @pytest.mark.parametrize(("value", "patterns"), SYNTAX_ERRORS)
 def test_syntax_errors(value: str, patterns: list[str]) -> None:
     with pytest.raises(ArgumentError) as caught:
