@@ -789,23 +789,6 @@ class AttentionHijack:
         self._abort()
         return self._raised(UnreachedError(message))
 
-    def _release_negpip_hooks(self) -> None:
-        """Take NegPiP's attention hooks off, as its ``postprocess`` would. It removes them
-        nowhere else, and A1111 skips every ``postprocess`` of a generation that fails, this
-        refused one too: left on, they split the batch of every later generation, in both tabs,
-        and add the refused prompt's conditioning to the images of the other tab."""
-        released = 0
-        for layer in self._all_layers:
-            if "negpip" in _forward_source(layer.module):
-                del layer.module.forward  # the class's forward again, as NegPiP's unload leaves it
-                released += 1
-        if released:
-            logger.info(
-                "took NegPiP's hooks off %d cross-attention layers (NegPiP removes them only "
-                "when a generation finishes)",
-                released,
-            )
-
     def _abort(self) -> None:
         """An exception is going through the UNet, and A1111 will skip postprocess: remove
         everything now, then tell the owner."""
@@ -843,10 +826,7 @@ class AttentionHijack:
         if q.shape[0] != len(plan.rows):
             # Checked once per layer and row layout: an extension that splits the batch does it
             # in every call (the term's tensors are per row of the whole batch).
-            message = _split_batch_message(layer.module, q.shape[0], len(plan.rows))
-            if "negpip" in _forward_source(layer.module):
-                self._release_negpip_hooks()
-            raise self._refused(message)
+            raise self._refused(_split_batch_message(layer.module, q.shape[0], len(plan.rows)))
         dtype = torch.float32 if self.upcast else q.dtype
         out_dtype = q.dtype if hidden is None else hidden.dtype
         dtype = torch.promote_types(dtype, torch.promote_types(q.dtype, out_dtype))
@@ -1021,12 +1001,13 @@ def _split_batch_message(module: nn.Module, rows_seen: int, rows: int) -> str:
         "sampled in one UNet call (the same number of 75-token chunks, or the setting 'Pad "
         "prompt/negative prompt' on)"
     )
-    source = _forward_source(module)
+    source = forward_source(module)
     if "negpip" in source:
         return (
             f"NegPiP {said} It does so while the prompt and the negative prompt are "
             f"{one_call}. Make one of them longer than the other by a 75-token chunk (with "
-            "'Pad prompt/negative prompt' off), switch NegPiP off, or switch Negative Image "
+            "'Pad prompt/negative prompt' off; in the Hires. fix pass, its own prompts count), "
+            "switch NegPiP off, or switch Negative Image "
             "Prompt off for this generation. NegPiP's hooks, which it removes only when a "
             "generation finishes, were taken off with this refusal."
         )
@@ -1043,7 +1024,29 @@ def _split_batch_message(module: nn.Module, rows_seen: int, rows: int) -> str:
     )
 
 
-def _forward_source(module: nn.Module) -> str:
+def release_negpip_hooks(unet: nn.Module) -> int:
+    """Take NegPiP's attention hooks off ``unet``, as its ``postprocess`` would; how many.
+
+    NegPiP removes them nowhere else, and A1111 skips every ``postprocess`` of a generation
+    that fails, as each one the extension refuses while sampling does (NegPiP has hooked the
+    UNet by then). Left on, they split the batch of every later generation, in both tabs, and
+    add the refused prompt's conditioning to the other tab's pictures.
+    """
+    released = 0
+    for name, module in unet.named_modules():
+        if name.rsplit(".", 1)[-1] == "attn2" and "negpip" in forward_source(module):
+            del module.forward  # the class's forward again, as NegPiP's unload leaves it
+            released += 1
+    if released:
+        logger.info(
+            "took NegPiP's hooks off %d cross-attention layers (NegPiP removes them only when a "
+            "generation finishes)",
+            released,
+        )
+    return released
+
+
+def forward_source(module: nn.Module) -> str:
     """The source file of the ``forward`` another extension set on ``module`` (lower case; ""
     when there is none or it cannot be told)."""
     forward = vars(module).get("forward")

@@ -2184,6 +2184,30 @@ def test_the_refusal_of_a_batch_splitter_names_the_extension(
     assert other not in message  # the advice for the other extension does not apply
 
 
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"model": "no-such-adapter"}, "no-such-adapter"),
+        ({"positive_layers": "3:1, 16:1"}, "positive_layers"),
+    ],
+    ids=["unknown model", "block out of range"],
+)
+def test_every_refusal_takes_negpips_hooks_off(
+    process: Process, monkeypatch: pytest.MonkeyPatch, fields: dict, match: str
+) -> None:
+    """A refusal found in ``process`` is raised at the UNet's first call, after NegPiP's
+    ``process_batch`` hooked the UNet; A1111 then skips NegPiP's ``postprocess``, the only place
+    that unhooks. The hooks stayed and changed the other tab's plain pictures."""
+    reset(process)
+    lab = Lab(process.world, process.references, monkeypatch)
+    splitter = NamedBatchSplitter("/webui/extensions/sd-webui-negpip/scripts/negpip.py")
+    try:
+        lab.refused({**reference_fields(), **fields}, match, before=(WrapperScript(lab, splitter),))
+        assert [m for m in attn2_modules(lab.world.sd15) if "forward" in vars(m)] == []
+    finally:
+        splitter.remove()
+
+
 class UNetCalls:
     """Another extension between the sampler and the UNet (as Tiled Diffusion wraps the
     model): ``tiles`` samples the latent in two halves, ``own_prompt`` also runs the UNet with

@@ -47,7 +47,7 @@ from lib_negip.errors import (
     NegIPError,
     UnreachedError,
 )
-from lib_negip.hijack import FailureTrap
+from lib_negip.hijack import FailureTrap, release_negpip_hooks
 from lib_negip.session import ImagePromptSession, SideImages, build_image_prompt, pass_progress
 from lib_negip.webui import backend
 from lib_negip.webui.failures import explain_out_of_memory, request_error, wants_ui_words
@@ -122,7 +122,7 @@ class CallbackWatch:
             logger.debug("Negative Image Prompt: a UNet call of another job; not checked")
             return
         if self.generation.callback_calls == 0 and Generation.current is self.generation:
-            Generation.end()
+            Generation.abort()
             host = backend.host_kind()
             if host == backend.UNKNOWN:
                 msg = (
@@ -206,6 +206,16 @@ class Generation:
                 pending.disarm()
 
     @classmethod
+    def abort(cls) -> None:
+        """:meth:`end` for a generation that an error ends while sampling: A1111 then skips
+        every script's ``postprocess``, so NegPiP's hooks, which only its postprocess removes,
+        are taken off too (:func:`~lib_negip.hijack.release_negpip_hooks`)."""
+        cls.end()
+        unet = backend.current_unet()
+        if unet is not None:
+            release_negpip_hooks(unet)
+
+    @classmethod
     def fail(cls, error: BaseException, p: Any = None, *, log: bool = True) -> None:
         """Keep ``error`` and raise it where it reaches the user (A1111 swallows it here): the
         next UNet call, or ``p.sample`` where no UNet is known. ``log``: also log it."""
@@ -218,7 +228,7 @@ class Generation:
         with cls.lock:
             cls.failure = raised
             if p is not None and hasattr(p, "sample"):
-                cls.sample_trap = SampleTrap(p, raised, cleanup=cls.end)
+                cls.sample_trap = SampleTrap(p, raised, cleanup=cls.abort)
         unet = backend.current_unet()
         if unet is not None:  # else armed at the first denoiser call, on the UNet loaded by then
             cls.rearm_on(unet)
@@ -233,7 +243,7 @@ class Generation:
                 return
             if trap is not None:
                 trap.disarm()
-            cls.trap = FailureTrap(unet, failure, cleanup=cls.end)
+            cls.trap = FailureTrap(unet, failure, cleanup=cls.abort)
 
 
 def process(p: Any, values: Sequence[Any]) -> None:
@@ -398,7 +408,7 @@ def start(p: Any, args: Any) -> None:
         upcast=bool(getattr(shared.opts, "upcast_attn", False)),
         # An exception through the UNet ends the generation at once (A1111 skips postprocess);
         # a transformed block is answered like every other refusal.
-        on_abort=Generation.end,
+        on_abort=Generation.abort,
         raise_as=functools.partial(request_error, for_ui=for_ui),
     )
     if unet is not None:  # block weights for blocks this UNet lacks fail now too
