@@ -1933,6 +1933,27 @@ def test_lowvram_drops_the_adapters_device_copies_when_a_generation_ends(world: 
     assert torch.equal(result, generation(world, default_fields()).result)  # same image
 
 
+def test_lowvram_drops_the_device_copies_also_when_the_generation_ends_on_another_model(
+    world: World,
+) -> None:
+    """--medvram-sdxl marks only the SDXL model: a generation that began on it and ends on a
+    refiner without the mark kept the adapter's GPU copies (the mark was read at the end)."""
+    from modules import scripts
+
+    class Refiner(scripts.Script):
+        def post_sample(self, p, ps, *args) -> None:
+            shared.sd_model.lowvram = False  # the model it ends on is not marked
+
+    shared.sd_model.lowvram = True
+    try:
+        p = make_p(default_fields(), world=world)
+        p.scripts.append((Refiner(), []))
+        processing.process_images(p)
+        assert _device_copies() == 0
+    finally:
+        vars(shared.sd_model).pop("lowvram", None)
+
+
 def test_lowvram_frees_the_gpu_before_the_encoder_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under --lowvram / --medvram the model part A1111 holds on the GPU goes to the CPU before
     the image encoder moves there (ViT-bigG is 3.7 GB in fp16), and the encoder goes back to the

@@ -168,6 +168,9 @@ class Generation:
     def __init__(self, p: Any, session: ImagePromptSession, infotext: dict[str, Any]) -> None:
         self.p = p
         self.job = _job()  # the web UI's job (a request, a button press) it belongs to
+        # Whether the model it began on keeps the GPU nearly empty: it may end on another (a
+        # refiner without --medvram-sdxl's mark), and the adapter's GPU copies must go then too.
+        self.low_vram = backend.low_vram()
         self.session = session
         self.infotext = infotext  # written at post_sample, when the image prompts acted
         self.callback_calls = 0
@@ -197,7 +200,7 @@ class Generation:
                     params.pop(key, None)
                 current.infotext_provisional = False
             current.session.close()
-            if backend.low_vram():  # the adapter's weights leave the GPU with the generation
+            if current.low_vram or backend.low_vram():  # the adapter leaves the GPU with it
                 current.session.release_device_copies()
             if current.watch is not None:
                 current.watch.remove()
