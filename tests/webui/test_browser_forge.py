@@ -153,13 +153,22 @@ def test_img2img_input_adds_the_picture_of_forges_canvas(page: Any, tmp_path: Pa
     assert ["".join(name.split()) for name in names] == [expected], names
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("broken.png", b"garbage, not a png"),
+        # Pillow would hand it to Ghostscript inside gradio's decoding: refused from its header.
+        ("mask.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"),
+    ],
+    ids=["garbage", "postscript"],
+)
 def test_an_unreadable_mask_upload_is_refused_in_the_page(
-    page: Any, files: dict[str, Path], tmp_path: Path
+    page: Any, files: dict[str, Path], tmp_path: Path, name: str, content: bytes
 ) -> None:
     """gradio 4 decodes a mask upload before our code runs, as gradio 3 does: a file that is
     not a picture is refused by the mask's name in the page, not lost inside gradio."""
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"garbage, not a png")
+    broken = tmp_path / name
+    broken.write_bytes(content)
     small_settings(page)
     open_accordion(page)
     upload(page, "txt2img", "positive", files["positive"])
