@@ -170,6 +170,41 @@ def _check_safetensors_header(path: Path) -> None:
         raise ModelFileError(msg)
 
 
+_CHECKPOINT_CONTEXT_KEY = re.compile(r"^model\.diffusion_model\..*\.attn2\.to_k\.weight$")
+
+
+def checkpoint_context_width(path: str | Path) -> int | None:
+    """The cross-attention context width of a web UI checkpoint (768 for SD1.x, 2048 for SDXL),
+    read from its safetensors header alone, without loading a tensor. None where the header
+    cannot tell: another container (a pickle cannot be read without loading it), an unreadable
+    or damaged file (the web UI says so itself when it loads it), no ``attn2.to_k`` weight."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return None
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > _MAX_HEADER_BYTES:
+                return None
+            header = json.loads(f.read(header_len).decode("utf-8"))
+        widths = {
+            int(entry["shape"][1])
+            for key, entry in header.items()
+            if _CHECKPOINT_CONTEXT_KEY.match(key) and len(entry["shape"]) == 2
+        }
+    except (
+        OSError,
+        struct.error,
+        UnicodeDecodeError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+    ):
+        return None
+    return widths.pop() if len(widths) == 1 else None
+
+
 _REFUSED_GLOBAL = re.compile(r"Unsupported (?:global|class)[:\s]+(?:GLOBAL\s+)?([\w.]+)")
 
 

@@ -855,6 +855,71 @@ def test_hires_checkpoint_of_another_family_with_hires_pass_second_fails_loudly(
     assert hook_state(world.sdxl) == hook_state(make_ldm_unet(SDXL))
 
 
+def _write_checkpoint(path: Path, context_width: int) -> Path:
+    """A web UI checkpoint as far as its header tells: one attn2.to_k weight in ldm's names."""
+    from safetensors.torch import save_file
+
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    save_file({key: torch.zeros(8, context_width)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("width", "hires_pass", "refused"),
+    [
+        (SDXL.context_dim, "second", True),
+        (SD15.context_dim, "second", False),
+        (SDXL.context_dim, "both", False),
+    ],
+    ids=["other family, second", "same family, second", "other family, both"],
+)
+def test_hires_checkpoint_of_another_family_is_refused_before_the_first_pass(
+    world: World, tmp_path: Path, width: int, hires_pass: str, refused: bool
+) -> None:
+    """With hires_pass "second" a Hires. fix checkpoint of another family could never have the
+    image prompts: refused before any step (its family is read from the file's header), not
+    after the whole first pass. "both" still runs (its first pass has them)."""
+    from modules import sd_models
+
+    path = _write_checkpoint(tmp_path / "other.safetensors", width)
+    sd_models.checkpoint_aliases["other [abc]"] = sd_models.CheckpointInfo(str(path), "other")
+    try:
+        fields = default_fields(hires_pass=hires_pass)
+        if not refused:
+            generation(world, fields, enable_hr=True, hr_checkpoint_name="other [abc]")
+            assert world.calls  # it sampled
+            return
+        with pytest.raises(
+            Exception, match=r"Hires\. fix checkpoint other is a model family of context width 96"
+        ) as raised:
+            generation(world, fields, enable_hr=True, hr_checkpoint_name="other [abc]")
+    finally:
+        sd_models.checkpoint_aliases.clear()
+    assert raised.value.status_code == 422
+    assert "hires_pass is 'second'" in str(raised.value)
+    assert "set hires_pass to 'both' or 'first'" in str(raised.value)
+    assert world.calls == []  # not one step was sampled
+    assert hook_state(world.sd15) == hook_state(make_ldm_unet(SD15))
+
+
+def test_checkpoint_context_width_reads_only_what_a_header_tells(tmp_path: Path) -> None:
+    from lib_negip.files import checkpoint_context_width
+
+    assert checkpoint_context_width(_write_checkpoint(tmp_path / "a.safetensors", 768)) == 768
+    assert checkpoint_context_width(_write_checkpoint(tmp_path / "b.safetensors", 2048)) == 2048
+    damaged = tmp_path / "c.safetensors"
+    damaged.write_bytes(b"\xff" * 12)
+    assert checkpoint_context_width(damaged) is None
+    pickled = tmp_path / "d.ckpt"
+    torch.save({"state_dict": {}}, pickled)
+    assert checkpoint_context_width(pickled) is None
+    assert checkpoint_context_width(tmp_path / "missing.safetensors") is None
+    from safetensors.torch import save_file
+
+    save_file({"first_stage_model.x": torch.zeros(2)}, str(tmp_path / "e.safetensors"))
+    assert checkpoint_context_width(tmp_path / "e.safetensors") is None
+
+
 def test_xyz_override_of_a_weight(world: World) -> None:
     cond = ([[(0, 1.0)]], conditioning(1, SD15, seed=3))
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))

@@ -387,6 +387,8 @@ def start(p: Any, args: Any) -> None:
     )
     if unet is not None:  # a wrong family fails now, before any image is encoded
         check_family(loaded.spec, adapter_entry.name, unet)
+    if args.hires_pass == "second" and getattr(p, "enable_hr", False):
+        check_hires_checkpoint(p, loaded.spec, adapter_entry.name)
 
     negative_images = args.negative_images
     if args.negative_noise > 0.0:
@@ -705,6 +707,40 @@ def check_family(spec: Any, adapter_name: str, unet: Any) -> None:
         f"loaded checkpoint is {family_of(width)}: the adapter is for another model family. "
         "Choose an IP-Adapter made for the loaded checkpoint (or 'auto'), or load a checkpoint "
         "of the adapter's family."
+    )
+    raise IncompatibleModelError(msg)
+
+
+def check_hires_checkpoint(p: Any, spec: Any, adapter_name: str) -> None:
+    """Refuse, before the first pass, a Hires. fix checkpoint of another family when only the
+    Hires. fix pass is to have the image prompts: no step could have them. The sampling would
+    find it too, but only after the whole first pass. The family is read from a safetensors
+    header; a checkpoint that does not tell (a pickle) is left to that later check."""
+    from lib_negip.adapter import family_of
+    from lib_negip.files import checkpoint_context_width
+
+    name = getattr(p, "hr_checkpoint_name", None)
+    if not isinstance(name, str) or name in ("", "Use same checkpoint"):
+        return
+    try:
+        from modules import sd_models
+
+        info = sd_models.get_closet_checkpoint_match(name)
+        filename = getattr(info, "filename", None)
+    except Exception as error:  # another host's sd_models: the later check still holds
+        logger.debug("could not look up the Hires. fix checkpoint %r: %s", name, error)
+        return
+    if not filename:
+        return  # unknown: the web UI refuses the name itself
+    width = checkpoint_context_width(filename)
+    if width is None or width == spec.cross_attention_dim:
+        return
+    label = getattr(info, "short_title", None) or name
+    msg = (
+        f"{adapter_name} is an IP-Adapter for {family_of(spec.cross_attention_dim)}, but the "
+        f"Hires. fix checkpoint {label} is {family_of(width)}, and hires_pass is 'second', so "
+        "no step could have the image prompts. Choose a Hires. fix checkpoint of the adapter's "
+        "family (or 'Use same checkpoint'), or set hires_pass to 'both' or 'first'."
     )
     raise IncompatibleModelError(msg)
 

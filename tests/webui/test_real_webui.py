@@ -895,6 +895,25 @@ def test_refiner_of_another_family_before_the_image_prompts_acted_is_refused(
     assert not np.array_equal(pixels(early), pixels(plain))
 
 
+def test_hires_checkpoint_of_another_family_with_second_is_refused_before_sampling(
+    server_log: ServerLog,
+) -> None:
+    """hires_pass 'second' with a Hires. fix checkpoint of another family: no step could have
+    the image prompts. Refused before the first pass (read from the checkpoint's header), so
+    A1111 never loads that checkpoint: the SD1.5 one stays loaded."""
+    expect_refused(
+        server_log,
+        fields(hires_pass="second"),
+        f"Hires. fix checkpoint {SDXL}",
+        "hires_pass is 'second'",
+        hr_checkpoint_name=SDXL,
+        **HIRES,
+    )
+    status, options = call("GET", "/sdapi/v1/options")
+    assert status == 200
+    assert options["sd_model_checkpoint"].startswith(SD15), options["sd_model_checkpoint"]
+
+
 def test_second_hires_pass_without_hires_fix_is_refused(server_log: ServerLog) -> None:
     expect_refused(server_log, fields(hires_pass="second"), "hires_pass")
 

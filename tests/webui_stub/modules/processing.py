@@ -49,6 +49,7 @@ class Processing:
     s_min_uncond: float = 0.0
     enable_hr: bool = False
     hr_steps: int = 3
+    hr_checkpoint_name: str | None = None  # A1111 resolves it only after the scripts' process
     image_cfg_scale: float | None = None
     scripts: list = field(default_factory=list)  # [(script, args)]
     extra_generation_params: dict = field(default_factory=dict)
