@@ -900,18 +900,22 @@ def test_hires_checkpoint_of_another_family_with_second_is_refused_before_sampli
 ) -> None:
     """hires_pass 'second' with a Hires. fix checkpoint of another family: no step could have
     the image prompts. Refused before the first pass (read from the checkpoint's header), so
-    A1111 never loads that checkpoint: the SD1.5 one stays loaded."""
-    expect_refused(
+    A1111 loads no checkpoint for the Hires. fix pass (it did, and sampled the first pass)."""
+    generate()  # the SD1.5 checkpoint loaded, so that the request below has none to load
+    request = {"hr_checkpoint_name": SDXL, **HIRES}
+    detail = expect_refused(
         server_log,
         fields(hires_pass="second"),
         f"Hires. fix checkpoint {SDXL}",
         "hires_pass is 'second'",
-        hr_checkpoint_name=SDXL,
-        **HIRES,
+        **request,
     )
-    status, options = call("GET", "/sdapi/v1/options")
-    assert status == 200
-    assert options["sd_model_checkpoint"].startswith(SD15), options["sd_model_checkpoint"]
+    assert "set hires_pass to 'both' or 'first'" in detail
+    if server_log.path is not None:
+        server_log.new_lines()
+        generate(fields(hires_pass="second"), expect=422, **request)
+        loads = re.compile(r"^(Loading weights|Reusing loaded model|Using already loaded model)")
+        assert not [line for line in server_log.new_lines() if loads.match(line)]
 
 
 def test_second_hires_pass_without_hires_fix_is_refused(server_log: ServerLog) -> None:
