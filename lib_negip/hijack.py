@@ -119,17 +119,21 @@ def layer_grid(latent: tuple[int, int], tokens: int) -> tuple[int, int]:
     """(h, w) of a layer's query grid with ``tokens`` positions, for a latent of size ``latent``.
 
     The UNet halves the grid per level with stride-2 convolutions (padding 1), so odd sizes
-    round up: 75 -> 38 -> 19. A grid that is no halving of the latent (an unknown UNet) falls
-    back to the latent's aspect ratio, as diffusers' mask downsampling does.
+    round up: 75 -> 38 -> 19. A grid that is no halving of the latent (Deep Shrink scales the
+    hidden states by a factor of its own; an unknown UNet) is the pair of factors of ``tokens``
+    nearest the latent's aspect ratio (diffusers' mask downsampling also goes by the aspect).
     """
     h, w = latent
     while h * w > tokens and (h > 1 or w > 1):
         h, w = (h + 1) // 2, (w + 1) // 2
     if h * w == tokens:
         return h, w
-    h = int(math.sqrt(tokens / (latent[1] / latent[0])))
-    h = max(h + (1 if tokens % max(h, 1) else 0), 1)
-    return h, tokens // h
+    aspect = latent[1] / latent[0]
+    pairs = []
+    for d in range(1, math.isqrt(tokens) + 1):
+        if tokens % d == 0:
+            pairs += [(d, tokens // d), (tokens // d, d)]
+    return min(pairs, key=lambda hw: abs(math.log(hw[1] / hw[0] / aspect)))
 
 
 def mask_at_latent(mask: torch.Tensor, latent: tuple[int, int]) -> torch.Tensor:

@@ -1094,3 +1094,29 @@ def test_sdxl_real_width_layers_with_presets_per_side_match_diffusers() -> None:
         hijack.remove()
     assert checked == 20
     assert worst_relative < 1e-5
+
+
+@pytest.mark.parametrize("factor", [1.5, 2.5, 3.0])
+@pytest.mark.parametrize("size", [(32, 8), (27, 19), (24, 40), (72, 64)])
+def test_layer_grid_under_deep_shrink(
+    factor: float, size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deep Shrink (Kohya HRFix) scales the hidden states down by a factor of its own inside
+    the UNet, so the deeper grids are no halving of the latent: the grid is then the pair of
+    factors of the query count nearest the latent's aspect. A guess of the wrong count made a
+    masked call fail inside the UNet; a wrong layout moved the mask."""
+    from ldm.modules.diffusionmodules import openaimodel
+
+    monkeypatch.setattr(openaimodel, "th", _A1111Cat())  # the skips resized to fit, as A1111
+    unet = ldm_unet("sd15")
+
+    def shrink(module, args):
+        return (F.interpolate(args[0], scale_factor=1 / factor, mode="bicubic"), *args[1:])
+
+    handle = unet.input_blocks[1].register_forward_pre_hook(shrink)
+    try:
+        grids = grids_of(unet, size)
+    finally:
+        handle.remove()  # the UNet is shared by the module's tests
+    assert any(grid != layer_grid(size, 10**9) for grid in grids)
+    assert [layer_grid(size, h * w) for h, w in grids] == grids
