@@ -157,10 +157,13 @@ def _check_number(name: str, value: Any, low: float, high: float) -> float:
     if not math.isfinite(number):
         msg = f"{name} must be a finite number from {low:g} to {high:g}; got {number}."
         raise ArgumentError(msg)
+    # As the infotext writes it, so that it restores what was sampled: an X/Y/Z axis gives
+    # 0.15000000000000002 for 0.15, and a step at exactly 0.15 was out of a window it opened.
+    number = _infotext_float(number)  # also -0.0 -> 0.0: the infotext never shows "-0.0"
     if not low <= number <= high:
         msg = f"{name} must be from {low:g} to {high:g}; got {number}."
         raise ArgumentError(msg)
-    return number + 0.0  # -0.0 -> 0.0, so the infotext never shows "-0.0"
+    return number
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:

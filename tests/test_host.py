@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from test_hijack import hook_state
@@ -938,6 +939,25 @@ def _xyz_base() -> dict:
     cond = ([[(0, 1.0)]], conditioning(1, SD15, seed=3))
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     return {"cond": cond, "uncond": conditioning(1, SD15, seed=4), "latent": latent}
+
+
+def test_an_xyz_value_with_binary_noise_samples_what_its_infotext_restores(world: World) -> None:
+    """A1111's X/Y/Z plot makes "0-0.3 (+0.05)" with numpy: 0.15000000000000002. The infotext
+    writes 0.15; at 20 steps step 3 is at exactly 0.15, so the cell sampled one step fewer with
+    the image prompts than the picture restored from its infotext."""
+    noisy = np.arange(0.0, 0.35, 0.05).tolist()[3]
+    assert noisy != 0.15
+    p = processing.Processing(**_xyz_base(), steps=20)
+    xyz._override("positive_start")(p, noisy, None)
+    p.scripts = [(world.script, api_args(**default_fields()))]
+    cell = processing.process_images(p)
+    assert p.extra_generation_params["NegIP positive start"] == 0.15
+    restored = world.generate(
+        api_args(**default_fields(positive_start=0.15)), **_xyz_base(), steps=20
+    )
+    assert torch.equal(cell, restored.result)
+    later = world.generate(api_args(**default_fields(positive_start=0.16)), **_xyz_base(), steps=20)
+    assert not torch.equal(cell, later.result)  # the step at 0.15 does count
 
 
 def test_xyz_axis_with_the_extension_disabled_fails_loudly(world: World) -> None:
