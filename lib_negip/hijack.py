@@ -966,15 +966,22 @@ class FailureTrap:
     in ``process`` would still give an image without the requested image prompts. Exceptions
     raised inside the UNet forward do reach the user (the UI shows them, the API answers with
     them), so the error is kept and raised from there. ``cleanup`` runs first, because after
-    the raise A1111 does not call ``postprocess``.
+    the raise A1111 does not call ``postprocess``. ``due``, where given, says whether a call
+    still belongs to the failed generation: a call of another job (the web UI failed before
+    sampling, and the Train tab runs the UNet next) only removes the trap.
     """
 
     def __init__(
-        self, unet: nn.Module, error: BaseException, cleanup: Callable[[], None] | None = None
+        self,
+        unet: nn.Module,
+        error: BaseException,
+        cleanup: Callable[[], None] | None = None,
+        due: Callable[[], bool] | None = None,
     ) -> None:
         self.unet = unet
         self.error = error
         self._cleanup = cleanup
+        self._due = due
         self._handle: RemovableHandle | None = unet.register_forward_pre_hook(self._raise)
 
     @property
@@ -990,6 +997,9 @@ class FailureTrap:
         self.disarm()
         if self._cleanup is not None:
             self._cleanup()
+        if self._due is not None and not self._due():
+            logger.debug("a UNet call of another job: the pending refusal is dropped")
+            return
         raise self.error
 
 

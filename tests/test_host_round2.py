@@ -2199,3 +2199,28 @@ def test_img2img_ignores_hires_pass_second(world: World) -> None:
     assert not torch.equal(p.result, plain.result)
     with pytest.raises(NegIPError, match=r"hires_pass is 'second' but Hires\. fix is off"):
         generation(world, fields)  # txt2img without Hires. fix: still refused
+
+
+def test_a_refusal_pending_from_a_job_that_failed_before_sampling_spares_the_next_job(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our process refused the request and armed the UNet, then the web UI failed before
+    sampling (an unknown Hires. fix upscaler fails in p.init, after the scripts' process): the
+    trap stayed. A UNet call of another job without a process of ours (the Train tab) got that
+    request's refusal; now the trap only goes. In the same job it still raises."""
+    monkeypatch.setattr(shared.state, "time_start", 1.0, raising=False)
+    monkeypatch.setattr(shared.state, "job_timestamp", "20261208020000", raising=False)
+    x = torch.randn(1, 4, 8, 8)
+    context = conditioning(1, SD15, seed=3)
+    for next_job, refused_again in ((False, True), (True, False)):
+        p = make_p(stored_request(model="no-such-adapter"), world=world)
+        processing.run_scripts(p, "process")  # the scripts' process; p.sample never comes
+        assert Generation.trap is not None
+        if next_job:
+            monkeypatch.setattr(shared.state, "time_start", shared.state.time_start + 1.0)
+        if refused_again:
+            with pytest.raises(Exception, match="no-such-adapter"):
+                world.unet(x, torch.full((1,), 500.0), context=context)
+        else:
+            world.unet(x, torch.full((1,), 500.0), context=context)  # a training step, say
+        nothing_left(world.unet)

@@ -162,6 +162,7 @@ class Generation:
     lock = threading.Lock()
     current: Generation | None = None
     failure: BaseException | None = None  # kept until raised from a UNet call, or end()
+    failure_job: tuple[Any, ...] | None = None  # the job (see _job) the failure belongs to
     trap: FailureTrap | None = None
     sample_trap: SampleTrap | None = None
 
@@ -230,6 +231,7 @@ class Generation:
         raised = request_error(error, for_ui=wants_ui_words(p))
         with cls.lock:
             cls.failure = raised
+            cls.failure_job = _job()
             if p is not None and hasattr(p, "sample"):
                 cls.sample_trap = SampleTrap(p, raised, cleanup=cls.abort)
         unet = backend.current_unet()
@@ -246,7 +248,8 @@ class Generation:
                 return
             if trap is not None:
                 trap.disarm()
-            cls.trap = FailureTrap(unet, failure, cleanup=cls.abort)
+            job = cls.failure_job
+            cls.trap = FailureTrap(unet, failure, cleanup=cls.abort, due=lambda: _job() == job)
 
 
 def process(p: Any, values: Sequence[Any]) -> None:
