@@ -652,6 +652,19 @@ def test_xyz_plot_weight_axis(with_images: dict) -> None:
     assert_same(pixels(answer, 1), pixels(generate(fields(negative_weight=0.0))))
 
 
+def test_xyz_plot_float_range_cell_is_restored_by_its_infotext() -> None:
+    """The plot makes "0-0.3 (+0.05)" with numpy: 0.15000000000000002 for 0.15. At 20 steps step
+    3 is at exactly 0.15, inside the window its infotext restores ([0.15, 1)): the cell must
+    have sampled it too."""
+    args = xyz_args("[NegIP] Positive start", "0-0.3 (+0.05)")
+    answer = generate(fields(), script_name="x/y/z plot", script_args=args, steps=20)
+    assert len(answer["images"]) == 8  # the grid, then 7 cells
+    cell = infotext(answer, 4)
+    assert negip_params(cell)["NegIP positive start"] == "0.15"
+    images_only = [{"positive_images": [POSITIVE], "negative_images": [NEGATIVE]}]
+    assert_same(pixels(generate(images_only, infotext=cell, steps=20)), pixels(answer, 4))
+
+
 def test_xyz_plot_model_axis(with_images: dict) -> None:
     args = xyz_args("[NegIP] Model", dropdown=[BASE, PLUS])
     answer = generate(fields(), script_name="x/y/z plot", script_args=args)
