@@ -1632,6 +1632,41 @@ def test_a_mask_box_hands_over_what_its_decoding_could_not_read(
     nothing_left(world.unet)
 
 
+def test_a_sketch_mask_box_sending_its_picture_alone_gives_that_mask(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gradio 3's sketch box sends a bare data URL, not its tool's {"image", "mask"}, after a
+    paste restored the mask it already held (PNG Info's Send to twice, probe AE in a real A1111
+    1.10.1): gradio's decoding asserted the dict, and every Generate of the page was refused as
+    a damaged upload. The picture is the mask: the same image as the API's."""
+    import gradio
+
+    from lib_negip.args import DEFAULTS, FIELD_ORDER
+    from lib_negip.webui import ui
+
+    class SketchBox:  # gradio 3.41's Image(tool="sketch") as far as decoding goes
+        tool = "sketch"
+
+        def preprocess(self, value):
+            assert isinstance(value, dict)
+            return value
+
+    monkeypatch.setattr(gradio, "__version__", "3.41.2", raising=False)
+    monkeypatch.setattr(gradio, "Image", lambda **kwargs: SketchBox(), raising=False)
+    box = ui._mask_input(gradio, "Positive mask", "negip_txt2img_positive_mask")
+    handed = box.preprocess("data:image/png;base64," + b64(mask_image("a")))
+    values = [DEFAULTS[name] for name in FIELD_ORDER]  # the UI's components at Generate
+    for name, value in {"enabled": True, **fields_for(), "positive_mask": handed}.items():
+        values[FIELD_ORDER.index(name)] = value
+    p = make_p(None, world=world, is_api=False)
+    p.scripts = [(world.script, values)]
+    from_ui = processing.process_images(p)
+    api = run(world, fields_for(positive_mask=b64(mask_image("a"))))
+    assert torch.equal(from_ui, api.result)
+    unmasked = run(world, fields_for())
+    assert not torch.equal(from_ui, unmasked.result)
+
+
 def test_a_mask_upload_of_a_format_not_read_here_never_reaches_gradios_decoding(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -438,6 +438,11 @@ def _tolerant(component: Any) -> Any:
         refused = _unaccepted_upload(value)
         if refused is not None:  # never handed to gradio's decoding (an EPS runs Ghostscript)
             return refused
+        if isinstance(value, str) and getattr(component, "tool", None) == "sketch":
+            # gradio 3's sketch box sends its picture alone, without the {"image", "mask"} of
+            # its tool, after a paste restored the mask it already held (PNG Info's Send to
+            # twice): its own decoding asserts the dict. The picture is the mask, nothing drawn.
+            return {"image": value, "mask": None}
         try:
             return decode(value)
         except Exception as error:  # gradio's decoding, before any of ours
