@@ -2259,3 +2259,34 @@ def test_a_refusal_pending_from_a_job_that_failed_before_sampling_spares_the_nex
         else:
             world.unet(x, torch.full((1,), 500.0), context=context)  # a training step, say
         nothing_left(world.unet)
+
+
+def test_reuse_seed_on_a_later_picture_of_a_noise_batch_carries_its_noise_seed(
+    world: World,
+) -> None:
+    """A1111's ♻️ copies the selected picture's seed only. Picture 2 of a noise-negative batch
+    (seed 1235) was made with the batch's noise (seed 1234): Generate after ♻️ made other noise,
+    up to 85/255 from the picture (probe AE). The hidden field now carries the noise seed with
+    the picture's seed, as a paste of its infotext does, and the generation uses it."""
+    import json
+
+    from lib_negip.webui import ui
+
+    texts = [f"Seed: {seed}, NegIP noise seed: 1234" for seed in (1234, 1235)]
+    info = json.dumps({"infotexts": texts, "all_seeds": [1234, 1235]})
+    hidden = ui.reused_noise_seed(info, "not stored: 1 positive / 0 negative", 1)
+    assert hidden == "not stored: 1 positive / 0 negative; noise seed: 1234 for seed 1235"
+    # the first picture's own seed made its noise: an earlier noise seed part goes
+    assert ui.reused_noise_seed(info, "noise seed: 7 for seed 8", 0) == ""
+    # no results yet: the field is left as it is
+    assert ui.reused_noise_seed("", "noise seed: 7 for seed 8", 0) == {"__type__": "update"}
+
+    noise = {"negative_images": [], "negative_noise": 0.5}
+    carried = {**noise, "infotext_images": "noise seed: 1234 for seed 1235"}
+    reused = run(world, fields_for(**carried), seed=1235)
+    assert reused.extra_generation_params["NegIP noise seed"] == 1234
+    # the stand-in's latent does not depend on the seed: the noise alone makes the difference
+    assert torch.equal(reused.result, run(world, fields_for(**noise), seed=1234).result)
+    fresh = run(world, fields_for(**noise), seed=1235)
+    assert fresh.extra_generation_params["NegIP noise seed"] == 1235
+    assert not torch.equal(reused.result, fresh.result)

@@ -297,6 +297,22 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
         connect(add_png_info_buttons, component, add_input_image)
 
     script.on_after_component(wire_gallery, elem_id=f"{tab}_gallery")
+    # ♻️ (A1111's seed script, made before ours) copies the selected picture's seed; its noise
+    # seed goes with it into the hidden field, as a paste of its infotext would put it there.
+    reuse_seed = _existing_component(f"{tab}_reuse_seed")
+    if reuse_seed is not None:
+
+        def wire_reuse_seed(event: Any) -> None:
+            hidden = components["infotext_images"]
+            reuse_seed.click(
+                fn=reused_noise_seed,
+                inputs=[event.component, hidden, hidden],
+                outputs=[hidden],
+                show_progress=False,
+                _js="(info, hidden, index) => [info, hidden, selected_gallery_index()]",
+            )
+
+        script.on_after_component(wire_reuse_seed, elem_id=f"generation_info_{tab}")
     # The PNG Info tab is made after both generation tabs, outside their scripts' reach.
     existing = _existing_component(PNG_INFO_IMAGE)
     if existing is not None:
@@ -913,6 +929,31 @@ def error_status(text: str) -> str:
 def _has_ours(params: dict[str, Any]) -> bool:
     """Whether the infotext has NegIP values (or keys spelled like ours, which are refused)."""
     return any(negip_args.names_our_key(key) for key in params)
+
+
+def reused_noise_seed(info: Any, hidden: Any, index: Any) -> Any:
+    """The hidden field after ♻️ (reuse seed) on result ``index``: A1111 copies that picture's
+    seed, read from its infotext in the results' generation info; a picture after the first of a
+    noise-negative batch was made with the batch's noise seed, which now goes with it (the
+    noise seed part is replaced, or removed where the picture's own seed made its noise). Left
+    as it is where the generation info cannot tell (no result yet, another host's)."""
+    import json
+
+    import gradio as gr
+    from modules import infotext_utils
+
+    try:
+        text = json.loads(info)["infotexts"][int(index)]
+        params = infotext_utils.parse_generation_parameters(text)
+        noise_seed = negip_args.infotext_noise_seed(params)
+        rest, _ = negip_args.split_noise_seed("infotext_images", hidden or "")
+    except Exception as error:  # the host's own ♻️ reports what it could not read
+        logger.debug("reuse seed: the picture's noise seed could not be read: %s", error)
+        return gr.update()
+    if noise_seed is not None and noise_seed[0] == noise_seed[1]:
+        noise_seed = None  # the picture's own seed: nothing to carry
+    parts = [part.strip() for part in [*rest.split(";"), negip_args.noise_seed_text(noise_seed)]]
+    return "; ".join(part for part in parts if part)
 
 
 def _infotext_images(params: dict[str, Any]) -> str | None:
