@@ -226,6 +226,29 @@ def test_coexists_with_forges_guidance_extensions(script: tuple[str, list]) -> N
     assert differs(both, theirs)
 
 
+@pytest.mark.parametrize("factor", [1.5, 3.0])
+def test_a_mask_under_kohya_hrfix_at_an_uncommon_factor(factor: float) -> None:
+    """Deep Shrink at a factor of its own gives the layers after its block grids that are no
+    halving of the latent (64x320 at 3.0: 7x1 queries after block 3, from 20x4); the mask's
+    grid was guessed from the count and could miscount (6x1), and the masked generation failed
+    inside the UNet. Each such grid is now a factor pair of the count, nearest the picture's
+    aspect."""
+    name = "Kohya HRFix Integrated"
+    status, listing = call("/sdapi/v1/scripts")
+    if status != 200 or name.lower() not in listing.get("txt2img", []):
+        pytest.skip(f"this host has no {name!r} script")
+    scripts = {name: {"args": [True, 3, factor, 0.0, 0.5, True, "bicubic", "bicubic"]}}
+    mask = Image.new("L", (64, 320), 0)
+    mask.paste(255, (0, 0, 64, 160))  # the top half
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    masked = {"positive_mask": base64.b64encode(buffer.getvalue()).decode()}
+    size = {"width": 64, "height": 320}
+    with_mask = pixels(generate(both_sides(**masked), scripts=scripts, **size))
+    without = pixels(generate(both_sides(), scripts=scripts, **size))
+    assert differs(with_mask, without, at_least=0.1)
+
+
 def test_coexists_with_forges_controlnet() -> None:
     status, listing = call("/controlnet/model_list")
     models = [m for m in listing.get("model_list", []) if m != "None" and "ip-adapter" not in m]
