@@ -1081,14 +1081,43 @@ def test_xyz_axes_check_every_value_before_the_plot_starts(
     assert noise.startswith("X/Y/Z plot, axis [NegIP] Negative noise: "), noise
     assert "negative_images" in noise
     assert confirmed("[NegIP] Negative noise", [0.5], default_fields(negative_images=[])) == ""
-    # windows: the request's end with the axis's start
-    start = confirmed("[NegIP] Positive start", [0.2, 0.8], default_fields(positive_end=0.5))
-    assert start.startswith("X/Y/Z plot, axis [NegIP] Positive start: "), start
+    # windows: each value on its own (another axis may set the other end: a start x end sweep
+    # whose every cell is valid was refused against the request's end); a cell's own window is
+    # checked in the cell
+    start = "[NegIP] Positive start"
+    assert confirmed(start, [0.2, 0.8], default_fields(positive_end=0.5)) == ""
+    assert confirmed("[NegIP] Positive end", [0.3, 1.0], default_fields(positive_start=0.5)) == ""
+    outside = confirmed(start, [0.2, 1.5], default_fields())
+    assert outside.startswith("X/Y/Z plot, axis [NegIP] Positive start: positive_start"), outside
     # a block no UNet has (SD1.x has 16, SDXL 11); 15 is SD1.x's last
     blocks = "[NegIP] Positive blocks"
     assert confirmed(blocks, ["15:1", "10:0.5"], default_fields()) == ""
     past = confirmed(blocks, ["3:1", "99:1"], default_fields())
     assert past.startswith("X/Y/Z plot, axis [NegIP] Positive blocks: positive_layers: block 99")
+
+
+def test_a_start_by_end_xyz_plot_checks_each_cells_own_window(world: World) -> None:
+    """X: positive start, Y: positive end. Every cell's window is valid, so the plot runs
+    (each axis was checked against the request's other end and the plot refused, probe AG); a
+    cell whose own start is after its own end stops the plot with that reason."""
+    plot = _plot_module()
+    assert xyz.CELL_REFUSALS.install(plot)
+    try:
+
+        def cell(window: tuple[float, float]) -> processing.Processing:
+            p = processing.Processing(**_xyz_base())
+            p.scripts = [(world.script, api_args(**default_fields(positive_start=0.5)))]
+            xyz._override("positive_start")(p, window[0], None)
+            xyz._override("positive_end")(p, window[1], None)
+            return p
+
+        drawn = plot.draw_xyz_grid(cell, [(0.0, 0.3), (0.2, 0.3), (0.0, 1.0), (0.2, 1.0)])
+        assert all(isinstance(result, torch.Tensor) for result in drawn), drawn
+        with pytest.raises(Exception, match="must not be greater than positive_end") as raised:
+            plot.draw_xyz_grid(cell, [(0.0, 0.3), (0.5, 0.3)])
+        assert raised.value.status_code == 422
+    finally:
+        xyz.CELL_REFUSALS.remove()
 
 
 def test_a_noise_seed_of_an_earlier_xyz_cell_does_not_stay_in_the_next(world: World) -> None:

@@ -88,7 +88,13 @@ def _confirm(label: str, field: str) -> Any:
         prefix = f"X/Y/Z plot, axis {label}: "
         try:
             for value in values:
-                cell = parse_api_dict({"enabled": base is not None, field: value}, base=base)
+                cell_fields = {"enabled": base is not None, field: value}
+                partner = _WINDOW_PARTNERS.get(field)
+                if partner is not None:
+                    # Another axis may set the other end of the window (a start x end sweep):
+                    # the window is each cell's to check, with its own start and end.
+                    cell_fields[partner] = value
+                cell = parse_api_dict(cell_fields, base=base)
                 if field == "model" and value != AUTO_MODEL:
                     _check_installed(value)
                 if field.endswith("_layers"):
@@ -97,6 +103,15 @@ def _confirm(label: str, field: str) -> Any:
             refuse(error, prefix)
 
     return confirm
+
+
+#: A step window's field and the other end of its window.
+_WINDOW_PARTNERS = {
+    "positive_start": "positive_end",
+    "positive_end": "positive_start",
+    "negative_start": "negative_end",
+    "negative_end": "negative_start",
+}
 
 
 def _check_block_indices(field: str, spec: Any) -> None:
