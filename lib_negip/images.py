@@ -291,6 +291,7 @@ def to_mask(image: Image.Image) -> Image.Image:
     grey images scaled (not clipped) to 8 bits, as :func:`to_rgb` does.
     """
     image = _apply_exif_orientation(_first_frame(image))
+    image = _keyed_grey_as_la(image)
     mode = image.mode
     if mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
@@ -301,6 +302,21 @@ def to_mask(image: Image.Image) -> Image.Image:
     if mode == "F":
         return _float_to_l(image)
     return image.convert("L")
+
+
+def _keyed_grey_as_la(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grey image with a transparency key (a PNG's tRNS) as 8-bit
+    "LA": the grey scaled as without the key, the key's pixels transparent. Pillow's own
+    conversion to RGBA clips such values to 255, so every opaque pixel came out white. Any other
+    image is returned as it is."""
+    key = image.info.get("transparency")
+    mode = image.mode
+    high_depth = mode in _INT_MODES or mode.startswith("I;") or mode == "F"
+    if not high_depth or isinstance(key, (bytes, tuple)) or key is None:
+        return image
+    alpha = np.where(np.asarray(image) == key, 0, 255).astype(np.uint8)
+    grey = _float_to_l(image) if mode == "F" else _integer_to_l(image)
+    return Image.merge("LA", (grey, Image.fromarray(alpha)))
 
 
 def _composite_on_white(image: Image.Image) -> Image.Image:
@@ -321,6 +337,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     animated image is rewound to its first frame).
     """
     image = _apply_exif_orientation(_first_frame(image))
+    image = _keyed_grey_as_la(image)
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image

@@ -30,6 +30,7 @@ from lib_negip.images import (
     UnreadableUpload,
     clip_preprocess,
     decode_image,
+    to_mask,
     to_rgb,
 )
 
@@ -311,6 +312,31 @@ def test_16_bit_png_round_trip() -> None:
     assert decoded.mode in ("I", "I;16")
     out = to_rgb(decoded)
     assert [pixel(out, (x, 0))[0] for x in range(3)] == [0, 255, 4]
+
+
+def test_16_bit_png_with_a_transparency_key_scales_and_keys() -> None:
+    """A 16-bit grey PNG with a tRNS key: Pillow's conversion to RGBA clips its values, so
+    every opaque pixel came out white (a white image prompt, a mask at full strength
+    everywhere; probe AG). The grey scales as without the key; the key's pixels are
+    transparent: white in an image prompt, black (no effect) in a mask."""
+    values = np.array([[0, 16384, 32768, 65535]], dtype="<u2")
+    # As Pillow 13 opens such a PNG ('I;16'); Pillow 9.5 opens it as 'I' (and cannot write one).
+    decoded = Image.frombytes("I;16", (4, 1), values.tobytes())
+    if not A1111_PINS:
+        buffer = io.BytesIO()
+        decoded.save(buffer, "PNG", transparency=0)
+        decoded = decode_image(buffer.getvalue())
+    else:
+        decoded = Image.fromarray(values.astype(np.int32))  # mode 'I'
+        decoded.info["transparency"] = 0
+    assert decoded.info["transparency"] == 0
+    assert [pixel(to_rgb(decoded), (x, 0)) for x in range(4)] == [
+        (255, 255, 255),
+        (64, 64, 64),
+        (128, 128, 128),
+        (255, 255, 255),
+    ]
+    assert [to_mask(decoded).getpixel((x, 0)) for x in range(4)] == [0, 64, 128, 255]
 
 
 def test_32_bit_integer_modes() -> None:
