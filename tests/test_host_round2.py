@@ -1402,7 +1402,10 @@ def test_a_malformed_infotext_value_is_refused_where_a1111_reads_it(
     assert named.replace("'", "&#x27;") in status
     well_formed = {"NegIP model": "m", "NegIP negative weight": "0.35"}
     ui.on_infotext_pasted("", well_formed)
-    assert well_formed == {"NegIP model": "m", "NegIP negative weight": "0.35", ui.UI_PASTE: "yes"}
+    assert well_formed["NegIP model"] == "m"
+    assert well_formed["NegIP negative weight"] == "0.35"
+    assert well_formed[ui.UI_PASTE] == "yes"
+    assert well_formed["NegIP positive layers"] == "all"  # an absent key: the default
 
 
 def test_a_paste_that_restores_a_mask_or_a_window_opens_their_accordion(
@@ -2290,3 +2293,43 @@ def test_reuse_seed_on_a_later_picture_of_a_noise_batch_carries_its_noise_seed(
     fresh = run(world, fields_for(**noise), seed=1235)
     assert fresh.extra_generation_params["NegIP noise seed"] == 1235
     assert not torch.equal(reused.result, fresh.result)
+
+
+def test_a_paste_of_a_first_release_infotext_resets_the_fields_it_lacks(world: World) -> None:
+    """An infotext of the first release has no blocks or noise keys. A1111's paste leaves a
+    control whose key is absent as it was: the user's 'style' blocks and noise 0.5 stayed, and
+    Generate mixed them into the pasted settings (probe AG). Absent keys mean the defaults, as
+    in the API's restore."""
+    from test_args import a1111_parse
+
+    from lib_negip import args as negip_args
+    from lib_negip.webui import ui
+
+    line = (
+        "Steps: 20, Sampler: Euler a, NegIP model: ip-adapter_sd15 [a1b2c3d4], "
+        "NegIP encoder: ViT-H-14, NegIP images: 1 positive / 0 negative, "
+        "NegIP positive weight: 0.6, NegIP positive start: 0.0, NegIP positive end: 0.8, "
+        "NegIP negative weight: 0.3, NegIP negative start: 0.0, NegIP negative end: 1.0, "
+        "NegIP hires pass: first, NegIP combine: concat, Version: v1.10.1"
+    )
+    text = f"a house\nNegative prompt: \n{line}"
+    before = {
+        **negip_args.DEFAULTS,
+        "positive_layers": "style",
+        "negative_layers": "composition",
+        "negative_noise": 0.5,
+        "negative_noise_type": "shuffle",
+    }
+    components = {name: SimpleNamespace(name=name, value=value) for name, value in before.items()}
+    params = a1111_parse(text)
+    ui.on_infotext_pasted(text, params)
+    after = dict(before)
+    for output, key in ui.infotext_fields(components, is_img2img=False):
+        if callable(key) or params.get(key) is None:
+            continue  # the images' and the switch's own restore; an absent key: no change
+        after[output.name] = type(output.value)(params[key])  # A1111 1.10.1's paste_func
+    assert after["positive_weight"] == 0.6
+    assert after["combine"] == "concat"
+    assert after["positive_layers"] == after["negative_layers"] == "all"
+    assert after["negative_noise"] == 0.0
+    assert after["negative_noise_type"] == "fade"

@@ -881,6 +881,11 @@ def on_infotext_pasted(_infotext: str, params: dict[str, Any]) -> None:
             del params[key]
         params[RESTORE_ERROR] = request_error(error, for_ui=True).ui_message
         return
+    # A key the infotext lacks (one written before the field existed: a first release's has no
+    # blocks or noise) means the default, as in the API's restore; A1111 would leave the
+    # control as it was, and the next Generate would mix in the settings from before.
+    for key, field in negip_args.INFOTEXT_FIELDS:
+        params.setdefault(key, negip_args.DEFAULTS[field])
     # Stored images that are gone or cannot give their image back: the rest is restored, but
     # the switch goes off too, so that the next generation does not run without them (the
     # API's restore answers 422 for them).
