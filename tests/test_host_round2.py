@@ -11,6 +11,7 @@ uncond row with the NEGATIVE ones, through an :class:`AttentionHijack` given the
 from __future__ import annotations
 
 import base64
+import io
 import re
 import tempfile
 import traceback
@@ -1668,6 +1669,62 @@ def test_a_sketch_mask_box_sending_its_picture_alone_gives_that_mask(
     assert torch.equal(from_ui, api.result)
     unmasked = run(world, fields_for())
     assert not torch.equal(from_ui, unmasked.result)
+
+
+def test_a_16_bit_mask_upload_is_decoded_by_the_extension_not_clipped_by_gradio(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """gradio converts a mask upload to the box's RGBA, which clips a 16-bit grey mask to white:
+    in the UI the mask was all white (no mask), through the API it scaled (probe AG). The
+    picture of a deep upload is decoded by the extension; an 8-bit one stays gradio's."""
+    import gradio
+
+    from lib_negip.args import _parse_mask
+    from lib_negip.webui import ui
+
+    class ClippingBox:  # gradio's decoding as far as depth goes: convert("RGBA") clips
+        def __init__(self, sketch: bool) -> None:
+            self.tool = "sketch" if sketch else None
+
+        def preprocess(self, value):
+            def read(part):
+                if isinstance(part, dict):
+                    part = Path(part["path"]).read_bytes()
+                else:
+                    part = base64.b64decode(part.split(",", 1)[1])
+                return Image.open(io.BytesIO(part)).convert("RGBA")
+
+            if self.tool == "sketch":
+                return {"image": read(value["image"]), "mask": read(value["mask"])}
+            return read(value)
+
+    values = np.zeros((8, 8), dtype="<u2")
+    values[:, :4], values[:, 4:] = 16384, 32768  # 25 % and 50 % grey, in 16 bits
+    deep = tmp_path / "deep.png"
+    Image.frombytes("I;16", (8, 8), values.tobytes()).save(deep)
+    shallow = tmp_path / "shallow.png"
+    mask_image("a", (8, 8)).save(shallow)
+    blank = tmp_path / "blank.png"
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(blank)
+
+    def url(path: Path) -> str:
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+    monkeypatch.setattr(gradio, "__version__", "3.41.2", raising=False)
+    monkeypatch.setattr(gradio, "Image", lambda **kwargs: ClippingBox(True), raising=False)
+    box = ui._mask_input(gradio, "Positive mask", "negip_txt2img_positive_mask")
+    api = np.asarray(_parse_mask("positive_mask", url(deep)))
+    assert sorted(set(api.ravel().tolist())) == [64, 128]
+    handed = box.preprocess({"image": url(deep), "mask": url(blank)})
+    assert np.array_equal(np.asarray(_parse_mask("positive_mask", handed)), api)
+    handed = box.preprocess({"image": url(shallow), "mask": url(blank)})
+    assert isinstance(handed["image"], Image.Image)  # gradio's, as before
+    # gradio 4 (Forge): a file
+    monkeypatch.setattr(gradio, "__version__", "4.40.0", raising=False)
+    monkeypatch.setattr(gradio, "Image", lambda **kwargs: ClippingBox(False), raising=False)
+    box = ui._mask_input(gradio, "Positive mask", "negip_txt2img_positive_mask")
+    handed = box.preprocess({"path": str(deep)})
+    assert np.array_equal(np.asarray(_parse_mask("positive_mask", handed)), api)
 
 
 def test_a_mask_upload_of_a_format_not_read_here_never_reaches_gradios_decoding(

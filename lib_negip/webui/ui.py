@@ -460,13 +460,48 @@ def _tolerant(component: Any) -> Any:
             # twice): its own decoding asserts the dict. The picture is the mask, nothing drawn.
             return {"image": value, "mask": None}
         try:
-            return decode(value)
+            decoded = decode(value)
         except Exception as error:  # gradio's decoding, before any of ours
             logger.info("Negative Image Prompt: an uploaded mask cannot be read (%r)", error)
             return negip_images.UnreadableUpload.from_error(error)
+        return _with_deep_picture(value, decoded)
 
     component.preprocess = preprocess
     return component
+
+
+def _with_deep_picture(value: Any, decoded: Any) -> Any:
+    """``decoded`` (gradio's decoding of a mask upload) with the picture decoded by the
+    extension where it has more than 8 bits per channel: gradio converts it to the box's mode,
+    which clips a 16-bit grey mask to white (no mask at all), where the API's decoding scales it.
+    gradio 3's picture is handed on as its data URL (the sketch tool's strokes stay gradio's),
+    gradio 4's file read here."""
+    import io
+
+    from PIL import Image
+
+    picture = value.get("image") if isinstance(value, dict) and "image" in value else value
+    sources = _upload_sources(picture)
+    if len(sources) != 1:
+        return decoded
+    source = sources[0]
+    try:
+        with Image.open(
+            io.BytesIO(source) if isinstance(source, bytes) else source,
+            formats=negip_images.accepted_formats(),
+        ) as image:
+            deep = image.mode == "F" or image.mode.startswith("I")
+    except Exception:  # gradio decoded it; what it could not read is reported there
+        return decoded
+    if not deep:
+        return decoded
+    if isinstance(picture, str):  # gradio 3: a data URL, read by the extension as the API's
+        return {**decoded, "image": picture} if isinstance(decoded, dict) else picture
+    try:
+        return negip_images.decode_image(Path(source).read_bytes())
+    except Exception as error:
+        logger.info("Negative Image Prompt: an uploaded mask cannot be read (%r)", error)
+        return negip_images.UnreadableUpload.from_error(error)
 
 
 def _unaccepted_upload(value: Any) -> Any:

@@ -1072,6 +1072,33 @@ def test_blocks_mask_and_window_from_the_ui_equal_the_api(
     assert np.array_equal(decode(fetch(page, twice["image"])), ui_pixels)
 
 
+def test_a_16_bit_mask_upload_acts_as_through_the_api(
+    page: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
+    """gradio converts a mask upload to RGBA, which clipped a 16-bit grey PNG (a depth map, an
+    export at 16 bits) to white: in the page the mask was no mask at all, through the API the
+    same file gave 25 % and 50 % (probe AG). Now the page's picture equals the API's."""
+    values = np.zeros((64, 64), dtype="<u2")
+    values[:, :32], values[:, 32:] = 16384, 32768
+    mask = tmp_path / "deep.png"
+    Image.frombytes("I;16", (64, 64), values.tobytes()).save(mask)
+    small_settings(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    page.locator("#negip_txt2img_more .label-wrap").first.click()
+    page.wait_for_selector("#negip_txt2img_positive_mask", state="visible")
+    page.set_input_files("#negip_txt2img_positive_mask input[type=file]", str(mask))
+    page.wait_for_selector("#negip_txt2img_positive_mask img", state="attached")
+    settle(page)
+    result = generate(page)
+    assert result["image"], result["log"]
+    fields = {"positive_images": [encoded(files["positive"])], "positive_mask": encoded(mask)}
+    ui_pixels = decode(fetch(page, result["image"]))
+    assert np.array_equal(ui_pixels, api_twin(result["infotext"], fields))
+    unmasked = {"positive_images": [encoded(files["positive"])]}
+    assert not np.array_equal(ui_pixels, api_twin(result["infotext"], unmasked))
+
+
 @pytest.mark.parametrize(
     ("name", "content"),
     [
