@@ -311,6 +311,13 @@ def without_stored_references(name: str, text: str) -> str:
     return _with_noise_seed(_with_unstored("", unstored), noise_seed)
 
 
+def with_noise_seed(name: str, text: str, noise_seed: NoiseSeed | None) -> str:
+    """``text`` (an ``infotext_images`` value) with its noise seed part replaced by
+    ``noise_seed``'s (removed for None); its other parts kept."""
+    rest, _ = split_noise_seed(name, text)
+    return _with_noise_seed(rest.strip(), noise_seed)
+
+
 def _with_noise_seed(references: str, noise_seed: NoiseSeed | None) -> str:
     part = noise_seed_text(noise_seed)
     return "; ".join(text for text in (references, part) if text)

@@ -304,18 +304,22 @@ def to_mask(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
+def is_high_depth(mode: str) -> bool:
+    """Whether a PIL mode holds grey values of more than 8 bits (16/32-bit integer, float),
+    which are scaled to 8 bits here, not clipped."""
+    return mode == "F" or mode in _INT_MODES or mode.startswith("I;")
+
+
 def _keyed_grey_as_la(image: Image.Image) -> Image.Image:
     """A 16-bit, 32-bit or float grey image with a transparency key (a PNG's tRNS) as 8-bit
     "LA": the grey scaled as without the key, the key's pixels transparent. Pillow's own
     conversion to RGBA clips such values to 255, so every opaque pixel came out white. Any other
     image is returned as it is."""
     key = image.info.get("transparency")
-    mode = image.mode
-    high_depth = mode in _INT_MODES or mode.startswith("I;") or mode == "F"
-    if not high_depth or isinstance(key, (bytes, tuple)) or key is None:
+    if not is_high_depth(image.mode) or isinstance(key, (bytes, tuple)) or key is None:
         return image
     alpha = np.where(np.asarray(image) == key, 0, 255).astype(np.uint8)
-    grey = _float_to_l(image) if mode == "F" else _integer_to_l(image)
+    grey = _float_to_l(image) if image.mode == "F" else _integer_to_l(image)
     return Image.merge("LA", (grey, Image.fromarray(alpha)))
 
 

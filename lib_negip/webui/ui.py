@@ -476,21 +476,14 @@ def _with_deep_picture(value: Any, decoded: Any) -> Any:
     which clips a 16-bit grey mask to white (no mask at all), where the API's decoding scales it.
     gradio 3's picture is handed on as its data URL (the sketch tool's strokes stay gradio's),
     gradio 4's file read here."""
-    import io
-
-    from PIL import Image
-
     picture = value.get("image") if isinstance(value, dict) and "image" in value else value
     sources = _upload_sources(picture)
     if len(sources) != 1:
         return decoded
     source = sources[0]
     try:
-        with Image.open(
-            io.BytesIO(source) if isinstance(source, bytes) else source,
-            formats=negip_images.accepted_formats(),
-        ) as image:
-            deep = image.mode == "F" or image.mode.startswith("I")
+        with _upload_header(source) as image:
+            deep = negip_images.is_high_depth(image.mode)
     except Exception:  # gradio decoded it; what it could not read is reported there
         return decoded
     if not deep:
@@ -509,15 +502,11 @@ def _unaccepted_upload(value: Any) -> Any:
     extension reads (:data:`lib_negip.images.ACCEPTED_FORMATS`); None for anything else, which
     gradio then decodes. gradio 3 hands a data URL (or a dict of them, the sketch tool's), gradio
     4 a file (a dict or object with a ``path``)."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     for source in _upload_sources(value):
         try:
-            if isinstance(source, bytes):
-                source = io.BytesIO(source)
-            with Image.open(source, formats=negip_images.accepted_formats()):
+            with _upload_header(source):
                 pass  # the header was enough
         except UnidentifiedImageError as error:
             logger.info("Negative Image Prompt: an uploaded mask is not of a format read here")
@@ -525,6 +514,18 @@ def _unaccepted_upload(value: Any) -> Any:
         except Exception:  # anything else is for gradio's decoding to report
             continue
     return None
+
+
+def _upload_header(source: Any) -> Any:
+    """Pillow's lazily read image of an upload (bytes, or a path), of a format read here: open
+    it in a ``with`` to read its header only."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    return Image.open(source, formats=negip_images.accepted_formats())
 
 
 def _upload_sources(value: Any) -> list[Any]:
@@ -986,14 +987,12 @@ def reused_noise_seed(info: Any, hidden: Any, index: Any) -> Any:
         text = json.loads(info)["infotexts"][int(index)]
         params = infotext_utils.parse_generation_parameters(text)
         noise_seed = negip_args.infotext_noise_seed(params)
-        rest, _ = negip_args.split_noise_seed("infotext_images", hidden or "")
+        if noise_seed is not None and noise_seed[0] == noise_seed[1]:
+            noise_seed = None  # the picture's own seed: nothing to carry
+        return negip_args.with_noise_seed("infotext_images", hidden or "", noise_seed)
     except Exception as error:  # the host's own ♻️ reports what it could not read
         logger.debug("reuse seed: the picture's noise seed could not be read: %s", error)
         return gr.update()
-    if noise_seed is not None and noise_seed[0] == noise_seed[1]:
-        noise_seed = None  # the picture's own seed: nothing to carry
-    parts = [part.strip() for part in [*rest.split(";"), negip_args.noise_seed_text(noise_seed)]]
-    return "; ".join(part for part in parts if part)
 
 
 def _infotext_images(params: dict[str, Any]) -> str | None:

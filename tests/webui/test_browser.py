@@ -913,6 +913,33 @@ def thumbnail_sources(page: Any, tab: str = "txt2img") -> list[str]:
     )
 
 
+def drop_on_positive_mask(page: Any, path: Path, *, shown: bool = True) -> None:
+    """Open txt2img's "Masks and step windows" and drop ``path`` on the positive mask box;
+    ``shown``: wait until the box shows it (gradio 4 shows no picture it cannot read)."""
+    page.locator("#negip_txt2img_more .label-wrap").first.click()
+    page.wait_for_selector("#negip_txt2img_positive_mask", state="visible")
+    page.set_input_files("#negip_txt2img_positive_mask input[type=file]", str(path))
+    if shown:
+        page.wait_for_selector("#negip_txt2img_positive_mask img", state="attached")
+        settle(page)
+
+
+def noise_batch_of_two(page: Any, files: dict[str, Path]) -> list[str]:
+    """A txt2img batch of two (seed 1234) with a noise negative made from the positive file;
+    the gallery's sources: the grid, then the two pictures."""
+    small_settings(page, seed=1234)
+    page.fill("#txt2img_batch_size input[type=number]", "2")
+    settle(page)
+    open_accordion(page)
+    upload(page, "txt2img", "positive", files["positive"])
+    set_number(page, "#negip_txt2img_negative_noise", 0.5)
+    batch = generate(page)
+    assert batch["image"], batch["log"]
+    sources = thumbnail_sources(page)
+    assert len(sources) == 3, sources
+    return sources
+
+
 def upscale_result(page: Any, index: int) -> dict[str, str]:
     """Select result ``index`` in txt2img's gallery and press A1111's ✨ (Hires. fix on that
     picture); the new picture's URL and the infotext."""
@@ -946,16 +973,7 @@ def test_upscale_of_a_later_image_of_a_noise_batch_uses_the_batch_noise(
     with the noise of seed 1234) was upscaled with the noise of seed 1235 (up to 44/255 from
     the same ✨ after a PNG Info restore of the picture, where the paste brings the noise seed
     back), and its infotext said 1235."""
-    small_settings(page, seed=1234)
-    page.fill("#txt2img_batch_size input[type=number]", "2")
-    settle(page)
-    open_accordion(page)
-    upload(page, "txt2img", "positive", files["positive"])
-    set_number(page, "#negip_txt2img_negative_noise", 0.5)
-    batch = generate(page)
-    assert batch["image"], batch["log"]
-    sources = thumbnail_sources(page)
-    assert len(sources) == 3, sources  # the grid, then the two pictures
+    sources = noise_batch_of_two(page, files)
     second = tmp_path / "second.png"
     second.write_bytes(fetch(page, sources[2]))
     upscaled = upscale_result(page, 2)
@@ -980,16 +998,7 @@ def test_reuse_seed_of_a_later_picture_of_a_noise_batch_remakes_it(
     """♻️ copies the selected picture's seed only: picture 2 of a noise-negative batch (seed
     1235, made with the batch's noise of seed 1234) came out with the noise of seed 1235, up to
     85/255 off (probe AE). Its noise seed now goes with the seed, as a paste would restore it."""
-    small_settings(page, seed=1234)
-    page.fill("#txt2img_batch_size input[type=number]", "2")
-    settle(page)
-    open_accordion(page)
-    upload(page, "txt2img", "positive", files["positive"])
-    set_number(page, "#negip_txt2img_negative_noise", 0.5)
-    batch = generate(page)
-    assert batch["image"], batch["log"]
-    sources = thumbnail_sources(page)
-    assert len(sources) == 3, sources  # the grid, then the two pictures
+    sources = noise_batch_of_two(page, files)
     second = decode(fetch(page, sources[2]))
     page.locator("#txt2img_gallery .thumbnail-item").nth(2).click()
     settle(page)
@@ -1027,11 +1036,7 @@ def test_blocks_mask_and_window_from_the_ui_equal_the_api(
     assert plain["image"], plain["log"]
     choose(page, "#negip_txt2img_positive_layers", "style")
     choose(page, "#negip_txt2img_negative_layers", "3:1, 6:0.5")
-    page.locator("#negip_txt2img_more .label-wrap").first.click()
-    page.wait_for_selector("#negip_txt2img_positive_mask", state="visible")
-    page.set_input_files("#negip_txt2img_positive_mask input[type=file]", str(mask))
-    page.wait_for_selector("#negip_txt2img_positive_mask img", state="attached")
-    settle(page)
+    drop_on_positive_mask(page, mask)
     set_number(page, "#negip_txt2img_negative_end", 0.5)
     result = generate(page)
     assert result["image"], result["log"]
@@ -1085,11 +1090,7 @@ def test_a_16_bit_mask_upload_acts_as_through_the_api(
     small_settings(page)
     open_accordion(page)
     upload(page, "txt2img", "positive", files["positive"])
-    page.locator("#negip_txt2img_more .label-wrap").first.click()
-    page.wait_for_selector("#negip_txt2img_positive_mask", state="visible")
-    page.set_input_files("#negip_txt2img_positive_mask input[type=file]", str(mask))
-    page.wait_for_selector("#negip_txt2img_positive_mask img", state="attached")
-    settle(page)
+    drop_on_positive_mask(page, mask)
     result = generate(page)
     assert result["image"], result["log"]
     fields = {"positive_images": [encoded(files["positive"])], "positive_mask": encoded(mask)}
@@ -1126,11 +1127,7 @@ def test_an_unreadable_mask_upload_is_refused_in_the_page(
     small_settings(page)
     open_accordion(page)
     upload(page, "txt2img", "positive", files["positive"])
-    page.locator("#negip_txt2img_more .label-wrap").first.click()
-    page.wait_for_selector("#negip_txt2img_positive_mask", state="visible")
-    page.set_input_files("#negip_txt2img_positive_mask input[type=file]", str(broken))
-    page.wait_for_selector("#negip_txt2img_positive_mask img", state="attached")
-    settle(page)
+    drop_on_positive_mask(page, broken)
     refused = generate(page)
     assert refused["image"] == "", refused
     assert (

@@ -172,9 +172,7 @@ def test_an_unreadable_mask_upload_is_refused_in_the_page(
     small_settings(page)
     open_accordion(page)
     upload(page, "txt2img", "positive", files["positive"])
-    page.locator("#negip_txt2img_more .label-wrap").first.click()
-    page.wait_for_selector("#negip_txt2img_positive_mask", state="visible")
-    page.set_input_files("#negip_txt2img_positive_mask input[type=file]", str(broken))
+    test_browser.drop_on_positive_mask(page, broken, shown=False)
     page.wait_for_timeout(2000)  # gradio 4 uploads the file before Generate can send it
     result = generate(page)
     assert result["image"] == "", result
